@@ -1,0 +1,64 @@
+"""apply_policy: turn a policy into a new, physically changed model.
+
+The appliers run in a fixed order, each on the output of the one before: prune (channels leave every layer of a
+group), decompose (a layer becomes its factor layers), swap blocks (a conv becomes a depthwise-separable block,
+distilled to mimic the original), then quantize (weights and activations of whatever layers now exist).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from squeezer.policies.context import ApplyContext
+from squeezer.policies.policy import Policy
+from squeezer.policies.prune import apply_prune
+from squeezer.spaces.space import SearchSpace
+
+Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
+
+# name -> applier, in the order they run. Register a new knob's applier here.
+APPLIERS: dict[str, Applier] = {"prune": apply_prune}
+
+
+def register_applier(name: str, applier: Applier, *, before: str | None = None) -> None:
+    """Add an applier (optionally before an existing one) so `apply_policy` runs it."""
+    items = list(APPLIERS.items())
+    index = [k for k, _ in items].index(before) if before else len(items)
+    items.insert(index, (name, applier))
+    APPLIERS.clear()
+    APPLIERS.update(items)
+
+
+def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.Tensor] | None = None, *,
+                 example_inputs: torch.Tensor | None = None, space: SearchSpace | None = None,
+                 importance: str = "l2", distill_steps: int = 300, seed: int = 0) -> nn.Module:
+    """A new model with `policy` applied; `model` itself is left untouched.
+
+    `calibration` is an iterable of input batches (or (inputs, labels) pairs). The example input shape comes from
+    `example_inputs`, else the first calibration batch, else the policy's recorded input shape.
+    """
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in (calibration or [])]
+    if example_inputs is None:
+        if batches:
+            example_inputs = batches[0][:1]
+        elif "input_shape" in policy.meta:
+            example_inputs = torch.randn(*policy.meta["input_shape"])
+        else:
+            raise ValueError("apply_policy needs example_inputs or calibration batches to trace the model")
+    device = next(model.parameters()).device
+    example_inputs = example_inputs[:1].to(device)
+    reference = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model).eval()
+    space = space or SearchSpace.from_model(reference, example_inputs)
+    policy.validate(space)
+    ctx = ApplyContext(space=space, example_inputs=example_inputs, reference=reference,
+                       calibration=[b.to(device) for b in batches], importance=importance,
+                       distill_steps=distill_steps, seed=seed)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        for applier in APPLIERS.values():
+            work = applier(work, policy, ctx)
+    return work.eval()

@@ -1,0 +1,27 @@
+"""What every applier may need besides the model and the policy, gathered in one small record."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from squeezer.spaces.space import SearchSpace
+
+
+@dataclass
+class ApplyContext:
+    """Inputs shared by the appliers of one `apply_policy` call.
+
+    `reference` is the untouched model (block distillation reproduces its activations); `calibration` is a few
+    input batches (activation ranges, BN, distillation); `importance` ranks channels for pruning: "l1", "l2"
+    (magnitude) or "bn" (BatchNorm scale); `distill_steps` bounds block-wise distillation.
+    """
+
+    space: SearchSpace
+    example_inputs: torch.Tensor
+    reference: nn.Module
+    calibration: list[torch.Tensor] = field(default_factory=list)
+    importance: str = "l2"
+    distill_steps: int = 300
+    seed: int = 0

@@ -1,0 +1,186 @@
+"""A policy: the choice made for each unit of a model, as data that can be saved, loaded and validated.
+
+A policy does nothing by itself (`apply_policy` acts on it). It records the fingerprint of the model it was made
+for, so applying it to another model fails with a clear message instead of a shape error deep inside torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from squeezer.spaces.knobs import A_BITS, BLOCK, KNOBS, NEUTRAL, PRUNE, RANK, W_BITS
+from squeezer.spaces.space import SearchSpace
+
+FORMAT = "squeezer.policy"
+VERSION = 1
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be read or does not fit the model; its message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The choice for one unit; each field at its neutral value leaves the unit as it is."""
+
+    prune: float = 0.0
+    w_bits: int = 32
+    a_bits: int = 32
+    rank: float = 1.0
+    block: str = "keep"
+
+    def is_neutral(self) -> bool:
+        return all(getattr(self, k) == NEUTRAL[k] for k in KNOBS)
+
+    def changed(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in KNOBS if getattr(self, k) != NEUTRAL[k]}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Unit name -> LayerChoice; units not named are kept as they are."""
+
+    layers: Mapping[str, LayerChoice] = field(default_factory=dict)
+    fingerprint: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: SearchSpace, **meta: Any) -> "Policy":
+        """Build from flat Optuna-style params ("layer1.0.conv1/prune": 0.5), normalised to a legal policy.
+
+        A block swap replaces the convolution, so a rank sampled for the same unit is dropped (the swap wins).
+        """
+        per_unit: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            unit, _, knob = key.rpartition("/")
+            if knob not in KNOBS or not unit:
+                raise PolicyError(f"parameter {key!r} is not of the form 'unit/knob' with knob in {', '.join(KNOBS)}")
+            per_unit.setdefault(unit, {})[knob] = value
+        layers = {}
+        for unit, knobs in per_unit.items():
+            if knobs.get(BLOCK, NEUTRAL[BLOCK]) != NEUTRAL[BLOCK]:
+                knobs[RANK] = NEUTRAL[RANK]
+            choice = LayerChoice(**knobs)
+            if not choice.is_neutral():
+                layers[unit] = choice
+        return cls(layers=layers, fingerprint=space.fingerprint, meta=dict(meta))
+
+    @classmethod
+    def uniform(cls, space: SearchSpace, **knobs: Any) -> "Policy":
+        """The same choice for every unit that offers it (the nearest offered value otherwise): a baseline."""
+        params = {}
+        for name, knob in space.param_names():
+            if knob in knobs:
+                params[f"{name}/{knob}"] = space.nearest(name, knob, knobs[knob])
+        return cls.from_params(params, space, kind="uniform", **{k: v for k, v in knobs.items()})
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat params, every knob of every named unit (neutral values included, so samplers can enqueue them)."""
+        out = {}
+        for unit, choice in self.layers.items():
+            for knob, value in choice.changed().items():
+                out[f"{unit}/{knob}"] = value
+        return out
+
+    def with_layer(self, unit: str, **knobs: Any) -> "Policy":
+        layers = dict(self.layers)
+        layers[unit] = replace(layers.get(unit, LayerChoice()), **knobs)
+        return replace(self, layers=layers)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def validate(self, space: SearchSpace) -> "Policy":
+        """Check the policy fits `space`: same model, known units, offered choices. Returns self for chaining."""
+        if self.fingerprint and self.fingerprint != space.fingerprint:
+            raise PolicyError(
+                f"policy was made for another model (fingerprint {self.fingerprint[:12]}, this model "
+                f"{space.fingerprint[:12]}): apply it to the model it was searched on"
+            )
+        for unit, choice in self.layers.items():
+            if unit not in space.units:
+                close = space.closest_unit(unit)
+                hint = f" (did you mean {close!r}?)" if close else ""
+                raise PolicyError(f"policy names unit {unit!r}, which is not in the model{hint}: fix the unit name")
+            for knob, value in choice.changed().items():
+                allowed = space.choices(unit, knob)
+                if value not in allowed:
+                    shown = ", ".join(map(str, allowed)) if allowed else "nothing (the knob is not offered here)"
+                    raise PolicyError(
+                        f"unit {unit!r}: {knob}={value!r} is not offered; allowed: {shown}"
+                    )
+            if choice.block != NEUTRAL[BLOCK] and choice.rank != NEUTRAL[RANK]:
+                raise PolicyError(f"unit {unit!r}: a block swap and a rank cannot both be set; drop one")
+        return self
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "meta": dict(self.meta),
+            "layers": {u: c.changed() for u, c in sorted(self.layers.items()) if not c.is_neutral()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Policy":
+        if not isinstance(data, dict):
+            raise PolicyError("policy file must hold a JSON object; regenerate it with `squeezer search` or fix it")
+        if data.get("format") != FORMAT:
+            raise PolicyError(f"not a squeezer policy (format {data.get('format')!r}, expected {FORMAT!r})")
+        version = data.get("version")
+        if version != VERSION:
+            raise PolicyError(f"policy version {version!r} is not supported (this squeezer reads version {VERSION})")
+        layers_raw = data.get("layers", {})
+        if not isinstance(layers_raw, dict):
+            raise PolicyError("policy 'layers' must be an object of unit name -> choices")
+        names = {f.name for f in fields(LayerChoice)}
+        types = {PRUNE: (int, float), W_BITS: (int,), A_BITS: (int,), RANK: (int, float), BLOCK: (str,)}
+        layers = {}
+        for unit, knobs in layers_raw.items():
+            if not isinstance(knobs, dict):
+                raise PolicyError(f"unit {unit!r}: choices must be an object like {{\"prune\": 0.5}}")
+            for knob, value in knobs.items():
+                if knob not in names:
+                    raise PolicyError(f"unit {unit!r}: unknown knob {knob!r}; knobs are {', '.join(KNOBS)}")
+                if isinstance(value, bool) or not isinstance(value, types[knob]):
+                    raise PolicyError(f"unit {unit!r}: {knob} must be a {types[knob][0].__name__}, got {value!r}")
+            cast = {k: (float(v) if k in (PRUNE, RANK) else v) for k, v in knobs.items()}
+            layers[unit] = LayerChoice(**cast)
+        fp = data.get("fingerprint", "")
+        meta = data.get("meta", {})
+        if not isinstance(fp, str) or not isinstance(meta, dict):
+            raise PolicyError("policy 'fingerprint' must be a string and 'meta' an object")
+        return cls(layers=layers, fingerprint=fp, meta=meta)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path)!r} does not exist: check the path")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"policy file {str(path)!r} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}): "
+                              "regenerate it or fix the syntax") from None
+        return cls.from_json(data)
+
+    def summary(self) -> str:
+        """A short human line, e.g. for hover text: 'prune 5, w4 3, rank 2, dwsep 1'."""
+        counts: dict[str, int] = {}
+        for choice in self.layers.values():
+            for knob in choice.changed():
+                counts[knob] = counts.get(knob, 0) + 1
+        return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "unchanged"
+
+
+def as_dict(choice: LayerChoice) -> dict[str, Any]:
+    return asdict(choice)

@@ -1,0 +1,60 @@
+"""Shapes and costs of the factorised forms of a layer, shared by the space (prediction) and the appliers.
+
+Keeping the rank arithmetic in one place guarantees that what the space predicts is what `apply_policy` builds.
+"""
+from __future__ import annotations
+
+from squeezer.spaces.graph import LayerInfo
+from squeezer.spaces.knobs import kept_channels
+
+
+def svd_rank(cin: int, cout: int, ratio: float, round_to: int) -> int:
+    return kept_channels(min(cin, cout), 1.0 - ratio, round_to)
+
+
+def tucker_ranks(cin: int, cout: int, ratio: float, round_to: int) -> tuple[int, int]:
+    return kept_channels(cin, 1.0 - ratio, round_to), kept_channels(cout, 1.0 - ratio, round_to)
+
+
+def cp_rank(cin: int, cout: int, ratio: float, round_to: int) -> int:
+    return kept_channels(min(cin, cout), 1.0 - ratio, round_to)
+
+
+def is_svd(info: LayerInfo) -> bool:
+    """Linear layers and 1x1 convolutions factor as a plain matrix (SVD); k x k convolutions use Tucker-2 or CP."""
+    return info.kind == "linear" or max(info.kernel) == 1
+
+
+def _out_pos(info: LayerInfo) -> int:
+    return info.positions
+
+
+def _in_pos(info: LayerInfo) -> int:
+    return info.in_hw[0] * info.in_hw[1]
+
+
+def lowrank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, round_to: int,
+                 method: str) -> tuple[int, int]:
+    """(MACs per sample, params) of the factorised layer."""
+    bias = cout if info.has_bias else 0
+    kh, kw = info.kernel
+    out_pos = _out_pos(info)
+    if is_svd(info):
+        r = svd_rank(cin, cout, ratio, round_to)
+        return out_pos * (cin * r + r * cout), cin * r + r * cout + bias
+    if method == "cp":
+        r = cp_rank(cin, cout, ratio, round_to)
+        mid_pos = info.out_hw[0] * info.in_hw[1]  # after the vertical (kh x 1) conv, before the horizontal one
+        macs = _in_pos(info) * cin * r + mid_pos * r * kh + out_pos * r * kw + out_pos * r * cout
+        return macs, cin * r + r * kh + r * kw + r * cout + bias
+    r_in, r_out = tucker_ranks(cin, cout, ratio, round_to)
+    macs = _in_pos(info) * cin * r_in + out_pos * r_in * r_out * kh * kw + out_pos * r_out * cout
+    return macs, cin * r_in + r_in * r_out * kh * kw + r_out * cout + bias
+
+
+def dwsep_cost(info: LayerInfo, cin: int, cout: int) -> tuple[int, int]:
+    """Depthwise k x k then pointwise 1 x 1 (the BatchNorm between them is counted with the other params)."""
+    kh, kw = info.kernel
+    out_pos = _out_pos(info)
+    bias = cout if info.has_bias else 0
+    return out_pos * (cin * kh * kw + cin * cout), cin * kh * kw + cin * cout + bias

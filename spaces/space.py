@@ -1,0 +1,236 @@
+"""The search space of one model: its units, their channel groups, and the choices each knob offers.
+
+`SearchSpace.from_model` is the one entry point. The space also predicts what a policy costs (MACs, params,
+size, BOPs) from shapes alone, so samplers can repair policies into a budget and tests can check that applying a
+policy physically removes what the space said it would.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
+from squeezer.spaces.knobs import (A_BITS, BLOCK, DWSEP, FLOAT_BITS, KEEP, KNOBS, NEUTRAL, PRUNE, RANK, W_BITS,
+                                   SpaceConfig, kept_channels)
+from squeezer.spaces import lowrank_shapes as shapes
+
+__all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A compressible layer with the knobs it offers (knob -> allowed choices, neutral first)."""
+
+    layer: LayerInfo
+    knobs: Mapping[str, tuple]
+    out_group: str | None  # the channel group its output channels belong to
+    in_group: str | None  # the channel group its input channels belong to
+    in_multiplier: int  # input features per input channel (a Linear after a flatten of C x H x W)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of a policy, per sample (MACs/BOPs) and for the Conv2d/Linear layers (params/size)."""
+
+    macs: int
+    params: int
+    size_bytes: float
+    bops: float
+
+
+class SearchSpace:
+    """Units (Conv2d/Linear layers), their channel groups and knob choices, for one traced model."""
+
+    def __init__(self, units: list[Unit], groups: list[ChannelGroup], config: SpaceConfig,
+                 input_shape: tuple[int, ...], other_params: int) -> None:
+        self.units: dict[str, Unit] = {u.name: u for u in units}
+        self.groups: dict[str, ChannelGroup] = {g.name: g for g in groups}
+        self.config = config
+        self.input_shape = tuple(input_shape)
+        self.other_params = other_params  # BN and other non-layer parameters, kept at 32 bits
+        self.fingerprint = _fingerprint([u.layer for u in units], self.input_shape)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, example_inputs: torch.Tensor, config: SpaceConfig | None = None,
+                   **overrides: Any) -> "SearchSpace":
+        """Trace `model` on `example_inputs` (one batch) and build its space; `overrides` are SpaceConfig fields."""
+        config = config or SpaceConfig()
+        if overrides:
+            config = SpaceConfig(**{**config.__dict__, **overrides})
+        if not isinstance(example_inputs, torch.Tensor):
+            raise SpaceError("example_inputs must be one tensor batch, e.g. torch.randn(1, 3, 32, 32)")
+        example_inputs = example_inputs[:1]
+        model = model.eval()
+        layers = trace_layers(model, example_inputs)
+        groups = channel_groups(model, example_inputs, layers) if PRUNE in config.knobs else []
+        by_group_out = {p: g for g in groups for p in g.producers}
+        by_group_in = {c: g for g in groups for c in g.consumers}
+        units = []
+        for info in layers:
+            out_g = by_group_out.get(info.name)
+            in_g = by_group_in.get(info.name) or (out_g if info.kind == "dwconv" else None)
+            mult = max(1, info.in_channels // in_g.channels) if in_g is not None else 1
+            knobs = _knobs_for(info, out_g, in_g, config)
+            units.append(Unit(info, knobs, out_g.name if out_g else None, in_g.name if in_g else None, mult))
+        layer_params = sum(_layer_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units)
+        total = sum(p.numel() for p in model.parameters())
+        return cls(units, groups, config, tuple(example_inputs.shape), max(0, total - layer_params))
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def choices(self, unit: str, knob: str) -> tuple:
+        return tuple(self.units[unit].knobs.get(knob, ()))
+
+    def param_names(self) -> Iterator[tuple[str, str]]:
+        """(unit, knob) for every knob with more than one choice, in forward order."""
+        for name, unit in self.units.items():
+            for knob in KNOBS:
+                if len(unit.knobs.get(knob, ())) > 1:
+                    yield name, knob
+
+    def distributions(self) -> dict[str, tuple]:
+        """Flat 'unit/knob' -> choices, the form samplers use."""
+        return {f"{u}/{k}": self.choices(u, k) for u, k in self.param_names()}
+
+    def size(self) -> int:
+        return math.prod(len(c) for c in self.distributions().values())
+
+    def nearest(self, unit: str, knob: str, value: Any) -> Any:
+        options = self.choices(unit, knob)
+        if not options:
+            return NEUTRAL[knob]
+        if value in options or isinstance(value, str):
+            return value if value in options else NEUTRAL[knob]
+        return min(options, key=lambda o: abs(float(o) - float(value)))
+
+    def closest_unit(self, name: str) -> str | None:
+        found = difflib.get_close_matches(name, list(self.units), n=1)
+        return found[0] if found else None
+
+    def kept(self, group: str | None, ratio: float) -> int | None:
+        if group is None:
+            return None
+        return kept_channels(self.groups[group].channels, ratio, self.config.round_to)
+
+    # ---- cost prediction ----------------------------------------------------------------------------------------
+    def predict(self, layers: Mapping[str, Any]) -> Cost:
+        """Cost after applying `layers` (unit -> object with prune/w_bits/a_bits/rank/block), from shapes alone."""
+        def get(unit: str, knob: str) -> Any:
+            choice = layers.get(unit)
+            return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
+
+        ratio = {g: get(g, PRUNE) for g in self.groups}
+        macs = params = 0
+        size_bits = bops = 0.0
+        for name, unit in self.units.items():
+            info = unit.layer
+            cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
+            cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
+            cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
+            m, p = self.layer_cost(unit, cin, cout, get(name, RANK), get(name, BLOCK))
+            wb, ab = get(name, W_BITS), get(name, A_BITS)
+            macs += m
+            params += p
+            size_bits += p * wb
+            bops += m * wb * ab
+        size_bits += self.other_params * FLOAT_BITS
+        return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
+
+    def layer_cost(self, unit: Unit, cin: int, cout: int, rank: float, block: str) -> tuple[int, int]:
+        """(MACs per sample, params) of one unit at the given channels and form."""
+        info = unit.layer
+        if block == DWSEP:
+            return shapes.dwsep_cost(info, cin, cout)
+        if rank < 1.0:
+            return shapes.lowrank_cost(info, cin, cout, rank, self.config.round_to, self.config.decomposition)
+        groups = cin if info.kind == "dwconv" else info.groups
+        kh, kw = info.kernel
+        return info.positions * cout * (cin // groups) * kh * kw, _layer_params(info, cin, cout)
+
+    def baseline(self) -> Cost:
+        return self.predict({})
+
+    # ---- display ------------------------------------------------------------------------------------------------
+    def table(self) -> list[dict[str, Any]]:
+        """One row per unit: what it is, its MACs, and the choices of each knob (data; the CLI renders it)."""
+        rows = []
+        for name, unit in self.units.items():
+            info = unit.layer
+            macs, params = self.layer_cost(unit, info.in_channels, info.out_channels, 1.0, KEEP)
+            group = self.groups.get(unit.out_group) if unit.out_group else None
+            rows.append({
+                "unit": name, "kind": info.kind,
+                "shape": f"{info.in_channels}->{info.out_channels}"
+                         + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind != "linear" else ""),
+                "macs": macs, "params": params,
+                "group": (group.name + (f" ({len(group.producers)} layers)" if len(group.producers) > 1 else ""))
+                if group else "-",
+                **{k: unit.knobs.get(k, ()) for k in KNOBS},
+                "note": group.note if group and not group.prunable and group.name == name else "",
+            })
+        return rows
+
+    def __repr__(self) -> str:
+        return (f"SearchSpace({len(self.units)} units, {len(self.groups)} channel groups, "
+                f"{len(self.distributions())} knobs, size {self.size():.3g})")
+
+
+def _layer_params(info: LayerInfo, cin: int, cout: int) -> int:
+    groups = cin if info.kind == "dwconv" else info.groups
+    kh, kw = info.kernel
+    return cout * (cin // groups) * kh * kw + (cout if info.has_bias else 0)
+
+
+def _matches(name: str, config: SpaceConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
+        fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+
+def _knobs_for(info: LayerInfo, out_g: ChannelGroup | None, in_g: ChannelGroup | None,
+               config: SpaceConfig) -> dict[str, tuple]:
+    if not _matches(info.name, config):
+        return {}
+    knobs: dict[str, tuple] = {}
+    for knob in config.knobs:
+        grid = config.grid(knob)
+        if knob == PRUNE:
+            if out_g is None or not out_g.prunable or out_g.name != info.name:
+                continue
+            seen, options = set(), []
+            for r in sorted(set(grid) | {0.0}):
+                k = kept_channels(out_g.channels, r, config.round_to)
+                if k not in seen:
+                    seen.add(k)
+                    options.append(float(r))
+            knobs[PRUNE] = tuple(options)
+        elif knob in (W_BITS, A_BITS):
+            knobs[knob] = tuple(sorted(set(grid) | {FLOAT_BITS}, reverse=True))
+        elif knob == RANK:
+            if info.kind not in ("conv", "linear"):
+                continue
+            full = _layer_params(info, info.in_channels, info.out_channels)
+            options = [1.0] + [r for r in sorted(set(grid), reverse=True) if r < 1.0 and
+                               shapes.lowrank_cost(info, info.in_channels, info.out_channels, r, config.round_to,
+                                                   config.decomposition)[1] < full]
+            knobs[RANK] = tuple(options)
+        elif knob == BLOCK:
+            if info.kind == "conv" and max(info.kernel) > 1:
+                knobs[BLOCK] = tuple(dict.fromkeys([KEEP, *grid]))
+    return {k: v for k, v in knobs.items() if len(v) > 1}
+
+
+def _fingerprint(layers: list[LayerInfo], input_shape: tuple[int, ...]) -> str:
+    text = "|".join(f"{i.name}:{i.kind}:{i.in_channels}:{i.out_channels}:{i.kernel}:{i.stride}:{i.groups}"
+                    for i in layers) + f"|in{tuple(input_shape[1:])}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
