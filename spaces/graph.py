@@ -5,6 +5,7 @@ group removes the same channels everywhere they are coupled and never leaves a b
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,13 +111,12 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, layers: list[
     names = {module: name for name, module in model.named_modules()}
     order = {info.name: i for i, info in enumerate(layers)}
     by_name = {info.name: info for info in layers}
-    ignored = [model.get_submodule(i.name) for i in layers if i.is_output]
     try:
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    except Exception as exc:
-        raise SpaceError(f"cannot trace the model's channel dependencies ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}): restrict the space to quantization "
-                         "(knobs=w_bits,a_bits) or make the model traceable") from None
+    except Exception as exc:  # e.g. a channel shuffle: no layer can be pruned safely, the other knobs remain
+        note = f"channel dependencies could not be traced ({type(exc).__name__}); pruning disabled"
+        warnings.warn(f"{note}: the space offers the other knobs only", stacklevel=3)
+        return [ChannelGroup(i.name, i.out_channels, (i.name,), (), False, note) for i in layers if not i.is_output]
 
     groups: list[ChannelGroup] = []
     seen: set[str] = set()
@@ -151,5 +151,4 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, layers: list[
         seen.update(ordered)
         groups.append(ChannelGroup(ordered[0], info.out_channels, ordered,
                                    tuple(sorted(consumers, key=order.__getitem__)), prunable, note))
-    del ignored
     return groups

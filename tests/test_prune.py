@@ -1,0 +1,88 @@
+"""Structured pruning physically removes the channels the space predicts, and the model still exports."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from squeezer.policies.apply import apply_policy
+from squeezer.policies.export import export_onnx
+from squeezer.policies.policy import Policy
+from squeezer.spaces.space import SearchSpace
+
+MAC_OPS = ("conv", "linear", "matmul", "addmm")
+
+
+def measured(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    flops = FlopCountAnalysis(model, x)
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    macs = sum(v for k, v in flops.by_operator().items() if k in MAC_OPS)
+    params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return macs, params
+
+
+@pytest.fixture(params=["resnet", "mobilenet", "resnet18"])
+def model_and_input(request):
+    model = request.getfixturevalue(request.param)
+    x = torch.randn(2, 3, 32, 32) if request.param == "resnet18" else torch.randn(2, 1, 8, 8)
+    return model, x
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_uniform_prune_matches_prediction_and_exports(model_and_input, ratio) -> None:
+    model, x = model_and_input
+    space = SearchSpace.from_model(model, x[:1])
+    policy = Policy.uniform(space, prune=ratio)
+    pruned = apply_policy(model, policy, example_inputs=x, space=space)
+    predicted = space.predict(policy.layers)
+    macs, params = measured(pruned, x[:1])
+    assert (macs, params) == (predicted.macs, predicted.params)
+    assert macs < space.baseline().macs
+    assert pruned(x).shape == model(x).shape
+    session = ort.InferenceSession(export_onnx(pruned, x), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, pruned(x).detach().numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_original_model_is_untouched(resnet) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    space = SearchSpace.from_model(resnet, x)
+    apply_policy(resnet, Policy.uniform(space, prune=0.5), example_inputs=x, space=space)
+    assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())
+
+
+def test_same_policy_gives_same_model(resnet) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    space = SearchSpace.from_model(resnet, x)
+    policy = Policy.from_params({"layer2.0.conv1/prune": 0.5, "conv1/prune": 0.5}, space)
+    a = apply_policy(resnet, policy, example_inputs=x, space=space).state_dict()
+    b = apply_policy(resnet, policy, example_inputs=x, space=space).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_least_important_channels_are_removed(resnet) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    conv = resnet.layer3[0].conv1
+    with torch.no_grad():
+        conv.weight[:32] *= 0.01  # make the first half of the filters clearly least important
+    space = SearchSpace.from_model(resnet, x)
+    pruned = apply_policy(resnet, Policy.from_params({"layer3.0.conv1/prune": 0.5}, space),
+                          example_inputs=x, space=space)
+    kept = pruned.layer3[0].conv1.weight
+    assert kept.shape[0] == 32
+    torch.testing.assert_close(kept, resnet.layer3[0].conv1.weight[32:])
+
+
+@pytest.mark.parametrize("importance", ["l1", "bn"])
+def test_importance_criteria(resnet, importance) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    space = SearchSpace.from_model(resnet, x)
+    pruned = apply_policy(resnet, Policy.uniform(space, prune=0.5), example_inputs=x, space=space,
+                          importance=importance)
+    assert pruned(x).shape == (1, 10)

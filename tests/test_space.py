@@ -1,0 +1,100 @@
+"""The search space: units, coupled channel groups, knob choices, restriction and cost prediction."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from squeezer.spaces.graph import SpaceError
+from squeezer.spaces.knobs import SpaceConfig, kept_channels
+from squeezer.spaces.space import SearchSpace
+
+X8 = torch.randn(1, 1, 8, 8)
+
+
+def test_resnet_residual_channels_form_one_group(resnet) -> None:
+    space = SearchSpace.from_model(resnet, X8)
+    stem = space.groups["conv1"]
+    # The stem and every block's second conv in stage 1 add into the same residual stream.
+    assert set(stem.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    # Only the group leader carries the prune knob; other producers follow it.
+    assert space.choices("conv1", "prune") and not space.choices("layer1.0.conv2", "prune")
+    # The classifier output is never pruned.
+    assert "fc" not in space.groups and not space.choices("fc", "prune")
+
+
+def test_depthwise_conv_shares_its_group(mobilenet) -> None:
+    space = SearchSpace.from_model(mobilenet, X8)
+    dw = space.units["features.4.block.3"]
+    assert dw.layer.kind == "dwconv"
+    assert dw.out_group == dw.in_group == "features.4.block.0"
+    assert not space.choices("features.4.block.3", "rank") and not space.choices("features.4.block.3", "block")
+
+
+def test_kept_channels_round_to_multiples_of_eight() -> None:
+    assert kept_channels(64, 0.3, 8) == 48
+    assert kept_channels(64, 0.75, 8) == 16
+    assert kept_channels(16, 0.9, 8) == 8
+    assert kept_channels(10, 0.5, 8) == 8  # never below one step
+
+
+def test_prune_choices_are_distinct_widths(resnet) -> None:
+    space = SearchSpace.from_model(resnet, X8)
+    widths = [space.kept("layer3.0.conv1", r) for r in space.choices("layer3.0.conv1", "prune")]
+    assert widths == sorted(set(widths), reverse=True) and all(w % 8 == 0 for w in widths)
+
+
+def test_knob_applicability(resnet) -> None:
+    space = SearchSpace.from_model(resnet, X8)
+    assert space.choices("layer1.0.conv1", "block") == ("keep", "dwsep")
+    assert not space.choices("fc", "block")
+    assert 1.0 in space.choices("fc", "rank") or not space.choices("fc", "rank")
+    assert space.choices("layer2.0.downsample.0", "rank")[0] == 1.0  # a 1x1 conv factors by SVD
+
+
+def test_restriction_by_knob_pattern_and_choice(resnet) -> None:
+    space = SearchSpace.from_model(resnet, X8, knobs=("prune", "w_bits"), include=("layer3.*",),
+                                   choices={"w_bits": (4, 8)})
+    names = {name.split("/")[0] for name in space.distributions()}
+    knobs = {name.split("/")[1] for name in space.distributions()}
+    assert all(n.startswith("layer3.") for n in names)
+    assert knobs == {"prune", "w_bits"}
+    assert space.choices("layer3.0.conv1", "w_bits") == (32, 8, 4)
+    full = SearchSpace.from_model(resnet, X8)
+    assert space.size() < full.size()
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown knob"):
+        SpaceConfig(knobs=("prune", "sparsity"))
+
+
+def test_model_that_fails_on_inputs_gives_clear_error(resnet) -> None:
+    with pytest.raises(SpaceError, match="fails on inputs of shape"):
+        SearchSpace.from_model(resnet, torch.randn(1, 3, 8, 8))
+
+
+def test_model_without_layers_is_refused() -> None:
+    with pytest.raises(SpaceError, match="no Conv2d or Linear"):
+        SearchSpace.from_model(nn.Sequential(nn.ReLU()), X8)
+
+
+def test_fingerprint_depends_on_shapes(resnet, mobilenet) -> None:
+    a = SearchSpace.from_model(resnet, X8).fingerprint
+    assert a == SearchSpace.from_model(resnet, X8).fingerprint
+    assert a != SearchSpace.from_model(mobilenet, X8).fingerprint
+
+
+def test_table_lists_every_unit(resnet) -> None:
+    space = SearchSpace.from_model(resnet, X8)
+    rows = space.table()
+    assert [r["unit"] for r in rows] == list(space.units)
+    assert sum(r["macs"] for r in rows) == space.baseline().macs
+
+
+def test_shuffle_net_groups_are_refused_not_broken() -> None:
+    import torchvision
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    space = SearchSpace.from_model(model, torch.randn(1, 3, 32, 32))
+    assert space.units and space.size() > 1  # the model still gets its other knobs
