@@ -22,6 +22,13 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the problem and where to look), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -57,11 +64,11 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="squeezer", formatter_class=_Formatter,
+    parser = _Parser(prog="squeezer", formatter_class=_Formatter,
                                      description="Search per-layer compression policies for a PyTorch model under "
                                                  "a hardware budget, inspect the Pareto front, apply a policy.")
     parser.add_argument("--version", action="version", version="squeezer 0.1.0")
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = _sub(subs, "train", "train a baseline model on bundled or local data and save a checkpoint")
     _model_data(p, model_required=False)

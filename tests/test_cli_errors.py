@@ -1,0 +1,84 @@
+"""Bad input gets one clear line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from squeezer.cli import main
+from squeezer.evaluators.zoo import resnet20, save_checkpoint
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def wrong_checkpoint(tmp_path_factory) -> Path:
+    """A resnet20 checkpoint whose weights are for 3 input channels but which claims 1."""
+    path = tmp_path_factory.mktemp("ckpt") / "bad.pt"
+    model = resnet20(num_classes=10, in_channels=3)
+    save_checkpoint(model, path, arch="resnet20", num_classes=10, in_channels=1)
+    return path
+
+
+def test_unknown_model_name(capsys) -> None:
+    code, err = run_cli(capsys, "space", "resnet999x")
+    assert code == 2 and "unknown model 'resnet999x'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_builder_that_fails_to_import(capsys) -> None:
+    code, err = run_cli(capsys, "space", "no_such_module_xyz:build")
+    assert code == 2 and "cannot import 'no_such_module_xyz'" in err
+
+
+def test_builder_missing_function(capsys) -> None:
+    code, err = run_cli(capsys, "space", "squeezer.evaluators.zoo:nothing_here")
+    assert code == 2 and "has no callable 'nothing_here'" in err
+
+
+def test_checkpoint_that_does_not_match(capsys, wrong_checkpoint) -> None:
+    code, err = run_cli(capsys, "space", str(wrong_checkpoint))
+    assert code == 2 and "does not match model 'resnet20'" in err
+
+
+def test_missing_checkpoint(capsys, tmp_path) -> None:
+    code, err = run_cli(capsys, "space", str(tmp_path / "nope.pt"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_data_path(capsys, tmp_path) -> None:
+    code, err = run_cli(capsys, "space", "resnet20", "--data", str(tmp_path / "images"))
+    assert code == 2 and "not found" in err
+
+
+def test_unknown_knob(capsys) -> None:
+    code, err = run_cli(capsys, "space", "resnet20", "--knobs", "prune,sparsity")
+    assert code == 2 and "unknown knob 'sparsity'" in err
+
+
+def test_cuda_without_gpu(capsys, tmp_path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code, err = run_cli(capsys, "train", "--device", "cuda", "--out", str(tmp_path / "m.pt"), "--steps", "1")
+    assert code == 2 and "no CUDA GPU" in err
+
+
+def test_workers_zero_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "squeezer.cli", "search", "--model", "resnet20", "--budget",
+                           "macs<=50%", "--out", "x", "--workers", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--workers: must be at least 1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for command in ["train", "space", "search", "front", "apply", "report", "demo"]:
+        proc = subprocess.run([sys.executable, "-m", "squeezer.cli", command, "--help"], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0 and "example:" in proc.stdout and "squeezer " + command in proc.stdout
