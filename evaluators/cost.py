@@ -1,0 +1,108 @@
+"""Measured cost of an applied model: MACs traced by fvcore, parameters and bit-weighted size/BOPs.
+
+`SearchSpace.predict` estimates the same numbers from shapes; measuring them on the model that was actually built
+catches an applier that removed less (or more) than the space promised, so the search is scored on what exists.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import FLOAT_BITS
+from squeezer.spaces.space import SearchSpace
+
+__all__ = ["measure_cost", "count_macs"]
+
+MB = 1e6
+
+
+def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
+    """An fvcore FlopCountAnalysis that counts only multiply-adds of conv/linear/matmul (one MAC = one "flop")."""
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn import jit_handles as h
+
+    analysis = FlopCountAnalysis(model, (example_inputs[:1],))
+    analysis.clear_op_handles()
+    analysis.set_op_handle("aten::_convolution", h.conv_flop_jit, "aten::linear", h.linear_flop_jit,
+                           "aten::addmm", h.addmm_flop_jit, "aten::matmul", h.matmul_flop_jit,
+                           "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit, "aten::einsum", h.einsum_flop_jit)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return analysis
+
+
+def _quiet(fn: Any) -> Any:
+    """Run fvcore with its warnings and log lines silenced (they name every add and pool it does not count)."""
+    logger = logging.getLogger("fvcore")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+    finally:
+        logger.setLevel(level)
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """(total MACs per sample, MACs per module name) of `model` traced on one sample."""
+    model = model.eval()
+
+    def run() -> tuple[int, dict[str, int]]:
+        analysis = _analysis(model, example_inputs)
+        with torch.no_grad():
+            return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
+
+    return _quiet(run)
+
+
+def _unit_of(name: str, units: list[str]) -> str | None:
+    """The unit a module belongs to: the longest unit name equal to or a parent of `name`."""
+    best = None
+    for unit in units:
+        if (name == unit or name.startswith(unit + ".")) and (best is None or len(unit) > len(best)):
+            best = unit
+    return best
+
+
+def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy, space: SearchSpace) -> dict[str, Any]:
+    """macs, params, bops and size_mb of an applied model, per sample.
+
+    A unit's MACs are everything traced under its module name (a decomposed unit is an nn.Sequential there, a
+    quantized one a QuantizedLayer wrapping the original), weighted by its w_bits x a_bits for BOPs; MACs outside
+    every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at its w_bits, all else at 32 bits.
+    """
+    example_inputs = example_inputs[:1].to(next(model.parameters()).device)
+    total, per_module = count_macs(model, example_inputs)
+    units = list(space.units)
+    bits = {u: (c.w_bits, c.a_bits) for u, c in policy.layers.items()}
+    bops, in_units = 0.0, 0
+    for unit in units:
+        macs = per_module.get(unit, 0)
+        w, a = bits.get(unit, (FLOAT_BITS, FLOAT_BITS))
+        bops += macs * w * a
+        in_units += macs
+    bops += max(0, total - in_units) * FLOAT_BITS * FLOAT_BITS
+
+    seen: set[int] = set()
+    size_bits = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            unit = _unit_of(name, units)
+            w_bits = bits.get(unit, (FLOAT_BITS, FLOAT_BITS))[0] if unit else FLOAT_BITS
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    size_bits += p.numel() * w_bits
+    params = 0
+    for p in model.parameters():
+        params += p.numel()
+        if id(p) not in seen:
+            seen.add(id(p))
+            size_bits += p.numel() * FLOAT_BITS
+    return {"macs": total, "params": params, "bops": float(bops), "size_mb": size_bits / 8 / MB}
+

@@ -1,0 +1,220 @@
+"""One policy in, one Outcome out: apply -> measured cost -> recovery -> val accuracy -> ONNX -> latency.
+
+An `Evaluator` is built once per worker (loading the model and data, tracing the space and exporting the
+reference ONNX cost seconds) and then evaluates many policies. It never raises: a policy that cannot be applied,
+or that scores NaN, comes back as `EvalFailure(reason)`, so one bad candidate never stops a search. Results are
+cached in memory and optionally on disk, keyed by the policy's choices and the settings, so a repeated policy is
+never evaluated twice.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from squeezer.evaluators.accuracy import RECOVERY, recover, score
+from squeezer.evaluators.cost import measure_cost
+from squeezer.evaluators.data import DataBundle, load_data
+from squeezer.evaluators.latency import LatencyMeter, LatencyResult, LatencyTable, MachineLock, hardware_fingerprint
+from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
+from squeezer.policies.apply import apply_policy
+from squeezer.policies.export import export_onnx
+from squeezer.policies.policy import Policy
+from squeezer.spaces.space import SearchSpace
+
+__all__ = ["EvalSettings", "Evaluator", "LATENCY_MODES"]
+
+LATENCY_MODES = ("measure", "predict", "hybrid", "none")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a policy is scored. `latency`: "measure" times every candidate, "predict" uses the lookup table,
+    "hybrid" predicts and also measures every `measure_every`-th evaluation, "none" skips latency."""
+
+    recovery: str = "bn"
+    bn_batches: int = 20
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
+    batch_size: int = 64
+    latency: str = "measure"
+    latency_batch: int = 1
+    latency_threads: int | None = None  # None: every core (timing holds the machine exclusively)
+    latency_warmup: int = 30
+    latency_runs: int = 200
+    latency_reps: int = 3
+    measure_every: int = 5
+    distill_steps: int = 300
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recovery not in RECOVERY:
+            raise ValueError(f"unknown recovery {self.recovery!r}: choose from {', '.join(RECOVERY)}")
+        if self.latency not in LATENCY_MODES:
+            raise ValueError(f"unknown latency mode {self.latency!r}: choose from {', '.join(LATENCY_MODES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}: choose 'cpu' or 'cuda'")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, EvalFailure):
+        return {"failure": asdict(outcome)}
+    return {"measurement": asdict(outcome)}
+
+
+def outcome_from_json(data: dict[str, Any]) -> Outcome:
+    if "failure" in data:
+        return EvalFailure(**data["failure"])
+    return Measurement(**data["measurement"])
+
+
+class Evaluator:
+    """Holds the base model, data, space, calibration batches and reference ONNX of one worker."""
+
+    def __init__(self, model: str | nn.Module, data: str | DataBundle = "digits", settings: EvalSettings = EvalSettings(),
+                 *, cache_dir: str | Path | None = None, lut_dir: str | Path | None = None,
+                 lock: MachineLock | None = None, latency_fn: Callable[[bytes], LatencyResult] | None = None,
+                 hardware: dict[str, Any] | None = None) -> None:
+        from squeezer.evaluators.baseline import resolve_model
+
+        self.settings = settings
+        self.data = data if isinstance(data, DataBundle) else load_data(data)
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for but torch sees no GPU: use device 'cpu'")
+        self.device = torch.device(settings.device)
+        base = model if isinstance(model, nn.Module) else resolve_model(model, self.data)
+        self.base = copy.deepcopy(base).eval()
+        self.example = self.data.example_inputs(1)
+        self.space = SearchSpace.from_model(self.base, self.example)
+        self.calibration = self.data.calibration()
+        self.lock = lock or MachineLock()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memory: dict[str, Outcome] = {}
+        self.hits = 0
+        self.count = 0
+        self._latency_fn = latency_fn
+        self.meter: LatencyMeter | None = None
+        self.table: LatencyTable | None = None
+        self.reference: bytes | None = None
+        if settings.latency != "none":
+            with self.lock.compute():
+                self.reference = export_onnx(self.base, self.example)
+            if latency_fn is None:
+                self.meter = LatencyMeter(self.reference, tuple(self.example.shape), batch=settings.latency_batch,
+                                          threads=settings.latency_threads, warmup=settings.latency_warmup,
+                                          runs=settings.latency_runs, reps=settings.latency_reps, lock=self.lock)
+            if settings.latency in ("predict", "hybrid"):
+                if self.meter is None:
+                    raise ValueError("latency 'predict'/'hybrid' builds its table locally: drop latency_fn")
+                self.table = LatencyTable(self.meter, self._onnx_of, key=self.space.fingerprint,
+                                          fingerprint=self.space.fingerprint, cache_dir=lut_dir or cache_dir)
+        self.base_model = self.base.to(self.device)
+        self.hardware = hardware or hardware_fingerprint(settings.latency_threads)  # of the timing machine
+
+    # ---- cache ------------------------------------------------------------------------------------------------------
+    def key(self, policy: Policy) -> str:
+        """Cache key: the policy's choices and model fingerprint (not its meta) plus every setting."""
+        body = policy.to_json()
+        body.pop("meta", None)
+        text = json.dumps({"policy": body, "settings": asdict(self.settings)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def _cached(self, key: str) -> Outcome | None:
+        if key in self._memory:
+            return self._memory[key]
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{key}.json"
+            if path.is_file():
+                try:
+                    outcome = outcome_from_json(json.loads(path.read_text()))
+                except (ValueError, TypeError, OSError):
+                    return None
+                self._memory[key] = outcome
+                return outcome
+        return None
+
+    def _store(self, key: str, outcome: Outcome) -> None:
+        self._memory[key] = outcome
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_dir / f"{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(outcome_to_json(outcome)))
+            tmp.replace(self.cache_dir / f"{key}.json")
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------------
+    def evaluate(self, policy: Policy) -> Outcome:
+        """Measure `policy` (or return its cached outcome); never raises."""
+        key = self.key(policy)
+        cached = self._cached(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        start = time.perf_counter()
+        try:
+            outcome = self._evaluate(policy, start)
+        except Exception as exc:  # any failure of one candidate is a value, not a crash of the search
+            outcome = EvalFailure(_reason(exc), time.perf_counter() - start)
+        self._store(key, outcome)
+        return outcome
+
+    __call__ = evaluate
+
+    def base_measurement(self) -> Outcome:
+        """The unmodified model's outcome (the search's reference point)."""
+        return self.evaluate(Policy(fingerprint=self.space.fingerprint))
+
+    def _apply(self, policy: Policy) -> nn.Module:
+        s = self.settings
+        return apply_policy(self.base_model, policy, self.calibration, example_inputs=self.example, space=self.space,
+                            distill_steps=s.distill_steps, seed=s.seed)
+
+    def _onnx_of(self, policy: Policy) -> bytes:
+        """ONNX of the model with `policy` applied and no recovery (the lookup table's builder)."""
+        with self.lock.compute():
+            return export_onnx(self._apply(policy).cpu(), self.example)
+
+    def _evaluate(self, policy: Policy, start: float) -> Outcome:
+        s = self.settings
+        self.count += 1
+        measure = s.latency == "measure" or (s.latency == "hybrid" and (self.count - 1) % max(1, s.measure_every) == 0)
+        with self.lock.compute(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            model = self._apply(policy)
+            cost = measure_cost(model, self.example, policy, self.space)
+            teacher = self.base_model if s.recovery == "kd" else None
+            model = recover(model, s.recovery, self.data, teacher=teacher, bn_batches=s.bn_batches,
+                            steps=s.finetune_steps, lr=s.finetune_lr, kd_weight=s.kd_weight,
+                            kd_temperature=s.kd_temperature, batch_size=s.batch_size, seed=s.seed, device=self.device)
+            accuracy, loss = score(model, self.data, device=self.device)
+            if not (math.isfinite(accuracy) and math.isfinite(loss)):
+                return EvalFailure(f"non-finite score (accuracy {accuracy}, loss {loss})", time.perf_counter() - start)
+            onnx = export_onnx(model.cpu(), self.example) if measure else None
+        latency: dict[str, Any] = {}
+        if onnx is not None:
+            result = (self._latency_fn or self.meter.measure)(onnx)  # type: ignore[union-attr]
+            latency = {"latency_ms": result.median_ms, "latency_p90_ms": result.p90_ms,
+                       "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured"}
+        elif self.table is not None:
+            rel = self.table.predict_rel(policy)
+            latency = {"latency_ms": self.table.base_us() * rel / 1e3, "latency_rel": rel,
+                       "latency_source": "predicted"}
+        return Measurement(accuracy=accuracy, loss=loss, macs=cost["macs"], params=cost["params"], bops=cost["bops"],
+                           size_mb=cost["size_mb"], seconds=time.perf_counter() - start, recovery=s.recovery,
+                           fingerprint=self.space.fingerprint, hardware=self.hardware, **latency)

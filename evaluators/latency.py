@@ -1,0 +1,241 @@
+"""Latency of an exported model in onnxruntime, measured so that two numbers taken minutes apart can be compared.
+
+On a 2-core machine batch-1 timings vary 4-12% when quiet and 40-87% when another process competes, and the
+machine has phases of 2-4x slow-down (FACTS.md). So a measurement here: pins intra-op threads (inter-op 1,
+sequential execution, all graph optimisations), warms up >= 30 runs, takes the median and p90 of >= 200 timed
+runs (perf_counter_ns) in each of >= 3 repetitions, and reports the spread of the per-repetition medians. A fixed
+reference model (the uncompressed base) is timed interleaved with the candidate, alternating which goes first,
+so drift shows up in the reference and `rel` (candidate / reference, median of per-repetition ratios) survives it.
+
+Timing never runs beside torch work. `MachineLock` is a readers-writer lock on two files (fcntl.flock, so it works
+across processes, Ray actors included): torch work (apply, recovery, accuracy, export) holds it *shared*; timing
+holds it *exclusive*, so a timed run starts only when no torch work is in flight on the machine and none starts
+until it ends. A "gate" file gives the writer priority: a waiting timer holds the gate, so new torch work queues
+behind it instead of starving it. Every evaluator process on one machine uses the same lock files (default under
+the temp dir, or $SQUEEZER_LOCK_DIR). On a remote timing device (a Ray node with a custom resource) nothing else
+runs, and the same lock is simply uncontended.
+
+`LatencyTable` predicts a candidate's latency from per-(unit, choice) deltas measured once per hardware and cached
+on disk: a measured model has only that unit's choice applied (so a pruned group's consumers are included), timed
+interleaved with the reference, stored as a relative delta and predicted as base x (1 + sum of deltas).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from squeezer.policies.policy import LayerChoice, Policy
+
+__all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "MachineLock", "hardware_fingerprint", "make_session",
+           "time_session"]
+
+
+def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:
+    """What a latency number depends on: CPU model, cores, threads used, onnxruntime and torch versions."""
+    import onnxruntime as ort
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cores = os.cpu_count() or 1
+    return {"cpu": cpu, "logical_cores": cores, "threads": int(threads or cores), "onnxruntime": ort.__version__,
+            "providers": list(ort.get_available_providers()), "torch": torch.__version__}
+
+
+def fingerprint_hash(hardware: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(hardware, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- the machine-wide readers-writer lock ---------------------------------------------------------------------------
+class MachineLock:
+    """Shared for torch work, exclusive for timing, across every process on this machine (see module docstring)."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        root = Path(directory or os.environ.get("SQUEEZER_LOCK_DIR") or tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        self.gate = root / "squeezer-timing.gate"
+        self.rw = root / "squeezer-timing.lock"
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """Held around torch work: waits while a timing run holds or waits for the machine."""
+        with open(self.gate, "a") as gate:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            rw = open(self.rw, "a")
+            fcntl.flock(rw, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(rw, fcntl.LOCK_UN)
+            rw.close()
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        """Held around a timing run: waits for in-flight torch work to finish and keeps new work out."""
+        with open(self.gate, "a") as gate, open(self.rw, "a") as rw:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(rw, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(rw, fcntl.LOCK_UN)
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------------
+def make_session(onnx_model: bytes, threads: int, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session with pinned threads: intra-op `threads`, inter-op 1, sequential, all optimisations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_model, opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def time_session(session: Any, feed: dict[str, np.ndarray], runs: int, warmup: int = 0) -> np.ndarray:
+    """Wall time of each of `runs` runs in ms (after `warmup` untimed runs)."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    out = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        start = time.perf_counter_ns()
+        session.run(None, feed)
+        out[i] = time.perf_counter_ns() - start
+    return out / 1e6
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """median/p90 in ms over all timed runs; spread = (max - min) / median of the per-repetition medians;
+    rel = median of per-repetition candidate/reference ratios; ref_ms/ref_spread show the reference's drift."""
+
+    median_ms: float
+    p90_ms: float
+    spread: float
+    rel: float
+    ref_ms: float
+    ref_spread: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _spread(medians: list[float]) -> float:
+    return float((max(medians) - min(medians)) / max(1e-12, float(np.median(medians))))
+
+
+class LatencyMeter:
+    """Times candidates against a fixed reference model, interleaved, under the machine lock."""
+
+    def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
+                 warmup: int = 30, runs: int = 200, reps: int = 3, lock: MachineLock | None = None,
+                 providers: list[str] | None = None) -> None:
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.batch, self.warmup, self.runs, self.reps = batch, max(30, warmup), max(200, runs), max(3, reps)
+        self.providers = providers
+        self.lock = lock or MachineLock()
+        shape = (batch, *tuple(input_shape)[1:])
+        self.input = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        self.reference = make_session(reference, self.threads, providers)
+
+    def hardware(self) -> dict[str, Any]:
+        return hardware_fingerprint(self.threads)
+
+    def measure(self, candidate: bytes) -> LatencyResult:
+        """Time `candidate` and the reference in alternating repetitions (holding the lock exclusively)."""
+        session = make_session(candidate, self.threads, self.providers)
+        feed = {session.get_inputs()[0].name: self.input}
+        ref_feed = {self.reference.get_inputs()[0].name: self.input}
+        with self.lock.timing():
+            time_session(self.reference, ref_feed, 0, self.warmup)
+            time_session(session, feed, 0, self.warmup)
+            cand, ref = [], []
+            for rep in range(self.reps):
+                first_ref = rep % 2 == 0
+                if first_ref:
+                    ref.append(time_session(self.reference, ref_feed, self.runs, 5))
+                cand.append(time_session(session, feed, self.runs, 5))
+                if not first_ref:
+                    ref.append(time_session(self.reference, ref_feed, self.runs, 5))
+        c_med = [float(np.median(c)) for c in cand]
+        r_med = [float(np.median(r)) for r in ref]
+        all_c = np.concatenate(cand)
+        return LatencyResult(median_ms=float(np.median(all_c)), p90_ms=float(np.percentile(all_c, 90)),
+                             spread=_spread(c_med), rel=float(np.median([c / r for c, r in zip(c_med, r_med)])),
+                             ref_ms=float(np.median(np.concatenate(ref))), ref_spread=_spread(r_med))
+
+
+# ---- lookup table -----------------------------------------------------------------------------------------------------
+class LatencyTable:
+    """Per-(unit, choice) relative latency deltas, measured lazily once per hardware and cached as JSON.
+
+    `build(policy) -> onnx bytes` makes the model with one unit's choice applied; `key` names the model and
+    input (e.g. space fingerprint + batch) so tables of different models never mix.
+    """
+
+    def __init__(self, meter: LatencyMeter, build: Callable[[Policy], bytes], *, key: str, fingerprint: str = "",
+                 cache_dir: str | Path | None = None) -> None:
+        self.meter, self.build, self.fingerprint = meter, build, fingerprint
+        hw = meter.hardware()
+        name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
+        self.path = Path(cache_dir) / name if cache_dir else None
+        self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}}
+        if self.path is not None and self.path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                self.data = json.loads(self.path.read_text())
+
+    @staticmethod
+    def entry_key(unit: str, choice: LayerChoice) -> str:
+        return f"{unit}|{json.dumps(choice.changed(), sort_keys=True)}"
+
+    def _save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+
+    def base_us(self) -> float:
+        if self.data.get("base_us") is None:
+            result = self.meter.measure(self.build(Policy(fingerprint=self.fingerprint)))
+            self.data["base_us"] = result.ref_ms * 1e3
+            self._save()
+        return float(self.data["base_us"])
+
+    def delta(self, unit: str, choice: LayerChoice) -> float:
+        """Relative latency change of applying `choice` to `unit` alone (measured once, then from the table)."""
+        key = self.entry_key(unit, choice)
+        if key not in self.data["deltas"]:
+            policy = Policy(layers={unit: choice}, fingerprint=self.fingerprint)
+            self.data["deltas"][key] = self.meter.measure(self.build(policy)).rel - 1.0
+            self._save()
+        return float(self.data["deltas"][key])
+
+    def predict_rel(self, policy: Policy) -> float:
+        """Predicted latency relative to the base model (floored at 5% of it)."""
+        rel = 1.0 + sum(self.delta(u, c) for u, c in sorted(policy.layers.items()) if not c.is_neutral())
+        return max(0.05, rel)
+
+    def predict_us(self, policy: Policy) -> float:
+        """Predicted latency in microseconds: base latency x (1 + sum of per-unit relative deltas)."""
+        return self.base_us() * self.predict_rel(policy)
