@@ -1,0 +1,115 @@
+"""Optuna's samplers as searchers: one categorical parameter per 'unit/knob', constraints from the budget.
+
+Repair (optional) projects a sampled policy into the budget before it is evaluated. The trial keeps the params the
+sampler drew and records the repaired policy it actually evaluated (user attr 'policy'): the sampler then learns a
+fixed function of its own draws (draw -> repaired policy -> result), which keeps TPE/NSGA-II statistics consistent,
+while fronts and reports read the evaluated policy. Re-asking a stale trial re-draws nothing: repair is
+deterministic, so the same params give the same policy.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+
+from squeezer.policies.policy import Policy
+from squeezer.search.objectives import Objective, constraints_func
+from squeezer.search.searcher import Proposal, StudySearcher
+from squeezer.search.shrink import repair as repair_policy
+from squeezer.spaces.space import SearchSpace
+
+__all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS"]
+
+# Optuna 5 reads constraints the searcher sets on each trial (Trial.set_constraint); older Optuna needs a
+# constraints_func reading them back from user attrs.
+_CONSTRAINTS: dict[str, Any] = ({} if hasattr(optuna.trial.Trial, "set_constraint")
+                                else {"constraints_func": constraints_func})
+SamplerFactory = Callable[[Objective, int, int], optuna.samplers.BaseSampler]
+
+
+def _tpe(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, constraints_func=constraints_func,
+                                      n_startup_trials=min(10, max(4, trials // 5)), seed=seed)
+
+
+def _nsga2(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    # A population of 50 (the default) would leave a short study in its random first generation.
+    return optuna.samplers.NSGAIISampler(**_CONSTRAINTS, seed=seed,
+                                         population_size=min(50, max(8, trials // 6)))
+
+
+def _cmaes(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    if objective.kind != "single":
+        raise ValueError("sampler 'cmaes' is single-objective (CMA-ES adapts one Gaussian to one value): use "
+                         "objective='single', or a multi-objective sampler: tpe, nsga2, random, qmc, gp, ddpg")
+    # CMA-ES only models numeric parameters, so this searcher gives it each knob's choice index (ordinal
+    # encoding, choices sorted by compression) instead of a categorical; infeasible trials are penalised values.
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=min(10, max(4, trials // 5)),
+                                        warn_independent_sampling=False)
+
+
+SAMPLERS: dict[str, SamplerFactory] = {
+    "tpe": _tpe,
+    "nsga2": _nsga2,
+    "random": lambda o, seed, t: optuna.samplers.RandomSampler(seed=seed),
+    "qmc": lambda o, seed, t: optuna.samplers.QMCSampler(seed=seed, scramble=True,
+                                                         warn_independent_sampling=False),
+    "cmaes": _cmaes,
+    "gp": lambda o, seed, t: optuna.samplers.GPSampler(seed=seed, **_CONSTRAINTS,
+                                                       warn_independent_sampling=False),
+}
+ORDINAL_SAMPLERS = frozenset({"cmaes", "qmc"})  # samplers that only handle numbers get choice indices
+
+
+def make_sampler(name: str, *, objective: Objective, seed: int = 0,
+                 trials: int = 100) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler called `name`, wired to the budget's constraints where the sampler supports them."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose from {', '.join(SAMPLERS)}, ddpg")
+    return SAMPLERS[name](objective, seed, trials)
+
+
+class OptunaSearcher(StudySearcher):
+    """Asks the study's sampler for every 'unit/knob' at once; optionally repairs the draw into the budget."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, objective: Objective, *, name: str = "tpe",
+                 repair: bool = False) -> None:
+        super().__init__(study, objective)
+        self.space = space
+        self.name = name
+        self.repair = repair
+        self.choices = space.distributions()
+        self.ordinal = name in ORDINAL_SAMPLERS
+        self.distributions: dict[str, BaseDistribution] = {
+            key: (IntDistribution(0, len(c) - 1) if self.ordinal else CategoricalDistribution(list(c)))
+            for key, c in self.choices.items()
+        }
+
+    def decode(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Sampler params -> knob choices (undoing the ordinal encoding where used)."""
+        if not self.ordinal:
+            return dict(params)
+        from squeezer.search.shrink import compression_order
+
+        out = {}
+        for key, index in params.items():
+            unit, _, knob = key.rpartition("/")
+            out[key] = compression_order(self.space, unit, knob)[int(index)]
+        return out
+
+    def ask(self) -> Proposal:
+        trial = self.study.ask(self.distributions)
+        params = self.decode(trial.params)
+        policy = Policy.from_params(params, self.space, sampler=self.name, trial=trial.number)
+        if self.repair and self.objective.budget.limits:
+            budget, base = self.objective.budget, self.objective.base
+            baseline = self.space.baseline()
+            policy = repair_policy(
+                policy, self.space,
+                lambda cost: budget.predicted_constraints(self.space, base, cost, baseline=baseline),
+                metrics=budget.metrics)
+            trial.set_user_attr("repaired", bool(policy.meta.get("repaired")))
+        trial.set_user_attr("policy", policy.to_json())
+        trial.set_user_attr("searcher", self.name)
+        return Proposal(trial.number, policy, trial)

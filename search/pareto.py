@@ -1,0 +1,160 @@
+"""Reading a search back from storage: trial rows, the feasible front, hypervolume, the best trial under a limit.
+
+Only storage is read (never the running process), so all of this works on a running or a killed study.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial
+
+from squeezer.evaluators.measurement import Measurement
+from squeezer.search.budget import Budget, BudgetError, cost_fraction
+
+__all__ = ["StudyResult", "front_rows", "hypervolume", "row_from_trial"]
+
+METRIC_COLUMNS = ("accuracy", "loss", "macs", "params", "bops", "size_mb", "latency_ms", "latency_rel")
+
+
+def row_from_trial(trial: FrozenTrial) -> dict[str, Any]:
+    """One flat record per trial: number, state, every stored user attr (metrics, feasibility, policy)."""
+    return {"number": trial.number, "state": trial.state.name, **trial.user_attrs,
+            "values": list(trial.values) if trial.values else None}
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+
+def front_rows(rows: Iterable[dict[str, Any]], *, cost_key: str = "cost_frac") -> list[dict[str, Any]]:
+    """Feasible, non-dominated rows (max accuracy, min cost), cheapest first; ties keep the earliest trial."""
+    pts = [r for r in rows if r.get("feasible") and r.get("accuracy") is not None and r.get(cost_key) is not None]
+    pts.sort(key=lambda r: (r[cost_key], -r["accuracy"], r["number"]))
+    out: list[dict[str, Any]] = []
+    best = float("-inf")
+    for r in pts:
+        if r["accuracy"] > best:
+            out.append(r)
+            best = r["accuracy"]
+    return out
+
+
+def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (0.0, 1.0)) -> float:
+    """2-D hypervolume of (accuracy, cost) points, accuracy maximised and cost minimised, against `ref`.
+
+    `ref` = (worst accuracy, worst cost); with cost as a fraction of the base model, (0, 1) measures the area of
+    the accuracy-cost plane the points dominate, 1.0 for a free perfect model.
+    """
+    acc_ref, cost_ref = ref
+    pts = sorted((c, a) for a, c in points if a > acc_ref and c < cost_ref)
+    area, best = 0.0, acc_ref
+    front: list[tuple[float, float]] = []
+    for c, a in pts:
+        if a > best:
+            front.append((c, a))
+            best = a
+    for i, (c, a) in enumerate(front):
+        nxt = front[i + 1][0] if i + 1 < len(front) else cost_ref
+        area += (nxt - c) * (a - acc_ref)
+    return area
+
+
+class StudyResult:
+    """The trials of one search, as records read from storage."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.attrs = dict(study.user_attrs)
+        self.base = Measurement.from_metrics(self.attrs["base"]) if "base" in self.attrs else None
+        self.budget = Budget.parse(self.attrs.get("budget") or None)
+        self.rows = [self._merge(row_from_trial(t)) for t in study.get_trials(deepcopy=False)]
+
+    @classmethod
+    def from_study(cls, study: optuna.Study) -> "StudyResult":
+        return cls(study)
+
+    @classmethod
+    def load(cls, storage_or_dir: str | Path | BaseStorage, *, study_name: str | None = None) -> "StudyResult":
+        """From a run folder (its study.db), a storage URL, or a storage object."""
+        storage: Any = storage_or_dir
+        if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
+            folder = Path(storage_or_dir)
+            if (folder / "study.log").is_file():
+                from optuna.storages import JournalStorage
+                from optuna.storages.journal import JournalFileBackend
+
+                storage = JournalStorage(JournalFileBackend(str((folder / "study.log").resolve())))
+            elif (folder / "study.db").is_file():
+                storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+            else:
+                raise FileNotFoundError(f"{folder} holds no study.log or study.db: pass a search output folder")
+        names = optuna.get_all_study_names(storage)
+        if study_name is None:
+            ours = [n for n in names if n.startswith("squeezer")] or names
+            if len(ours) != 1:
+                raise ValueError(f"storage holds {len(ours)} studies: pass study_name (one of {', '.join(ours)})")
+            study_name = ours[0]
+        return cls(optuna.load_study(study_name=study_name, storage=storage))
+
+    def _merge(self, row: dict[str, Any]) -> dict[str, Any]:
+        promoted = self.attrs.get(f"promoted:{row['number']}")
+        if promoted and "accuracy" in promoted:
+            cheap = {f"cheap_{k}": row.get(k) for k in (*METRIC_COLUMNS, "feasible", "cost_frac")}
+            row = {**row, **cheap, **promoted, "fidelity": "finetune"}
+        return row
+
+    def completed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["state"] == "COMPLETE" and "accuracy" in r]
+
+    def _with_cost(self, metric_x: str) -> list[dict[str, Any]]:
+        rows = []
+        for r in self.completed():
+            if self.base is not None:
+                frac = cost_fraction(Measurement.from_metrics(r), self.base, metric_x)
+            else:
+                frac = r.get("cost_frac")
+            rows.append({**r, "x": frac})
+        return rows
+
+    def front(self, metric_x: str = "macs", *, feasible_only: bool = True) -> list[dict[str, Any]]:
+        """Feasible, non-dominated trials (max accuracy, min `metric_x` as a fraction of base), cheapest first."""
+        rows = self._with_cost(metric_x)
+        if not feasible_only:
+            rows = [{**r, "feasible": True} for r in rows]
+        return front_rows(rows, cost_key="x")
+
+    def hypervolume(self, metric_x: str = "macs", *, ref: tuple[float, float] = (0.0, 1.0)) -> float:
+        return hypervolume([(r["accuracy"], r["x"]) for r in self.front(metric_x)], ref)
+
+    def best_under(self, limit: str) -> dict[str, Any] | None:
+        """The most accurate feasible trial that also meets `limit` (e.g. 'latency<=2ms'), or None."""
+        extra = Budget.parse(limit)
+        if not extra.limits:
+            raise BudgetError("best_under needs a limit such as 'latency<=2ms'")
+        best = None
+        for r in self.completed():
+            m = Measurement.from_metrics(r)
+            if not r.get("feasible") or not extra.is_feasible(m, self.base):
+                continue
+            if best is None or r["accuracy"] > best["accuracy"]:
+                best = r
+        return best
+
+    def write_front(self, out: str | Path, *, metric_x: str = "macs") -> tuple[Path, Path]:
+        """front.csv and front.json in `out`: one row per front trial (number, metrics, feasible, policy file)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        columns = ["number", *METRIC_COLUMNS, "x", "feasible", "fidelity", "policy_file"]
+        rows = [{c: r.get(c) for c in columns} for r in self.front(metric_x)]
+        with open(out / "front.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "front.json").write_text(json.dumps({"metric_x": metric_x, "budget": str(self.budget),
+                                                    "rows": rows}, indent=2) + "\n")
+        return out / "front.csv", out / "front.json"

@@ -1,0 +1,106 @@
+"""Moving policies toward cheaper: each knob's choices ordered by compression, the cheapest policy, and repair.
+
+Everything here predicts cost from shapes (`SearchSpace.predict`), never from a model, so it is cheap enough to
+run before every evaluation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import A_BITS, BLOCK, DWSEP, KEEP, NEUTRAL, PRUNE, RANK, W_BITS
+from squeezer.spaces.space import Cost, SearchSpace
+
+__all__ = ["compression_order", "full_params", "cheapest_policy", "repair"]
+
+# The Cost fields a metric's cheapest policy should minimise, and the knobs that can lower it.
+_FIELD = {"macs": "macs", "params": "params", "size": "size_bytes", "bops": "bops", "latency": "macs"}
+_KNOBS_FOR = {
+    "macs": (PRUNE, RANK, BLOCK), "params": (PRUNE, RANK, BLOCK), "latency": (PRUNE, RANK, BLOCK),
+    "size": (PRUNE, RANK, BLOCK, W_BITS), "bops": (PRUNE, RANK, BLOCK, W_BITS, A_BITS),
+}
+
+
+def compression_order(space: SearchSpace, unit: str, knob: str) -> tuple:
+    """The unit's choices for `knob`, from leaving it alone to compressing it most."""
+    options = space.choices(unit, knob)
+    if knob == PRUNE:
+        return tuple(sorted(options))
+    if knob in (W_BITS, A_BITS, RANK):
+        return tuple(sorted(options, reverse=True))
+    return tuple(sorted(options, key=lambda b: b != KEEP))  # keep first, then swaps
+
+
+def full_params(params: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """Every 'unit/knob' of the space with a value (neutral where `params` has none): what Optuna records."""
+    out = {}
+    for key in space.distributions():
+        knob = key.rpartition("/")[2]
+        out[key] = params.get(key, NEUTRAL[knob])
+    return out
+
+
+def cheapest_policy(space: SearchSpace, metric: str = "macs") -> Policy:
+    """The policy with the lowest predicted `metric`: every group pruned most, then per unit the cheapest form.
+
+    Given the pruning, each unit's cost no longer depends on the others, so choosing rank/block (and bits for
+    size/BOPs) one unit at a time is exact.
+    """
+    field = _FIELD[metric]
+    knobs = _KNOBS_FOR[metric]
+    params: dict[str, Any] = {}
+    for key, choices in space.distributions().items():
+        unit, _, knob = key.rpartition("/")
+        if knob == PRUNE or (knob in (W_BITS, A_BITS) and knob in knobs):
+            params[key] = compression_order(space, unit, knob)[-1]
+    for unit in space.units:
+        forms = [{}]
+        forms += [{f"{unit}/{RANK}": r} for r in space.choices(unit, RANK)[1:] if RANK in knobs]
+        if DWSEP in space.choices(unit, BLOCK) and BLOCK in knobs:
+            forms.append({f"{unit}/{BLOCK}": DWSEP})
+        if len(forms) > 1:
+            best = min(forms, key=lambda f: getattr(space.predict(Policy.from_params({**params, **f}, space).layers),
+                                                    field))
+            params.update(best)
+    return Policy.from_params(params, space, kind="cheapest", metric=metric)
+
+
+def repair(policy: Policy, space: SearchSpace, violation: Callable[[Cost], Sequence[float]], *,
+           metrics: Sequence[str] = ("macs",), max_steps: int = 2000) -> Policy:
+    """Shrink `policy` until `violation(cost)` is all <= 0, one notch at a time, largest saving first.
+
+    Each step tries moving every relevant knob one notch toward compression and keeps the move that lowers the
+    summed violation most, so the most expensive units shrink first and cheap ones are left as sampled. Returns
+    the policy unchanged when it already fits, and the most-shrunk policy reached if it cannot fit.
+    """
+    knobs = {k for m in metrics for k in _KNOBS_FOR.get(m, _KNOBS_FOR["macs"])}
+    params = full_params(policy.to_params(), space)
+
+    def excess(p: Mapping[str, Any]) -> float:
+        return sum(max(0.0, v) for v in violation(space.predict(Policy.from_params(p, space).layers)))
+
+    current = excess(params)
+    steps = 0
+    while current > 0 and steps < max_steps:
+        best_key, best_val, best = None, None, current
+        for key, value in params.items():
+            unit, _, knob = key.rpartition("/")
+            if knob not in knobs:
+                continue
+            order = compression_order(space, unit, knob)
+            i = order.index(value) if value in order else 0
+            if i + 1 >= len(order):
+                continue
+            trial = {**params, key: order[i + 1]}
+            if knob == BLOCK:
+                trial[f"{unit}/{RANK}"] = NEUTRAL[RANK] if f"{unit}/{RANK}" in trial else None
+                trial = {k: v for k, v in trial.items() if v is not None}
+            score = excess(trial)
+            if score < best:
+                best_key, best_val, best = key, trial, score
+        if best_key is None:
+            break
+        params, current = best_val, best
+        steps += 1
+    meta = {**policy.meta, "repaired": steps > 0}
+    return Policy.from_params(params, space, **meta)

@@ -1,0 +1,247 @@
+"""run_search: the search loop over an Optuna study, resumable from storage alone.
+
+The loop keeps `workers` proposals in flight in the evaluator pool, tells each outcome as it lands, and writes one
+policy file per trial. Everything needed to resume or report is in storage: re-running the same call counts the
+finished trials toward `trials`, and re-asks (same params) the trials a killed run left RUNNING.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from squeezer.evaluators.measurement import Measurement, Outcome
+from squeezer.policies.policy import Policy
+from squeezer.search.budget import Budget, BudgetError
+from squeezer.search.objectives import Objective, make_objective
+from squeezer.search.optuna_searcher import SAMPLERS, OptunaSearcher, make_sampler
+from squeezer.search.pareto import StudyResult, front_rows, row_from_trial
+from squeezer.search.searcher import EvalPool, Searcher
+
+__all__ = ["run_search", "open_study", "make_searcher", "SearchError", "STUDY_PREFIX"]
+
+STUDY_PREFIX = "squeezer"
+Progress = Callable[[dict[str, Any]], None]
+
+
+class SearchError(ValueError):
+    """A search that cannot start or resume; one line naming the fix."""
+
+
+def study_name(out: Path) -> str:
+    return f"{STUDY_PREFIX}-{Path(out).resolve().name}"
+
+
+def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage | str:
+    """None -> a journal file `out/study.log`; 'sqlite' -> `out/study.db`; URLs and storage objects as given.
+
+    The journal is the default because every policy is ~100 params and SQLite commits each one: measured here,
+    1.08 s of storage per trial with SQLite, 0.43 s with SQLite in WAL mode, 0.17 s with the journal file. Both
+    survive a killed process (appends / transactions); SQLite URLs get WAL mode (synchronous=NORMAL).
+    """
+    if storage is None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(Path(out).resolve() / "study.log")))
+    if storage == "sqlite":
+        storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
+    if isinstance(storage, str) and storage.startswith("sqlite:"):
+        return _sqlite_wal(storage)
+    return storage
+
+
+def _sqlite_wal(url: str) -> BaseStorage:
+    import sqlalchemy
+
+    rdb = optuna.storages.RDBStorage(url)
+
+    def on_connect(conn: Any, _record: Any) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    sqlalchemy.event.listen(rdb.engine, "connect", on_connect)
+    rdb.engine.dispose()
+    return rdb
+
+
+def open_study(*, out: Path, storage: str | BaseStorage | None, objective: Objective, sampler: str, seed: int,
+               trials: int, fingerprint: str, settings: dict[str, Any]) -> optuna.Study:
+    """Create or load the run's study; refuse to resume one made for another model, budget or sampler."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    if sampler == "ddpg":
+        sampler_obj: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # params come fixed
+    else:
+        sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=trials)
+    study = optuna.create_study(storage=resolve_storage(storage, out), study_name=study_name(out),
+                                directions=objective.directions, sampler=sampler_obj, load_if_exists=True)
+    expected = {"fingerprint": fingerprint, "budget": str(objective.budget), "objective": objective.kind,
+                "sampler": sampler, "cost_metric": objective.cost_metric}
+    attrs = study.user_attrs
+    if "fingerprint" in attrs:
+        for key, want in expected.items():
+            if attrs.get(key) != want:
+                raise SearchError(f"{out} holds a search with {key} {attrs.get(key)!r}, not {want!r}: resume with "
+                                  f"the same settings or choose a new output folder")
+        return study
+    for key, value in {**expected, "seed": seed, "settings": settings, "base": objective.base.metrics(),
+                       "hardware": dict(objective.base.hardware), "created": time.time()}.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
+                  repair: bool = False) -> Searcher:
+    """The searcher called `name`: an Optuna sampler (see SAMPLERS) or 'ddpg' (the AMC-style agent)."""
+    if name == "ddpg":
+        from squeezer.search.amc_agent import AmcAgent
+
+        return AmcAgent(study, space, objective, seed=seed)
+    if name not in SAMPLERS:
+        raise SearchError(f"unknown sampler {name!r}: choose from {', '.join([*SAMPLERS, 'ddpg'])}")
+    return OptunaSearcher(study, space, objective, name=name, repair=repair)
+
+
+def requeue_stale(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose driver is gone and enqueue their params again; returns their numbers."""
+    host = socket.gethostname()
+    stale = []
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = ft.user_attrs.get("driver", {})
+        if owner.get("host") == host and _alive(owner.get("pid")):
+            continue
+        keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions",)}
+        study.enqueue_trial(ft.params, user_attrs={**keep, "requeued_from": ft.number}, skip_if_exists=False)
+        trial = optuna.trial.Trial(study, ft._trial_id)
+        trial.set_user_attr("stale", True)
+        study.tell(trial, state=TrialState.FAIL)
+        stale.append(ft.number)
+    return stale
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that consumed an evaluation: COMPLETE, and FAIL not marked stale."""
+    n = 0
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        n += not ft.user_attrs.get("stale", False)
+    return n
+
+
+def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measurement, *, out: str | Path,
+               sampler: str = "tpe", trials: int = 100, workers: int = 1, storage: str | BaseStorage | None = None,
+               objective: str = "multi", cost_metric: str | None = None, repair: bool = False, seed: int = 0,
+               progress: Progress | bool | None = None, promote_top_k: int = 0,
+               promote_fn: Callable[[Policy], Outcome] | None = None,
+               check: bool = True) -> StudyResult:
+    """Search `space` for policies within `budget`, evaluating them in `pool`; resumable by re-running.
+
+    `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
+    search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
+    """
+    out = Path(out)
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if trials < 1 or workers < 1:
+        raise SearchError(f"trials and workers must be >= 1, got trials={trials}, workers={workers}")
+    if check and budget.limits:
+        budget.check_reachable(space, base)
+    obj = make_objective(objective, budget=budget, base=base, cost_metric=cost_metric)
+    settings = {"trials": trials, "workers": workers, "repair": repair, "promote_top_k": promote_top_k}
+    study = open_study(out=out, storage=storage, objective=obj, sampler=sampler, seed=seed, trials=trials,
+                       fingerprint=space.fingerprint, settings=settings)
+    requeue_stale(study)
+    searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair)
+    driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
+    show = _display(progress)
+    rows = [r for r in (row_from_trial(t) for t in study.get_trials(deepcopy=False)) if r["state"] == "COMPLETE"]
+    done = finished_count(study)
+    start, started_with = time.perf_counter(), done
+    in_flight: dict[int, Any] = {}
+    try:
+        while True:
+            while len(in_flight) < workers and done + len(in_flight) < trials:
+                proposal = searcher.ask()
+                path = proposal.policy.save(out / "policies" / f"trial_{proposal.trial_number:05d}.json")
+                proposal.trial.set_user_attr("policy_file", str(path.relative_to(out)))
+                proposal.trial.set_user_attr("driver", driver)
+                pool.submit(proposal.trial_number, proposal.policy)
+                in_flight[proposal.trial_number] = proposal
+            if not in_flight:
+                break
+            for key, outcome in pool.wait(timeout=None):
+                proposal = in_flight.pop(key)
+                searcher.tell(proposal, outcome)
+                done += 1
+                if isinstance(outcome, Measurement):
+                    rows.append({"number": key, **proposal.trial.user_attrs})
+                if show:
+                    show(_stats(rows, done, trials, start, started_with))
+    finally:
+        pool.close()
+        if show and hasattr(show, "close"):
+            show.close()
+    if promote_top_k and promote_fn is not None:
+        promote(study, promote_fn, obj, k=promote_top_k)
+    return StudyResult.from_study(study)
+
+
+def promote(study: optuna.Study, promote_fn: Callable[[Policy], Outcome], objective: Objective, *, k: int) -> None:
+    """Re-evaluate the k most accurate front trials at high fidelity.
+
+    A finished Optuna trial is read-only, so the new numbers go into the study's user attrs
+    ('promoted:<number>'); StudyResult shows them in place of the cheap ones, which it keeps as cheap_*.
+    """
+    result = StudyResult.from_study(study)
+    for row in sorted(result.front(), key=lambda r: -r["accuracy"])[:k]:
+        key = f"promoted:{row['number']}"
+        if key in study.user_attrs:
+            continue
+        outcome = promote_fn(Policy.from_json(row["policy"]))
+        if isinstance(outcome, Measurement):
+            cons = objective.constraints(outcome)
+            study.set_user_attr(key, {**outcome.metrics(), "constraints": cons,
+                                      "feasible": all(c <= 0 for c in cons), "cost_frac": objective.cost(outcome)})
+        else:
+            study.set_user_attr(key, {"fail_reason": getattr(outcome, "reason", str(outcome))})
+
+
+def _stats(rows: list[dict[str, Any]], done: int, total: int, start: float, started_with: int) -> dict[str, Any]:
+    feasible = [r for r in rows if r.get("feasible")]
+    elapsed = time.perf_counter() - start
+    rate = (done - started_with) / elapsed if elapsed > 0 else 0.0
+    return {"done": done, "total": total, "feasible": len(feasible),
+            "best_accuracy": max((r["accuracy"] for r in feasible), default=None),
+            "front": len(front_rows(rows)), "elapsed": elapsed,
+            "eta": (total - done) / rate if rate > 0 else None}
+
+
+def _display(progress: Progress | bool | None) -> Progress | None:
+    if progress is None or progress is False:
+        return None
+    if callable(progress):
+        return progress
+    from squeezer.search.report import LiveDisplay
+
+    return LiveDisplay()
+
+
+__all__ += ["requeue_stale", "finished_count", "promote", "BudgetError"]
