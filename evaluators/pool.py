@@ -1,0 +1,286 @@
+"""Evaluator pools: many policies evaluated at once, each worker holding one Evaluator built once.
+
+One interface (`EvalPool`: submit / wait / pending / close), two implementations: `LocalPool` (spawned worker
+processes, no Ray; one worker runs in-process) and `RayPool` (Ray actors, on this machine or a cluster, with
+latency optionally timed on a node carrying a custom resource such as "device:pi4"). A worker that dies in the
+middle of an evaluation is replaced and its evaluation retried once; a second death is an EvalFailure. Ray is
+imported only inside RayPool, so machines without it (the GPU test machine) use LocalPool.
+
+Workers share the cores: each sets torch to cores // workers threads, and timing is serialised machine-wide by
+the lock in `latency.py` (torch work shared, timing exclusive).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+import multiprocessing as mp
+import torch
+from torch import nn
+
+from squeezer.evaluators.data import DataBundle
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.measurement import EvalFailure, Outcome
+from squeezer.policies.policy import Policy
+
+__all__ = ["EvalPool", "LocalPool", "RayPool", "make_pool"]
+
+RETRIES = 1
+
+
+class EvalPool(Protocol):
+    def submit(self, key: int, policy: Policy) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]: ...
+
+    def pending(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# ---- local processes --------------------------------------------------------------------------------------------------
+_WORKER: Evaluator | None = None
+
+
+def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Evaluator(model, data, settings, **options)
+
+
+def _evaluate_in_worker(policy: Policy) -> Outcome:
+    assert _WORKER is not None, "worker initializer did not run"
+    return _WORKER.evaluate(policy)
+
+
+class LocalPool:
+    """Worker processes (spawn context), each building its Evaluator once in the initializer.
+
+    `workers=1` evaluates in the calling process (no start-up cost, same results). A broken process pool (a worker
+    killed) is rebuilt and the evaluations it held are retried once.
+    """
+
+    def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+                 workers: int = 1, **options: Any) -> None:
+        self.workers = max(1, workers)
+        self.init_args = (model, data, settings, threads_per_worker(self.workers), options)
+        self._queue: deque[tuple[int, Policy]] = deque()
+        self._futures: dict[Future, tuple[int, Policy, int]] = {}
+        self._executor: ProcessPoolExecutor | None = None
+        self.evaluator: Evaluator | None = None
+        self.restarts = 0
+        if self.workers == 1:
+            torch.set_num_threads(self.init_args[3])
+            self.evaluator = Evaluator(model, data, settings, **options)
+        else:
+            self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=self.init_args)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (for tests that kill one)."""
+        return list(getattr(self._executor, "_processes", {}) or {})
+
+    def submit(self, key: int, policy: Policy) -> None:
+        if self._executor is None:
+            self._queue.append((key, policy))
+        else:
+            self._futures[self._executor.submit(_evaluate_in_worker, policy)] = (key, policy, 0)
+
+    def pending(self) -> int:
+        return len(self._queue) + len(self._futures)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
+        """Finished (key, outcome) pairs: at least one unless nothing is pending or `timeout` passes."""
+        if self._executor is None:
+            if not self._queue:
+                return []
+            key, policy = self._queue.popleft()
+            return [(key, self.evaluator.evaluate(policy))]  # type: ignore[union-attr]
+        results: list[tuple[int, Outcome]] = []
+        while self._futures and not results:
+            done, _ = wait_futures(list(self._futures), timeout=timeout, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            retry: list[tuple[int, Policy, int]] = []
+            for future in done:
+                key, policy, attempts = self._futures.pop(future)
+                try:
+                    results.append((key, future.result()))
+                except BrokenProcessPool:
+                    retry.append((key, policy, attempts))
+                except Exception as exc:  # pickling or initializer errors: a value, not a crash
+                    results.append((key, EvalFailure(f"worker error {type(exc).__name__}: {exc}"[:300])))
+            if retry:
+                results += self._restart(retry)
+        return results
+
+    def _restart(self, retry: list[tuple[int, Policy, int]]) -> list[tuple[int, Outcome]]:
+        """Rebuild the broken pool and resubmit everything it held (each key retried at most RETRIES times)."""
+        failed: list[tuple[int, Outcome]] = []
+        held = retry + [v for f, v in self._futures.items()]
+        self._futures.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+        self._executor = self._new_executor()
+        self.restarts += 1
+        for key, policy, attempts in held:
+            if attempts >= RETRIES:
+                failed.append((key, EvalFailure("worker process died twice while evaluating this policy")))
+            else:
+                self._futures[self._executor.submit(_evaluate_in_worker, policy)] = (key, policy, attempts + 1)
+        return failed
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._queue.clear()
+
+
+# ---- Ray ----------------------------------------------------------------------------------------------------------------
+def _check_address(address: str) -> None:
+    """Fail in seconds, not minutes, when a host:port Ray address does not answer."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except (OSError, ValueError):
+        raise ValueError(f"no Ray cluster answers at {address!r}: start one with `ray start --head` or drop "
+                         "the Ray address to run locally") from None
+
+
+class RayPool:
+    """Ray actors each holding one Evaluator; a local Ray (num_cpus=workers) is started and stopped by the pool
+    unless `address` names a running cluster. With `latency_resource`, latency is timed by one actor placed on a
+    node carrying that custom resource (e.g. "device:pi4"), and the Measurement carries that node's hardware."""
+
+    def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+                 workers: int = 2, address: str | None = None, latency_resource: str | None = None,
+                 **options: Any) -> None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        from squeezer.evaluators import ray_actors
+
+        self.ray = ray
+        self.workers = max(1, workers)
+        self._owns = False
+        if not ray.is_initialized():
+            if address:
+                _check_address(address)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, RuntimeError) as exc:
+                    raise ValueError(f"cannot connect to Ray at {address!r} ({type(exc).__name__}): start it with "
+                                     "`ray start --head` or drop the Ray address to run locally") from None
+            else:
+                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+                self._owns = True
+        self.latency_actor = None
+        if latency_resource and settings.latency != "none":
+            cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={latency_resource: 1})
+            self.latency_actor = cls.remote(model, data, settings)
+            options = {**options, "latency_actor": self.latency_actor}
+        threads = threads_per_worker(self.workers)
+        self._make = lambda: ray.remote(ray_actors.EvalActor).options(num_cpus=1).remote(
+            model, data, settings, threads, options)
+        self.actors = [self._make() for _ in range(self.workers)]
+        self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
+        self.restarts = 0
+
+    def _load(self, index: int) -> int:
+        return sum(1 for v in self._inflight.values() if v[3] == index)
+
+    def _send(self, key: int, policy: Policy, attempts: int) -> None:
+        index = min(range(len(self.actors)), key=self._load)
+        actor = self.actors[index]
+        self._inflight[actor.evaluate.remote(policy)] = (key, policy, attempts, index, actor)
+
+    def submit(self, key: int, policy: Policy) -> None:
+        self._send(key, policy, 0)
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def actor_pids(self) -> list[int]:
+        return self.ray.get([a.pid.remote() for a in self.actors])
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
+        """Finished (key, outcome) pairs: at least one unless nothing is pending or `timeout` passes."""
+        from ray.exceptions import RayActorError
+
+        results: list[tuple[int, Outcome]] = []
+        while self._inflight and not results:
+            ready, _ = self.ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+            if not ready:
+                break
+            ready, _ = self.ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            for ref in ready:
+                key, policy, attempts, index, actor = self._inflight.pop(ref)
+                try:
+                    results.append((key, self.ray.get(ref)))
+                except RayActorError:
+                    self._replace(index, actor)
+                    if attempts >= RETRIES:
+                        results.append((key, EvalFailure("Ray worker died twice while evaluating this policy")))
+                    else:
+                        self._send(key, policy, attempts + 1)
+                except Exception as exc:
+                    results.append((key, EvalFailure(f"Ray task failed: {type(exc).__name__}: {exc}"[:300])))
+        return results
+
+    def _replace(self, index: int, dead: Any) -> None:
+        """Start a fresh actor in place of a dead one, once however many of its calls come back failed."""
+        if self.actors[index] is not dead:
+            return
+        try:
+            self.ray.kill(dead)
+        except Exception:
+            pass
+        self.actors[index] = self._make()
+        self.restarts += 1
+
+    def close(self) -> None:
+        for actor in self.actors + ([self.latency_actor] if self.latency_actor is not None else []):
+            try:
+                self.ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+        self._inflight.clear()
+        if self._owns and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def make_pool(model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+              workers: int = 1, backend: str = "auto", ray_address: str | None = None,
+              latency_resource: str | None = None, **options: Any) -> EvalPool:
+    """A pool of `workers` evaluators: "local", "ray", or "auto" (Ray when importable and workers > 1)."""
+    if backend not in ("auto", "local", "ray"):
+        raise ValueError(f"unknown pool backend {backend!r}: choose 'auto', 'local' or 'ray'")
+    if backend == "auto":
+        try:
+            import ray  # noqa: F401
+            has_ray = True
+        except ImportError:
+            has_ray = False
+        backend = "ray" if (has_ray and (workers > 1 or ray_address or latency_resource)) else "local"
+    if backend == "ray":
+        return RayPool(model, data, settings, workers=workers, address=ray_address,
+                       latency_resource=latency_resource, **options)
+    if ray_address or latency_resource:
+        raise ValueError("a Ray address or latency resource needs the Ray backend: pip install ray, or drop them")
+    return LocalPool(model, data, settings, workers=workers, **options)

@@ -1,0 +1,64 @@
+"""The Ray actor classes of RayPool, kept apart so that importing them never imports Ray (RayPool wraps them
+with `ray.remote` itself, and the GPU test machine has no Ray)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from squeezer.evaluators.data import DataBundle, load_data
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.latency import LatencyMeter, LatencyResult
+from squeezer.evaluators.measurement import Outcome
+from squeezer.policies.export import export_onnx
+from squeezer.policies.policy import Policy
+
+
+class EvalActor:
+    """One Evaluator per actor; latency goes to `latency_actor` (a LatencyService) when one is given."""
+
+    def __init__(self, model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
+        import ray
+
+        torch.set_num_threads(threads)
+        options = dict(options)
+        service = options.pop("latency_actor", None)
+        if service is not None:
+            options["latency_fn"] = lambda onnx: ray.get(service.measure.remote(onnx))
+            options["hardware"] = ray.get(service.hardware.remote())
+        self.evaluator = Evaluator(model, data, settings, **options)
+
+    def evaluate(self, policy: Policy) -> Outcome:
+        return self.evaluator.evaluate(policy)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LatencyService:
+    """Times ONNX models against the base model's, on whichever node carries the pool's latency resource."""
+
+    def __init__(self, model: Any, data: Any, settings: EvalSettings) -> None:
+        import ray
+
+        from squeezer.evaluators.baseline import resolve_model
+
+        bundle = data if isinstance(data, DataBundle) else load_data(data)
+        base = model if isinstance(model, torch.nn.Module) else resolve_model(model, bundle)
+        example = bundle.example_inputs(1)
+        self.meter = LatencyMeter(export_onnx(base.eval(), example), tuple(example.shape), batch=settings.latency_batch,
+                                  threads=settings.latency_threads, warmup=settings.latency_warmup,
+                                  runs=settings.latency_runs, reps=settings.latency_reps)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.calls = 0
+
+    def measure(self, onnx: bytes) -> LatencyResult:
+        self.calls += 1
+        return self.meter.measure(onnx)
+
+    def hardware(self) -> dict[str, Any]:
+        return {**self.meter.hardware(), "ray_node": self.node}
+
+    def count(self) -> int:
+        return self.calls

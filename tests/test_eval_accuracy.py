@@ -1,0 +1,71 @@
+"""Recovery and scoring: the unmodified model scores as a plain loop does, and every mode repeats exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from squeezer.evaluators.accuracy import recalibrate_bn, recover, score
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.measurement import Measurement
+from squeezer.evaluators.train import FitConfig, fit
+from squeezer.evaluators.zoo import resnet20
+from squeezer.policies.policy import Policy
+
+
+@pytest.fixture(scope="session")
+def trained(digits) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10, in_channels=1)
+    return fit(model, digits.train, FitConfig(steps=80)).eval()
+
+
+def test_unmodified_accuracy_equals_plain_loop(trained, digits) -> None:
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(digits.val), 100):
+            x, y = digits.val.x[i:i + 100], digits.val.y[i:i + 100]
+            logits = trained(x)
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    evaluator = Evaluator(trained, digits, EvalSettings(recovery="none", latency="none"))
+    out = evaluator.base_measurement()
+    assert isinstance(out, Measurement)
+    assert out.accuracy == pytest.approx(correct / len(digits.val))
+    assert out.loss == pytest.approx(loss / len(digits.val), rel=1e-5)
+    assert out.accuracy > 0.5
+
+
+def test_bn_recalibration_restores_statistics(trained, digits) -> None:
+    model = copy.deepcopy(trained)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.add_(3.0)
+    broken, _ = score(model, digits)
+    recalibrate_bn(model, digits.train, batches=20)
+    fixed, _ = score(model, digits)
+    assert fixed > broken and fixed > 0.5
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not model.training
+
+
+@pytest.mark.parametrize("mode", ["bn", "finetune", "kd"])
+def test_recovery_modes_repeat_exactly(trained, digits, mode) -> None:
+    scores = []
+    for _ in range(2):
+        model = copy.deepcopy(trained)
+        recover(model, mode, digits, teacher=trained, steps=5, bn_batches=5)
+        scores.append(score(model, digits))
+    assert scores[0] == scores[1]
+
+
+def test_same_policy_twice_identical_numbers(trained, digits) -> None:
+    settings = EvalSettings(recovery="finetune", finetune_steps=5, latency="none")
+    a = Evaluator(trained, digits, settings)
+    b = Evaluator(trained, digits, settings)
+    policy = Policy.uniform(a.space, prune=0.25)
+    first, second = a.evaluate(policy), b.evaluate(policy)
+    assert isinstance(first, Measurement)
+    assert first.accuracy == second.accuracy and first.loss == second.loss and first.macs == second.macs

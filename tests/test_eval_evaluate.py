@@ -1,0 +1,60 @@
+"""The Evaluator: caches repeated policies (memory and disk), turns failures into values, runs on CUDA if any."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.measurement import EvalFailure, Measurement
+from squeezer.policies.policy import LayerChoice, Policy
+
+FAST = EvalSettings(latency="none", bn_batches=2)
+
+
+def test_repeated_policy_hits_cache(resnet, digits, tmp_path) -> None:
+    ev = Evaluator(resnet, digits, FAST, cache_dir=tmp_path)
+    policy = Policy.uniform(ev.space, prune=0.5)
+    first = ev.evaluate(policy)
+    assert isinstance(first, Measurement) and ev.hits == 0
+    assert ev.evaluate(policy) is first and ev.hits == 1
+    again = Evaluator(resnet, digits, FAST, cache_dir=tmp_path)  # a new worker reads the disk cache
+    assert again.evaluate(policy) == first and again.hits == 1 and again.count == 0
+
+
+def test_failed_apply_is_a_failure_value(resnet, digits) -> None:
+    ev = Evaluator(resnet, digits, FAST)
+    bad = Policy(layers={"no.such.layer": LayerChoice(prune=0.5)})
+    out = ev.evaluate(bad)
+    assert isinstance(out, EvalFailure) and "no.such.layer" in out.reason and "\n" not in out.reason
+
+
+def test_nan_becomes_failure(resnet, digits) -> None:
+    with torch.no_grad():
+        resnet.fc.weight.fill_(math.nan)
+    out = Evaluator(resnet, digits, FAST).base_measurement()
+    assert isinstance(out, EvalFailure) and "non-finite" in out.reason
+
+
+def test_measurement_carries_fingerprints(resnet, digits) -> None:
+    ev = Evaluator(resnet, digits, FAST)
+    out = ev.evaluate(Policy.uniform(ev.space, w_bits=8, a_bits=8))
+    assert isinstance(out, Measurement)
+    assert out.fingerprint == ev.space.fingerprint and out.hardware["logical_cores"] >= 1
+    assert out.bops < ev.space.baseline().bops and out.latency_ms is None and out.seconds > 0
+
+
+def test_bad_settings_are_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="unknown latency mode"):
+        EvalSettings(latency="fast")
+    with pytest.raises(ValueError, match="unknown recovery"):
+        EvalSettings(recovery="magic")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu(resnet, digits) -> None:
+    cpu = Evaluator(resnet, digits, FAST).base_measurement()
+    gpu = Evaluator(resnet, digits, EvalSettings(latency="none", bn_batches=2, device="cuda")).base_measurement()
+    assert isinstance(gpu, Measurement)
+    assert gpu.accuracy == pytest.approx(cpu.accuracy, abs=0.02) and gpu.macs == cpu.macs
