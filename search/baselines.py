@@ -1,0 +1,78 @@
+"""Uniform compression: the same choice for every unit, swept from none to most — the baseline a search must beat.
+
+A level a in [0, 1] means, for every unit and knob, the choice at index round(a * (n - 1)) along the knob's
+choices ordered by compression (the same mapping the RL agent uses), or with `knob` given, that knob alone at the
+uniform value `Policy.uniform` picks.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from squeezer.evaluators.measurement import Measurement, Outcome
+from squeezer.policies.policy import Policy
+from squeezer.search.budget import Budget, predicted_fraction
+from squeezer.search.shrink import compression_order
+from squeezer.spaces.knobs import BLOCK, KEEP, RANK
+from squeezer.spaces.space import SearchSpace
+
+__all__ = ["uniform_policy", "uniform_sweep", "evaluate_sweep", "uniform_at"]
+
+
+def uniform_policy(space: SearchSpace, level: float, *, knob: str | None = None) -> Policy:
+    """Every unit at compression `level` (0 = untouched, 1 = most), for all knobs or only `knob`."""
+    params: dict[str, Any] = {}
+    for unit, k in space.param_names():
+        if knob is not None and k != knob:
+            continue
+        order = compression_order(space, unit, k)
+        params[f"{unit}/{k}"] = order[int(round(level * (len(order) - 1)))]
+    for key in [k for k in params if k.endswith(f"/{BLOCK}") and params[k] != KEEP]:
+        params.pop(key.rpartition("/")[0] + f"/{RANK}", None)
+    return Policy.from_params(params, space, kind="uniform", level=float(level), knob=knob or "all")
+
+
+def uniform_sweep(space: SearchSpace, *, levels: int | Sequence[float] = 11, knob: str | None = None,
+                  budget: Budget | None = None, base: Measurement | None = None) -> list[Policy]:
+    """Distinct uniform policies over `levels`, keeping only those predicted within `budget` when given."""
+    grid = np.linspace(0, 1, levels) if isinstance(levels, int) else levels
+    out, seen = [], set()
+    for level in grid:
+        policy = uniform_policy(space, float(level), knob=knob)
+        key = tuple(sorted(policy.to_params().items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        if budget is not None and base is not None and budget.limits:
+            cost = space.predict(policy.layers)
+            if any(v > 0 for v in budget.predicted_constraints(space, base, cost)):
+                continue
+        out.append(policy)
+    return out
+
+
+def evaluate_sweep(policies: Sequence[Policy], evaluate: Callable[[Policy], Outcome], *,
+                   base: Measurement, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """Rows (level, accuracy, cost fractions, feasible) for each evaluated uniform policy."""
+    rows = []
+    for policy in policies:
+        outcome = evaluate(policy)
+        if not isinstance(outcome, Measurement):
+            rows.append({"level": policy.meta.get("level"), "failed": getattr(outcome, "reason", "")})
+            continue
+        rows.append({"level": policy.meta.get("level"), "accuracy": outcome.accuracy,
+                     "macs_frac": outcome.macs / max(1, base.macs), "size_frac": outcome.size_mb / base.size_mb,
+                     "feasible": budget.is_feasible(outcome, base) if budget else True, "policy": policy})
+    return rows
+
+
+def uniform_at(space: SearchSpace, fraction: float, *, metric: str = "macs", knob: str | None = "prune",
+               levels: int = 41) -> Policy:
+    """The least-compressed uniform policy predicted at or under `fraction` of the base `metric`."""
+    baseline = space.baseline()
+    for level in np.linspace(0, 1, levels):
+        policy = uniform_policy(space, float(level), knob=knob)
+        if predicted_fraction(metric, space.predict(policy.layers), baseline) <= fraction:
+            return policy
+    return uniform_policy(space, 1.0, knob=knob)
