@@ -5,7 +5,7 @@ machine has phases of 2-4x slow-down (FACTS.md). So a measurement here: pins int
 sequential execution, all graph optimisations), warms up >= 30 runs, takes the median and p90 of >= 200 timed
 runs (perf_counter_ns) in each of >= 3 repetitions, and reports the spread of the per-repetition medians. A fixed
 reference model (the uncompressed base) is timed interleaved with the candidate, alternating which goes first,
-so drift shows up in the reference and `rel` (candidate / reference, median of per-repetition ratios) survives it.
+in short alternating blocks, so drift shows up in the reference and `rel` (candidate / reference, median of per-repetition ratios) survives it.
 
 Timing never runs beside torch work. `MachineLock` is a readers-writer lock on two files (fcntl.flock, so it works
 across processes, Ray actors included): torch work (apply, recovery, accuracy, export) holds it *shared*; timing
@@ -144,6 +144,9 @@ def _spread(medians: list[float]) -> float:
     return float((max(medians) - min(medians)) / max(1e-12, float(np.median(medians))))
 
 
+BLOCKS = 8  # each repetition alternates reference and candidate in this many blocks of runs
+
+
 class LatencyMeter:
     """Times candidates against a fixed reference model, interleaved, under the machine lock."""
 
@@ -166,17 +169,19 @@ class LatencyMeter:
         session = make_session(candidate, self.threads, self.providers)
         feed = {session.get_inputs()[0].name: self.input}
         ref_feed = {self.reference.get_inputs()[0].name: self.input}
+        block = max(1, self.runs // BLOCKS)
         with self.lock.timing():
             time_session(self.reference, ref_feed, 0, self.warmup)
             time_session(session, feed, 0, self.warmup)
-            cand, ref = [], []
+            cand: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
+            ref: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
             for rep in range(self.reps):
-                first_ref = rep % 2 == 0
-                if first_ref:
-                    ref.append(time_session(self.reference, ref_feed, self.runs, 5))
-                cand.append(time_session(session, feed, self.runs, 5))
-                if not first_ref:
-                    ref.append(time_session(self.reference, ref_feed, self.runs, 5))
+                for i in range(-(-self.runs // block)):  # alternate short blocks so both see the same drift
+                    order = ((self.reference, ref_feed, ref), (session, feed, cand))
+                    for sess, fd, sink in (order if (rep + i) % 2 == 0 else order[::-1]):
+                        sink[rep].append(time_session(sess, fd, block, 1))
+        cand = [np.concatenate(c) for c in cand]  # type: ignore[misc]
+        ref = [np.concatenate(r) for r in ref]  # type: ignore[misc]
         c_med = [float(np.median(c)) for c in cand]
         r_med = [float(np.median(r)) for r in ref]
         all_c = np.concatenate(cand)

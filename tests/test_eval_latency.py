@@ -1,0 +1,86 @@
+"""Latency: positive, repeatable within a generous tolerance (CI is noisy), lower for a pruned model, and the
+timing lock excludes torch work."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from squeezer.evaluators.latency import LatencyMeter, LatencyTable, MachineLock, hardware_fingerprint
+from squeezer.evaluators.zoo import vgg_small
+from squeezer.policies.apply import apply_policy
+from squeezer.policies.export import export_onnx
+from squeezer.policies.policy import LayerChoice, Policy
+from squeezer.spaces.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    torch.manual_seed(0)
+    model = vgg_small(num_classes=10, in_channels=1).eval()
+    x = torch.randn(1, 1, 16, 16)
+    space = SearchSpace.from_model(model, x)
+    return model, x, space, export_onnx(model, x)
+
+
+def test_hardware_fingerprint_names_the_machine() -> None:
+    hw = hardware_fingerprint(1)
+    assert hw["threads"] == 1 and hw["logical_cores"] >= 1 and hw["cpu"]
+    assert "CPUExecutionProvider" in hw["providers"] and hw["onnxruntime"] and hw["torch"]
+
+
+def test_latency_positive_and_repeatable(vgg, tmp_path) -> None:
+    _, x, _, onnx = vgg
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=1, lock=MachineLock(tmp_path))
+    for _ in range(3):  # CI machines have slow phases: one quiet attempt of three must agree within 25%
+        a, b = meter.measure(onnx), meter.measure(onnx)
+        assert 0 < a.median_ms <= a.p90_ms and a.spread >= 0
+        if abs(a.median_ms - b.median_ms) / min(a.median_ms, b.median_ms) < 0.25 and 0.8 < a.rel < 1.25:
+            break
+    else:
+        pytest.fail(f"medians {a.median_ms:.3f} / {b.median_ms:.3f} ms, rel {a.rel:.2f}: not repeatable")
+
+
+def test_pruned_model_is_faster(vgg, tmp_path) -> None:
+    model, x, space, onnx = vgg
+    pruned = apply_policy(model, Policy.uniform(space, prune=0.5), [x], space=space)
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=8, lock=MachineLock(tmp_path))
+    result = meter.measure(export_onnx(pruned, x))
+    assert result.rel < 0.8 and result.median_ms < result.ref_ms
+
+
+def test_timing_waits_for_torch_work(tmp_path) -> None:
+    lock = MachineLock(tmp_path)
+    events: list[str] = []
+
+    def timer() -> None:
+        with lock.timing():
+            events.append("timing")
+
+    with lock.compute():
+        thread = threading.Thread(target=timer)
+        thread.start()
+        time.sleep(0.3)
+        events.append("compute done")
+    thread.join(5)
+    assert events == ["compute done", "timing"]
+
+
+def test_lookup_table_caches_on_disk(vgg, tmp_path) -> None:
+    model, x, space, onnx = vgg
+    built: list[Policy] = []
+
+    def build(policy: Policy) -> bytes:
+        built.append(policy)
+        return export_onnx(apply_policy(model, policy, [x], space=space), x)
+
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=1, lock=MachineLock(tmp_path))
+    unit = next(u for u, k in space.param_names() if k == "prune")
+    policy = Policy(layers={unit: LayerChoice(prune=0.5)}, fingerprint=space.fingerprint)
+    table = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
+    predicted = table.predict_us(policy)
+    assert predicted > 0 and len(built) == 2  # the base and the one entry
+    again = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
+    assert again.predict_us(policy) == predicted and len(built) == 2

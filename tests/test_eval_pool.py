@@ -1,0 +1,106 @@
+"""Pools: every submitted policy comes back, a killed worker's evaluation is retried, latency can run on a
+Ray node that carries a device resource."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from squeezer.evaluators.evaluate import EvalSettings
+from squeezer.evaluators.measurement import EvalFailure, Measurement
+from squeezer.evaluators.pool import LocalPool, make_pool
+from squeezer.policies.policy import LayerChoice, Policy
+
+FAST = EvalSettings(latency="none", bn_batches=2)
+
+
+def _policies():
+    return [Policy(), Policy(layers={"layer1.0.conv1": LayerChoice(prune=0.5)}),
+            Policy(layers={"nope": LayerChoice(prune=0.5)})]
+
+
+def _drain(pool, timeout=120.0):
+    out, deadline = {}, time.time() + timeout
+    while pool.pending() and time.time() < deadline:
+        out.update(pool.wait(timeout=5))
+    return out
+
+
+def test_inline_pool_returns_everything(digits) -> None:
+    pool = make_pool("resnet20", digits, FAST, workers=1, backend="auto")
+    assert isinstance(pool, LocalPool)
+    for i, p in enumerate(_policies()):
+        pool.submit(i, p)
+    out = _drain(pool)
+    pool.close()
+    assert isinstance(out[0], Measurement) and isinstance(out[1], Measurement) and isinstance(out[2], EvalFailure)
+
+
+def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
+    pool = LocalPool("resnet20", digits, FAST, workers=2)
+    try:
+        for i, p in enumerate(_policies()):
+            pool.submit(i, p)
+        out = _drain(pool)
+        assert sorted(out) == [0, 1, 2] and isinstance(out[1], Measurement)
+        pool.submit(10, Policy(layers={"layer2.0.conv1": LayerChoice(prune=0.25)}))
+        time.sleep(0.2)
+        for pid in pool.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        out = _drain(pool)
+        assert isinstance(out[10], Measurement) and pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def test_unknown_backend_and_unreachable_address() -> None:
+    with pytest.raises(ValueError, match="unknown pool backend"):
+        make_pool("resnet20", "digits", FAST, backend="dask")
+    pytest.importorskip("ray")
+    with pytest.raises(ValueError, match="ray start --head"):
+        make_pool("resnet20", "digits", FAST, workers=2, backend="ray", ray_address="127.0.0.1:1")
+
+
+@pytest.mark.slow
+def test_ray_pool_retries_killed_actor(digits) -> None:
+    pytest.importorskip("ray")
+    pool = make_pool("resnet20", digits, FAST, workers=2, backend="ray")
+    try:
+        for i, p in enumerate(_policies()):
+            pool.submit(i, p)
+        first = _drain(pool)
+        assert sorted(first) == [0, 1, 2] and isinstance(first[2], EvalFailure)
+        pid = pool.actor_pids()[0]
+        pool.submit(5, Policy(layers={"layer3.0.conv1": LayerChoice(prune=0.5)}))
+        pool.submit(6, Policy(layers={"layer3.1.conv1": LayerChoice(prune=0.5)}))
+        os.kill(pid, signal.SIGKILL)
+        out = _drain(pool)
+        assert isinstance(out[5], Measurement) and isinstance(out[6], Measurement) and pool.restarts == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_ray_latency_runs_on_device_node(digits) -> None:
+    pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    device = cluster.add_node(num_cpus=1, resources={"device:test": 1})
+    try:
+        settings = EvalSettings(latency="measure", bn_batches=2)
+        pool = make_pool("resnet20", digits, settings, workers=1, backend="ray", ray_address=cluster.address,
+                         latency_resource="device:test")
+        pool.submit(0, Policy())
+        out = _drain(pool)[0]
+        assert isinstance(out, Measurement) and out.latency_source == "measured" and out.latency_ms > 0
+        assert out.hardware["ray_node"] == device.node_id
+        assert ray.get(pool.latency_actor.count.remote()) == 1
+        pool.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
