@@ -29,7 +29,7 @@ SamplerFactory = Callable[[Objective, int, int], optuna.samplers.BaseSampler]
 
 
 def _tpe(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, constraints_func=constraints_func,
+    return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, **_CONSTRAINTS,
                                       n_startup_trials=min(10, max(4, trials // 5)), seed=seed)
 
 

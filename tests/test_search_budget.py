@@ -1,0 +1,87 @@
+"""Budget strings: parsing, constraint values, reachability."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from squeezer.evaluators.measurement import Measurement
+from squeezer.evaluators.zoo import resnet20
+from squeezer.search.budget import Budget, BudgetError
+from squeezer.search.shrink import cheapest_policy, repair
+from squeezer.search.testing import FakeEvaluator
+from squeezer.spaces.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    torch.manual_seed(0)
+    return SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8))
+
+
+def _m(**kw) -> Measurement:
+    base = dict(accuracy=0.9, loss=0.3, macs=1_000_000, params=100_000, bops=1e9, size_mb=1.0, latency_ms=2.0)
+    return Measurement(**{**base, **kw})
+
+
+def test_parse_relative_and_absolute_units() -> None:
+    b = Budget.parse("macs<=50%, latency<=2.5ms,size<=1.2MB,bops<=30%,params<=40K")
+    assert [(l.metric, l.relative) for l in b.limits] == [("macs", True), ("latency", False), ("size", False),
+                                                          ("bops", True), ("params", False)]
+    assert b.limits[0].value == 0.5 and b.limits[2].value == pytest.approx(1.2)
+    assert b.limits[4].value == 40_000
+    assert Budget.parse("macs<=20M").limits[0].value == 20e6
+    assert Budget.parse("size<=300KB").limits[0].value == pytest.approx(0.3)
+    assert Budget.parse("").limits == ()
+    assert str(Budget.parse("macs<=50%,latency<=2ms")) == "macs<=50%,latency<=2ms"
+
+
+@pytest.mark.parametrize("text", ["macs", "macs<=", "flops<=50%", "macs>=50%", "size<=2ms", "latency<=3MB",
+                                  "macs<=50%,", "macs<=50%,macs<=40%", "macs<=-1%", "macs<=0%", "latency<=1"])
+def test_malformed_budgets_name_the_allowed_forms(text: str) -> None:
+    with pytest.raises(BudgetError) as err:
+        Budget.parse(text)
+    assert "\n" not in str(err.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="macsizelatnyb<=%.,0123456789KMGBms -", max_size=30) | st.text(max_size=20))
+def test_any_string_parses_or_raises_budget_error(text: str) -> None:
+    try:
+        Budget.parse(text)
+    except BudgetError as exc:
+        assert isinstance(exc, ValueError) and "\n" not in str(exc)
+
+
+def test_constraint_values_are_optuna_style() -> None:
+    base = _m()
+    b = Budget.parse("macs<=50%,latency<=1.5ms")
+    assert b.constraint_values(_m(macs=400_000, latency_ms=1.2), base) == pytest.approx([-0.2, -0.2])
+    assert b.is_feasible(_m(macs=500_000, latency_ms=1.5), base)
+    assert not b.is_feasible(_m(macs=600_000, latency_ms=1.0), base)
+    # no latency measured: the MACs ratio against the base latency stands in
+    assert b.constraint_values(_m(macs=500_000, latency_ms=None), base)[1] == pytest.approx((1.0 - 1.5) / 1.5)
+
+
+def test_unreachable_budget_names_the_smallest_reachable_value(space: SearchSpace) -> None:
+    base = FakeEvaluator(space).base()
+    with pytest.raises(BudgetError, match=r"budget macs<=1% is unreachable: the cheapest policy in this space "
+                                          r"reaches [0-9.]+%"):
+        Budget.parse("macs<=1%").check_reachable(space, base)
+    Budget.parse("macs<=30%,size<=20%").check_reachable(space, base)  # reachable: no error
+    cheap = space.predict(cheapest_policy(space, "macs").layers)
+    assert cheap.macs < 0.3 * space.baseline().macs
+
+
+def test_repair_brings_a_policy_into_the_budget(space: SearchSpace) -> None:
+    from squeezer.policies.policy import Policy
+
+    base = FakeEvaluator(space).base()
+    budget = Budget.parse("macs<=35%,size<=30%")
+    bl = space.baseline()
+    fixed = repair(Policy(fingerprint=space.fingerprint), space,
+                   lambda c: budget.predicted_constraints(space, base, c, baseline=bl), metrics=budget.metrics)
+    cost = space.predict(fixed.layers)
+    assert cost.macs <= 0.35 * bl.macs and cost.size_bytes <= 0.30 * bl.size_bytes
+    assert fixed.meta["repaired"] is True
+    fixed.validate(space)

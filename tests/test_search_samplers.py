@@ -1,0 +1,123 @@
+"""The shared contract every searcher passes: budget respected, seeded, failures recorded, fronts sound."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from squeezer.evaluators.zoo import resnet20
+from squeezer.policies.policy import Policy
+from squeezer.search.budget import Budget
+from squeezer.search.pareto import StudyResult, hypervolume
+from squeezer.search.report import history_rows, points, write_front_html, write_front_png, write_report
+from squeezer.search.study import SearchError, run_search
+from squeezer.search.testing import FakeEvaluator, InlinePool, ThreadPool
+from squeezer.spaces.space import SearchSpace
+
+SAMPLERS = ["tpe", "nsga2", "random", "qmc", "ddpg"]
+BUDGET = "macs<=45%,size<=50%"
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    torch.manual_seed(0)
+    return SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8),
+                                  knobs=("prune", "w_bits", "rank"))
+
+
+def _search(space: SearchSpace, out: Path, sampler: str, *, trials: int = 16, seed: int = 0, **kw):
+    ev = FakeEvaluator(space)
+    return run_search(space, InlinePool(ev), BUDGET, ev.base(), out=out, sampler=sampler, trials=trials,
+                      seed=seed, storage=optuna.storages.InMemoryStorage(), **kw)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_searcher_respects_budget_and_is_seeded(space: SearchSpace, sampler: str, tmp_path: Path) -> None:
+    repair = sampler != "ddpg"  # the agent meets the budget through its action wall
+    first = _search(space, tmp_path / "a", sampler, repair=repair)
+    done = first.completed()
+    assert len(done) == 16
+    bl = space.baseline()
+    for row in done:
+        policy = Policy.from_json(row["policy"])
+        cost = space.predict(policy.layers)
+        predicted_ok = cost.macs <= 0.45 * bl.macs + 1e-9 and cost.size_bytes <= 0.50 * bl.size_bytes + 1e-9
+        assert row["feasible"] == predicted_ok, row["number"]
+        assert predicted_ok  # repair / the wall keep every evaluated policy inside
+        assert (tmp_path / "a" / row["policy_file"]).is_file()
+    again = _search(space, tmp_path / "b", sampler, repair=repair)
+    assert [r["policy"]["layers"] for r in again.completed()] == [r["policy"]["layers"] for r in done]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_without_repair_infeasible_trials_are_marked(space: SearchSpace, sampler: str, tmp_path: Path) -> None:
+    result = _search(space, tmp_path, sampler, trials=12)
+    for row in result.completed():
+        cost = space.predict(Policy.from_json(row["policy"]).layers)
+        bl = space.baseline()
+        assert row["feasible"] == (cost.macs <= 0.45 * bl.macs and cost.size_bytes <= 0.5 * bl.size_bytes)
+    for row in result.front():
+        assert row["feasible"]
+
+
+def test_failures_are_recorded_and_parallel_workers(space: SearchSpace, tmp_path: Path) -> None:
+    ev = FakeEvaluator(space, fail_unit="layer1.0.conv1")
+    result = run_search(space, ThreadPool(ev, workers=3), BUDGET, ev.base(), out=tmp_path, sampler="random",
+                        trials=12, workers=3, repair=True)
+    failed = [r for r in result.rows if r["state"] == "FAIL"]
+    assert failed and all("fake failure" in r["fail_reason"] for r in failed)
+    assert len(result.rows) == 12
+    # a second call with the same arguments has nothing left to do; other settings are refused
+    assert len(run_search(space, ThreadPool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=12,
+                          repair=True).rows) == 12
+    with pytest.raises(SearchError, match="budget"):
+        run_search(space, ThreadPool(ev), "macs<=30%", ev.base(), out=tmp_path, sampler="random", trials=12)
+
+
+def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> None:
+    ev = FakeEvaluator(space)
+    seen = []
+
+    def finetune(policy: Policy):
+        seen.append(policy)
+        m = ev(policy)
+        return type(m)(**{**m.metrics(), "accuracy": min(1.0, m.accuracy + 0.01), "recovery": "finetune"})
+
+    result = run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler="tpe", trials=12,
+                        objective="single", repair=True, promote_top_k=2, promote_fn=finetune,
+                        progress=lambda stats: None)
+    promoted = [r for r in result.rows if r.get("fidelity") == "finetune"]
+    assert len(promoted) == len(seen) == min(2, len(result.front()))
+    for r in promoted:
+        assert r["accuracy"] == pytest.approx(r["cheap_accuracy"] + 0.01)
+
+
+def test_front_rows_are_feasible_and_non_dominated(space: SearchSpace, tmp_path: Path) -> None:
+    ev = FakeEvaluator(space)
+    run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=20)
+    result = StudyResult.load(tmp_path)  # from storage alone
+    front = result.front()
+    assert front and all(r["feasible"] for r in front)
+    feasible = [r for r in result._with_cost("macs") if r.get("feasible")]
+    for r in front:
+        assert not any(o["accuracy"] >= r["accuracy"] and o["x"] <= r["x"] and
+                       (o["accuracy"], o["x"]) != (r["accuracy"], r["x"]) for o in feasible)
+    best = result.best_under("latency<=1.5ms")
+    assert best is None or best["latency_ms"] <= 1.5
+    csv_path, json_path = result.write_front(tmp_path)
+    assert csv_path.read_text().count("\n") == len(front) + 1
+    assert result.hypervolume() > 0
+    assert sum(p["front"] for p in points(result)) == len(front)
+    assert len(history_rows(result)) == len(result.completed())
+    for path in (write_front_html(result, tmp_path), write_front_png(result, tmp_path), write_report(result, tmp_path)):
+        assert path.stat().st_size > 1000
+
+
+def test_hypervolume_of_a_known_set() -> None:
+    # (accuracy, cost): staircase areas 0.2*0.5 + 0.3*0.8 + 0.5*0.9 = 0.79; the dominated point adds nothing
+    pts = [(0.5, 0.2), (0.8, 0.5), (0.9, 0.8), (0.6, 0.6)]
+    assert hypervolume(pts, (0.0, 1.0)) == pytest.approx(0.5 * 0.3 + 0.8 * 0.3 + 0.9 * 0.2)
+    assert hypervolume([], (0.0, 1.0)) == 0.0
+    assert hypervolume([(1.0, 0.0)], (0.0, 1.0)) == pytest.approx(1.0)
