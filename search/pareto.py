@@ -23,7 +23,7 @@ METRIC_COLUMNS = ("accuracy", "loss", "macs", "params", "bops", "size_mb", "late
 
 def row_from_trial(trial: FrozenTrial) -> dict[str, Any]:
     """One flat record per trial: number, state, every stored user attr (metrics, feasibility, policy)."""
-    return {"number": trial.number, "state": trial.state.name, **trial.user_attrs,
+    return {"number": trial.number, "state": trial.state.name, "trial_params": dict(trial.params), **trial.user_attrs,
             "values": list(trial.values) if trial.values else None}
 
 

@@ -48,9 +48,12 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
     """
     if storage is None:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-        return JournalStorage(JournalFileBackend(str(Path(out).resolve() / "study.log")))
+        path = str(Path(out).resolve() / "study.log")
+        # A killed writer leaves its lock file behind; writes hold it for milliseconds, so 3 s means stale
+        # (Optuna's default grace of 30 s would stall every resume after a kill).
+        return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=3)))
     if storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
     if isinstance(storage, str) and storage.startswith("sqlite:"):
@@ -121,7 +124,9 @@ def requeue_stale(study: optuna.Study) -> list[int]:
         if owner.get("host") == host and _alive(owner.get("pid")):
             continue
         keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions",)}
-        study.enqueue_trial(ft.params, user_attrs={**keep, "requeued_from": ft.number}, skip_if_exists=False)
+        # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
+        params = {**ft.system_attrs.get("fixed_params", {}), **ft.params}
+        study.enqueue_trial(params, user_attrs={**keep, "requeued_from": ft.number}, skip_if_exists=False)
         trial = optuna.trial.Trial(study, ft._trial_id)
         trial.set_user_attr("stale", True)
         study.tell(trial, state=TrialState.FAIL)

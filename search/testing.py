@@ -115,3 +115,19 @@ class ThreadPool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: int = 2, delay: float = 0.0,
+                budget: str = "macs<=45%", seed: int = 0) -> None:
+    """A whole search with the fake evaluator on resnet20/8x8 inputs (the resume test runs and kills this)."""
+    import torch
+
+    from squeezer.evaluators.zoo import resnet20
+    from squeezer.search.study import run_search
+
+    torch.manual_seed(0)
+    space = SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8),
+                                   knobs=("prune", "w_bits", "rank"))
+    ev = FakeEvaluator(space, delay=delay)
+    run_search(space, ThreadPool(ev, workers=workers), budget, ev.base(), out=out, sampler=sampler, trials=trials,
+               workers=workers, seed=seed, repair=sampler != "ddpg")

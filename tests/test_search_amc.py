@@ -1,0 +1,56 @@
+"""The AMC-style agent: its action wall keeps every episode within the budget; episodes are study trials."""
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from squeezer.evaluators.zoo import resnet20
+from squeezer.policies.policy import Policy
+from squeezer.search.amc_agent import AmcAgent
+from squeezer.search.baselines import uniform_at, uniform_policy, uniform_sweep
+from squeezer.search.budget import Budget
+from squeezer.search.objectives import make_objective
+from squeezer.search.testing import FakeEvaluator
+from squeezer.spaces.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    torch.manual_seed(0)
+    return SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.5, 0.8])
+def test_action_wall_keeps_every_episode_within_the_macs_budget(space: SearchSpace, limit: float) -> None:
+    ev = FakeEvaluator(space)
+    objective = make_objective("single", budget=Budget.parse(f"macs<={limit * 100:g}%"), base=ev.base())
+    study = optuna.create_study(direction="maximize")
+    agent = AmcAgent(study, space, objective, seed=1, warmup=3, batch_size=16)
+    bl = space.baseline().macs
+    for _ in range(8):  # warm-up (random actions) and learned episodes, each walled
+        proposal = agent.ask()
+        assert space.predict(proposal.policy.layers).macs <= limit * bl
+        assert len(proposal.info["actions"]) == len(agent.units)
+        assert all(0.0 <= a <= 1.0 for a in proposal.info["actions"])
+        agent.tell(proposal, ev(proposal.policy))
+    assert len(study.trials) == 8 and all(t.user_attrs["feasible"] for t in study.trials)
+    assert all(t.user_attrs["searcher"] == "ddpg" for t in study.trials)
+
+
+def test_actions_map_to_each_units_choices(space: SearchSpace) -> None:
+    ev = FakeEvaluator(space)
+    agent = AmcAgent(optuna.create_study(direction="maximize"), space,
+                     make_objective("single", budget=Budget.parse(""), base=ev.base()), seed=0)
+    assert Policy.from_params(agent._params([0.0] * len(agent.units)), space).layers == {}
+    most = Policy.from_params(agent._params([1.0] * len(agent.units)), space).validate(space)
+    assert space.predict(most.layers).macs < 0.3 * space.baseline().macs
+
+
+def test_uniform_baseline(space: SearchSpace) -> None:
+    ev = FakeEvaluator(space)
+    assert uniform_policy(space, 0.0).layers == {}
+    half = uniform_at(space, 0.5)
+    assert space.predict(half.layers).macs <= 0.5 * space.baseline().macs
+    sweep = uniform_sweep(space, levels=5, knob="prune", budget=Budget.parse("macs<=60%"), base=ev.base())
+    assert sweep and all(space.predict(p.layers).macs <= 0.6 * space.baseline().macs for p in sweep)

@@ -1,0 +1,62 @@
+"""Resume: a search killed mid-run continues from storage, losing and repeating no completed trial."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from squeezer.search.pareto import StudyResult
+from squeezer.search.testing import fake_search
+
+
+def _count(out: Path) -> tuple[int, int]:
+    try:
+        result = StudyResult.load(out)
+    except Exception:  # storage not written yet
+        return 0, 0
+    states = [r["state"] for r in result.rows]
+    return states.count("COMPLETE"), states.count("RUNNING")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", pytest.param("ddpg", marks=pytest.mark.slow)])
+def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
+    out = tmp_path / "run"
+    code = (f"from squeezer.search.testing import fake_search; "
+            f"fake_search({str(out)!r}, sampler={sampler!r}, trials=14, workers=2, delay=0.4)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        complete, running = _count(out)
+        if complete >= 4 and running >= 1:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {r["number"]: r for r in StudyResult.load(out).rows}
+    done_before = {n: r for n, r in before.items() if r["state"] == "COMPLETE"}
+    running_before = {n: r for n, r in before.items() if r["state"] == "RUNNING"}
+    assert len(done_before) >= 4 and running_before
+
+    fake_search(str(out), sampler=sampler, trials=14, workers=2)  # the same call, in this process
+    after = StudyResult.load(out)
+    rows = {r["number"]: r for r in after.rows}
+    complete = [r for r in after.rows if r["state"] == "COMPLETE"]
+    assert len(complete) == 14  # the target is reached, counting what the killed run finished
+    for n, r in done_before.items():  # nothing completed is lost or re-run
+        assert rows[n]["state"] == "COMPLETE" and rows[n]["accuracy"] == r["accuracy"]
+    requeued = [r for r in complete if "requeued_from" in r]
+    assert sorted(r["requeued_from"] for r in requeued) == sorted(running_before)
+    for r in requeued:  # a stale trial is re-asked with its own params and marked as such
+        stale = rows[r["requeued_from"]]
+        assert stale["state"] == TrialState.FAIL.name and stale["stale"] is True
+        assert stale["trial_params"].items() <= r["trial_params"].items()  # a half-asked one is completed
+    policies = [str(sorted(r["policy"]["layers"].items())) for r in complete if "requeued_from" not in r]
+    assert len(complete) == len({r["number"] for r in complete})
+    assert len(policies) == len(complete) - len(requeued)
