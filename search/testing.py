@@ -131,3 +131,52 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     ev = FakeEvaluator(space, delay=delay)
     run_search(space, ThreadPool(ev, workers=workers), budget, ev.base(), out=out, sampler=sampler, trials=trials,
                workers=workers, seed=seed, repair=sampler != "ddpg")
+
+
+class CheapEvaluator:
+    """A real but cheap evaluation: apply the policy to a small trained model, recalibrate BN, score on val.
+
+    By default resnet20 trained `steps` steps on the bundled digits (seconds); cost is the space's prediction,
+    latency is not measured. Used by the slow end-to-end test and the hypervolume benchmark.
+    """
+
+    def __init__(self, *, model: str = "resnet20", data: str = "digits", steps: int = 150, seed: int = 0,
+                 knobs: tuple[str, ...] = ("prune",), bn_batches: int = 10) -> None:
+        import torch
+
+        from squeezer.evaluators.data import load_data
+        from squeezer.evaluators.train import FitConfig, evaluate, fit
+        from squeezer.evaluators.zoo import load_model
+
+        self.data = load_data(data)
+        torch.manual_seed(seed)
+        self.model = load_model(model, num_classes=self.data.num_classes, in_channels=self.data.in_channels)
+        fit(self.model, self.data.train, FitConfig(steps=steps, seed=seed))
+        self.model.eval()
+        self.space = SearchSpace.from_model(self.model, self.data.example_inputs(), knobs=knobs)
+        self.calibration = self.data.calibration(batches=2)
+        self.bn_batches, self.seed = bn_batches, seed
+        self._evaluate = evaluate
+        self.accuracy, _ = evaluate(self.model, self.data.val)
+
+    def __call__(self, policy: Policy) -> Outcome:
+        from squeezer.evaluators.accuracy import recalibrate_bn
+        from squeezer.policies.apply import apply_policy
+
+        start = time.perf_counter()
+        try:
+            net = apply_policy(self.model, policy, self.calibration, space=self.space, seed=self.seed)
+            recalibrate_bn(net, self.data.train, batches=self.bn_batches, seed=self.seed)
+            accuracy, loss = self._evaluate(net, self.data.val)
+        except Exception as exc:  # a policy that cannot be applied is a recorded failure, not a crash
+            return EvalFailure(f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        cost = self.space.predict(policy.layers)
+        return Measurement(accuracy=accuracy, loss=loss, macs=cost.macs, params=cost.params, bops=cost.bops,
+                           size_mb=cost.size_bytes / 1e6, seconds=time.perf_counter() - start, recovery="bn",
+                           fingerprint=self.space.fingerprint, hardware={"machine": "local"})
+
+    def base(self) -> Measurement:
+        cost = self.space.baseline()
+        return Measurement(accuracy=self.accuracy, loss=0.0, macs=cost.macs, params=cost.params, bops=cost.bops,
+                           size_mb=cost.size_bytes / 1e6, recovery="none", fingerprint=self.space.fingerprint,
+                           hardware={"machine": "local"})
