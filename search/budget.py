@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 from squeezer.evaluators.measurement import Measurement
 from squeezer.spaces.space import Cost, SearchSpace

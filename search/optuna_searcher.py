@@ -43,6 +43,10 @@ def _cmaes(objective: Objective, seed: int, trials: int) -> optuna.samplers.Base
     if objective.kind != "single":
         raise ValueError("sampler 'cmaes' is single-objective (CMA-ES adapts one Gaussian to one value): use "
                          "objective='single', or a multi-objective sampler: tpe, nsga2, random, qmc, gp, ddpg")
+    try:
+        import cmaes  # noqa: F401  (Optuna's CmaEsSampler needs it at its first relative sample)
+    except ImportError:
+        raise ValueError("sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
     # CMA-ES only models numeric parameters, so this searcher gives it each knob's choice index (ordinal
     # encoding, choices sorted by compression) instead of a categorical; infeasible trials are penalised values.
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=min(10, max(4, trials // 5)),
