@@ -95,7 +95,8 @@ class Budget:
             scale = _UNITS[metric].get(unit)
             if scale is None or value <= 0:
                 raise BudgetError(f"cannot read {part.strip()!r}: {FORMS}")
-            limits.append(Limit(metric, value * scale, False, f"{metric}<={number}{unit}"))
+            shown = unit if metric == "latency" else unit.upper()
+            limits.append(Limit(metric, value * scale, False, f"{metric}<={number}{shown}"))
         return cls(tuple(limits))
 
     def __str__(self) -> str:

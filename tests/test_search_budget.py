@@ -33,7 +33,7 @@ def test_parse_relative_and_absolute_units() -> None:
     assert Budget.parse("macs<=20M").limits[0].value == 20e6
     assert Budget.parse("size<=300KB").limits[0].value == pytest.approx(0.3)
     assert Budget.parse("").limits == ()
-    assert str(Budget.parse("macs<=50%,latency<=2ms")) == "macs<=50%,latency<=2ms"
+    assert str(Budget.parse("macs<=50%,latency<=2ms,size<=300kb")) == "macs<=50%,latency<=2ms,size<=300KB"
 
 
 @pytest.mark.parametrize("text", ["macs", "macs<=", "flops<=50%", "macs>=50%", "size<=2ms", "latency<=3MB",
