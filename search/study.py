@@ -35,7 +35,10 @@ class SearchError(ValueError):
     """A search that cannot start or resume; one line naming the fix."""
 
 
-def study_name(out: Path) -> str:
+def study_name(out: Path, storage: Any = None) -> str:
+    """'squeezer' in the run folder's own storage (so a moved folder still resumes); else named by the folder."""
+    if storage is None or storage == "sqlite":
+        return STUDY_PREFIX
     return f"{STUDY_PREFIX}-{Path(out).resolve().name}"
 
 
@@ -86,7 +89,7 @@ def open_study(*, out: Path, storage: str | BaseStorage | None, objective: Objec
         sampler_obj: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # params come fixed
     else:
         sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=trials)
-    study = optuna.create_study(storage=resolve_storage(storage, out), study_name=study_name(out),
+    study = optuna.create_study(storage=resolve_storage(storage, out), study_name=study_name(out, storage),
                                 directions=objective.directions, sampler=sampler_obj, load_if_exists=True)
     expected = {"fingerprint": fingerprint, "budget": str(objective.budget), "objective": objective.kind,
                 "sampler": sampler, "cost_metric": objective.cost_metric}
