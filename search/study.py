@@ -165,6 +165,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
 
     `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
     search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
+    The caller owns `pool` and closes it.
     """
     out = Path(out)
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -203,8 +204,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                     rows.append({"number": key, **proposal.trial.user_attrs})
                 if show:
                     show(_stats(rows, done, trials, start, started_with))
-    finally:
-        pool.close()
+    finally:  # the pool is the caller's: left open for promotion or another search
         if show and hasattr(show, "close"):
             show.close()
     if promote_top_k and promote_fn is not None:

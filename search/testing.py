@@ -129,8 +129,12 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     space = SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8),
                                    knobs=("prune", "w_bits", "rank"))
     ev = FakeEvaluator(space, delay=delay)
-    run_search(space, ThreadPool(ev, workers=workers), budget, ev.base(), out=out, sampler=sampler, trials=trials,
-               workers=workers, seed=seed, repair=sampler != "ddpg")
+    pool = ThreadPool(ev, workers=workers)
+    try:
+        run_search(space, pool, budget, ev.base(), out=out, sampler=sampler, trials=trials, workers=workers,
+                   seed=seed, repair=sampler != "ddpg")
+    finally:
+        pool.close()
 
 
 class CheapEvaluator:
