@@ -190,31 +190,45 @@ class Evaluator:
         with self.lock.compute():
             return export_onnx(self._apply(policy).cpu(), self.example)
 
-    def _evaluate(self, policy: Policy, start: float) -> Outcome:
+    def compress(self, policy: Policy) -> nn.Module:
+        """The policy applied and recovered exactly as `evaluate` scores it (what `squeezer apply` saves)."""
         s = self.settings
-        self.count += 1
-        measure = s.latency == "measure" or (s.latency == "hybrid" and (self.count - 1) % max(1, s.measure_every) == 0)
         with self.lock.compute(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             model = self._apply(policy)
-            cost = measure_cost(model, self.example, policy, self.space)
             teacher = self.base_model if s.recovery == "kd" else None
-            model = recover(model, s.recovery, self.data, teacher=teacher, bn_batches=s.bn_batches,
-                            steps=s.finetune_steps, lr=s.finetune_lr, kd_weight=s.kd_weight,
-                            kd_temperature=s.kd_temperature, batch_size=s.batch_size, seed=s.seed, device=self.device)
+            return recover(model, s.recovery, self.data, teacher=teacher, bn_batches=s.bn_batches,
+                           steps=s.finetune_steps, lr=s.finetune_lr, kd_weight=s.kd_weight,
+                           kd_temperature=s.kd_temperature, batch_size=s.batch_size, seed=s.seed, device=self.device)
+
+    def _evaluate(self, policy: Policy, start: float) -> Outcome:
+        self.count += 1
+        return self.measure(self.compress(policy), policy, start=start)
+
+    def measure(self, model: nn.Module, policy: Policy, *, start: float | None = None,
+                latency: bool | None = None) -> Outcome:
+        """Cost, val accuracy and (as the settings say, or `latency`) ONNX latency of an already compressed model."""
+        s = self.settings
+        start = time.perf_counter() if start is None else start
+        if latency is None:
+            latency = s.latency == "measure" or (s.latency == "hybrid"
+                                                 and (self.count - 1) % max(1, s.measure_every) == 0)
+        measure = latency and (self.meter is not None or self._latency_fn is not None)
+        with self.lock.compute():
+            cost = measure_cost(model, self.example, policy, self.space)
             accuracy, loss = score(model, self.data, device=self.device)
             if not (math.isfinite(accuracy) and math.isfinite(loss)):
                 return EvalFailure(f"non-finite score (accuracy {accuracy}, loss {loss})", time.perf_counter() - start)
-            onnx = export_onnx(model.cpu(), self.example) if measure else None
-        latency: dict[str, Any] = {}
+            onnx = export_onnx(copy.deepcopy(model).cpu(), self.example) if measure else None
+        latency_fields: dict[str, Any] = {}
         if onnx is not None:
             result = (self._latency_fn or self.meter.measure)(onnx)  # type: ignore[union-attr]
-            latency = {"latency_ms": result.median_ms, "latency_p90_ms": result.p90_ms,
-                       "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured"}
+            latency_fields = {"latency_ms": result.median_ms, "latency_p90_ms": result.p90_ms,
+                              "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured"}
         elif self.table is not None:
             rel = self.table.predict_rel(policy)
-            latency = {"latency_ms": self.table.base_us() * rel / 1e3, "latency_rel": rel,
-                       "latency_source": "predicted"}
+            latency_fields = {"latency_ms": self.table.base_us() * rel / 1e3, "latency_rel": rel,
+                              "latency_source": "predicted"}
         return Measurement(accuracy=accuracy, loss=loss, macs=cost["macs"], params=cost["params"], bops=cost["bops"],
                            size_mb=cost["size_mb"], seconds=time.perf_counter() - start, recovery=s.recovery,
-                           fingerprint=self.space.fingerprint, hardware=self.hardware, **latency)
+                           fingerprint=self.space.fingerprint, hardware=self.hardware, **latency_fields)

@@ -5,13 +5,20 @@ the space, the evaluator pool and the study) and return data that the face rende
 """
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from squeezer.evaluators.baseline import TrainResult, resolve_model, train_baseline
 from squeezer.evaluators.data import load_data
+from squeezer.evaluators.measurement import Measurement
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
+
+__all__ = ["train", "space", "search", "front", "apply", "report", "demo", "SearchSummary", "FrontSummary",
+           "ApplySummary", "DemoSummary"]
 
 
 def _progress_bar(total: int, label: str):
@@ -60,3 +67,335 @@ def _check_device(device: str) -> None:
         raise ValueError("--device cuda was given but no CUDA GPU is visible: use --device cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}: use cpu or cuda")
+
+
+# ---- the run folder -------------------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+
+
+def _abs_ref(ref: str) -> str:
+    """Model/data references that are files or folders are stored absolute, so a run folder can be used anywhere."""
+    path = Path(ref)
+    return str(path.resolve()) if path.exists() else ref
+
+
+def _read_run(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a squeezer run folder (no {RUN_FILE}): pass the --out "
+                                "folder of a `squeezer search`")
+    return json.loads(path.read_text())
+
+
+def _write_run(out: Path, settings: dict[str, Any]) -> None:
+    """Record the run's settings; refuse to mix two different studies in one folder."""
+    path = out / RUN_FILE
+    if path.is_file():
+        _write_run_check(json.loads(path.read_text()), settings, out)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+# ---- search ---------------------------------------------------------------------------------------------------------
+BASE_FILE = "base.pt"  # the exact base model a run searched (a torchvision name alone would re-initialise)
+X_METRICS = {"macs": "macs", "latency": "latency", "latency_ms": "latency", "size": "size", "size_mb": "size",
+             "bops": "bops", "params": "params"}
+
+
+@dataclass
+class SearchSummary:
+    """What a finished (or resumed) search produced, for the face to render."""
+
+    out: Path
+    base: Measurement
+    budget: str
+    metric_x: str
+    front: list[dict[str, Any]]
+    completed: int
+    failed: int
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+def _knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
+    if not knobs:
+        return KNOBS
+    bad = [k for k in knobs if k not in KNOBS]
+    if bad:
+        raise ValueError(f"unknown knob {bad[0]!r}: choose from {', '.join(KNOBS)}")
+    return tuple(knobs)
+
+
+def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
+    """The unchanged model measured by the pool itself, so base and candidates share hardware and settings."""
+    from squeezer.policies.policy import Policy
+
+    pool.submit(-1, Policy(fingerprint=fingerprint))
+    while True:
+        for key, outcome in pool.wait(timeout=None):
+            if key == -1:
+                if not isinstance(outcome, Measurement):
+                    raise RuntimeError(f"the unchanged model could not be evaluated: {outcome.reason}")
+                return outcome
+
+
+def search(*, model: str, data: str = "digits", budget: str, out: str | Path, trials: int = 50,
+           sampler: str = "tpe", workers: int = 1, storage: str | None = None, ray_address: str | None = None,
+           device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
+           knobs: tuple[str, ...] | None = None, repair: bool = False, promote: int = 0, seed: int = 0,
+           backend: str = "auto", progress: bool = False, settings: dict[str, Any] | None = None) -> SearchSummary:
+    """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
+
+    `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo).
+    """
+    from squeezer.evaluators.evaluate import EvalSettings
+    from squeezer.evaluators.pool import make_pool
+    from squeezer.evaluators.zoo import save_checkpoint
+    from squeezer.search.budget import Budget
+    from squeezer.search.study import run_search
+
+    _check_device(device)
+    parsed = Budget.parse(budget)
+    if not parsed.limits:
+        raise ValueError("the budget is empty: pass a limit such as --budget 'macs<=50%'")
+    if "latency" in parsed.metrics and latency == "none":
+        raise ValueError("the budget limits latency but --latency none measures none: use --latency measure")
+    chosen = _knob_list(knobs)
+    eval_settings = EvalSettings(recovery=recovery, latency=latency, device=device, seed=seed, **(settings or {}))
+    out = Path(out)
+    bundle = load_data(data)
+    base_path = out / BASE_FILE
+    net = resolve_model(str(base_path) if base_path.is_file() else model, bundle)
+    example = bundle.example_inputs()
+    space_ = SearchSpace.from_model(net, example, SpaceConfig(knobs=chosen))
+    run_settings = {"model": _abs_ref(model), "data": _abs_ref(data), "fingerprint": space_.fingerprint,
+                    "budget": str(parsed), "objective": objective, "knobs": list(chosen), "sampler": sampler,
+                    "seed": seed, "eval": {k: v for k, v in eval_settings.__dict__.items()}}
+    _check_run(out, run_settings)
+    start = time.perf_counter()
+    pool = make_pool(net, bundle, eval_settings, workers=workers, backend=backend, ray_address=ray_address,
+                     cache_dir=out / "cache")
+    try:
+        base = _base_measurement(pool, space_.fingerprint)
+        parsed.check_reachable(space_, base)
+        _write_run(out, run_settings)
+        if not base_path.is_file():
+            save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
+        promote_fn = None
+        if promote:
+            from squeezer.evaluators.evaluate import Evaluator
+
+            fine = Evaluator(net, bundle, replace(eval_settings, recovery="kd", latency="none"),
+                             cache_dir=out / "cache")
+            promote_fn = fine.evaluate
+        result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials, workers=workers,
+                            storage=storage, objective=objective, repair=repair, seed=seed, progress=progress,
+                            promote_top_k=promote, promote_fn=promote_fn, check=False)
+    finally:
+        pool.close()
+    metric_x = result.attrs.get("cost_metric", "macs")
+    files = _write_front_files(result, out, metric_x)
+    states = [r["state"] for r in result.rows]
+    return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=result.front(metric_x),
+                         completed=states.count("COMPLETE"), failed=states.count("FAIL"),
+                         seconds=time.perf_counter() - start, files=files)
+
+
+def _check_run(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse early (before any evaluation) to resume a folder holding a different study."""
+    path = out / RUN_FILE
+    if path.is_file():
+        _write_run_check(json.loads(path.read_text()), settings, out)
+
+
+def _write_run_check(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    for key in ("fingerprint", "budget", "objective", "knobs", "sampler"):
+        if old.get(key) != new.get(key):
+            raise FileExistsError(
+                f"output folder {str(out)!r} holds a different study ({key} {old.get(key)!r} there, "
+                f"{new.get(key)!r} now): choose another --out or delete the folder")
+
+
+def _write_front_files(result: Any, out: Path, metric_x: str) -> list[Path]:
+    from squeezer.search.report import write_front_html, write_front_png
+
+    files = list(result.write_front(out, metric_x=metric_x))
+    if result.completed():
+        files += [write_front_html(result, out, metric_x=metric_x), write_front_png(result, out, metric_x=metric_x)]
+    return files
+
+
+# ---- front ----------------------------------------------------------------------------------------------------------
+@dataclass
+class FrontSummary:
+    out: Path
+    base: Measurement | None
+    budget: str
+    metric_x: str
+    front: list[dict[str, Any]]
+    completed: int
+    under: str | None = None
+    best_under: dict[str, Any] | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def _load_result(run: str | Path) -> Any:
+    from squeezer.search.pareto import StudyResult
+
+    folder = Path(run)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist: pass the --out folder of a `squeezer search`")
+    return StudyResult.load(folder)
+
+
+def front(run: str | Path, *, x: str | None = None, under: str | None = None) -> FrontSummary:
+    """The run's Pareto front (accuracy vs `x` as a fraction of the base), written as csv/json/html/png."""
+    result = _load_result(run)
+    if x is not None and x not in X_METRICS:
+        raise ValueError(f"unknown cost axis {x!r}: choose from macs, latency_ms, size_mb, bops, params")
+    metric_x = X_METRICS[x] if x else result.attrs.get("cost_metric", "macs")
+    best = result.best_under(under) if under else None
+    files = _write_front_files(result, Path(run), metric_x)
+    return FrontSummary(out=Path(run), base=result.base, budget=str(result.budget), metric_x=metric_x,
+                        front=result.front(metric_x), completed=len(result.completed()), under=under,
+                        best_under=best, files=files)
+
+
+# ---- apply ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ApplySummary:
+    """The compressed model as saved, its measurement now, and what the search recorded for it (if it came from one)."""
+
+    out: Path
+    onnx: Path | None
+    policy: str
+    measured: Measurement
+    recorded: dict[str, Any] | None
+    base: Measurement | None
+    test_accuracy: float
+    finetuned: bool
+
+
+def _trial_policy(run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
+    from squeezer.policies.policy import Policy
+
+    result = _load_result(run)
+    row = next((r for r in result.rows if r["number"] == trial), None)
+    if row is None or "policy" not in row:
+        numbers = [r["number"] for r in result.completed()]
+        shown = f"{min(numbers)}..{max(numbers)}" if numbers else "none yet"
+        raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r} (trials {shown}): pick one from "
+                          f"`squeezer front {run}`")
+    if row["state"] != "COMPLETE":
+        raise LookupError(f"trial {trial} of {str(run)!r} did not complete ({row.get('fail_reason', row['state'])}): "
+                          f"pick one from `squeezer front {run}`")
+    return Policy.from_json(row["policy"]), row
+
+
+def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
+          model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
+          finetune_steps: int = 0, device: str = "cpu", latency: bool = True) -> ApplySummary:
+    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it."""
+    from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+    from squeezer.evaluators.train import FitConfig, evaluate, fit
+    from squeezer.evaluators.zoo import save_checkpoint
+    from squeezer.policies.export import export_onnx
+    from squeezer.policies.policy import Policy
+
+    _check_device(device)
+    if (trial is None) == (policy is None):
+        raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
+    settings: dict[str, Any] = {}
+    recorded = None
+    if run is not None:
+        info = _read_run(run)
+        settings = dict(info.get("eval", {}))
+        base_file = Path(run) / BASE_FILE
+        model = model or (str(base_file) if base_file.is_file() else info["model"])
+        data = data or info["data"]
+    if trial is not None:
+        if run is None:
+            raise ValueError("--trial needs the run folder it belongs to: squeezer apply RUN --trial N --out FILE")
+        chosen, recorded = _trial_policy(Path(run), trial)
+    else:
+        chosen = Policy.load(policy)
+    if model is None:
+        raise ValueError("no model to apply the policy to: pass a run folder or --model")
+    data = data or "digits"
+    settings.update(device=device, latency="measure" if latency else "none")
+    known = set(EvalSettings.__dataclass_fields__)
+    eval_settings = EvalSettings(**{k: v for k, v in settings.items() if k in known})
+    bundle = load_data(data)
+    net = resolve_model(model, bundle)
+    evaluator = Evaluator(net, bundle, eval_settings)
+    chosen.validate(evaluator.space)
+    compressed = evaluator.compress(chosen)
+    if finetune_steps > 0:
+        compressed = fit(compressed, bundle.train, FitConfig(steps=finetune_steps, lr=0.01, seed=eval_settings.seed,
+                                                             kd_weight=0.5), teacher=evaluator.base_model,
+                         device=device).eval()
+    measured = evaluator.measure(compressed, chosen, latency=latency)
+    if not isinstance(measured, Measurement):
+        raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")
+    test_accuracy, _ = evaluate(compressed, bundle.test, device=device)
+    compressed = compressed.cpu().eval()
+    out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(), val_accuracy=measured.accuracy,
+                               test_accuracy=test_accuracy)
+    onnx_path = None
+    if onnx is not None:
+        onnx_path = Path(onnx)
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx_path.write_bytes(export_onnx(compressed, bundle.example_inputs()))
+    base = _load_result(run).base if run is not None else None
+    if base is None:  # no search recorded it: measure the unchanged model the same way
+        base = evaluator.measure(evaluator.base_model, Policy(fingerprint=evaluator.space.fingerprint),
+                                 latency=latency)
+    return ApplySummary(out=Path(out_path), onnx=onnx_path, policy=chosen.summary(), measured=measured,
+                        recorded=recorded, base=base if isinstance(base, Measurement) else None,
+                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0)
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def report(run: str | Path, *, trial: int | None = None, x: str | None = None) -> Path:
+    """One HTML page about a run: settings, hardware, front, a trial's per-unit policy, accuracy by trial."""
+    from squeezer.search.report import write_report
+
+    result = _load_result(run)
+    if trial is not None and not any(r["number"] == trial for r in result.completed()):
+        raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r}: pick one from `squeezer front {run}`")
+    metric_x = X_METRICS.get(x or "", result.attrs.get("cost_metric", "macs"))
+    return write_report(result, Path(run), metric_x=metric_x, trial=trial)
+
+
+# ---- demo -----------------------------------------------------------------------------------------------------------
+DEMO_BUDGET = "macs<=50%"
+DEMO_SETTINGS = {"latency_runs": 60, "latency_reps": 3, "latency_warmup": 10, "bn_batches": 10, "distill_steps": 40}
+
+
+@dataclass
+class DemoSummary:
+    trained: TrainResult | None
+    search: SearchSummary
+    applied: ApplySummary | None
+
+
+def demo(*, out: str | Path = "runs/demo", trials: int = 24, workers: int = 1, sampler: str = "tpe",
+         budget: str = DEMO_BUDGET, progress: bool = False, on_stage: Any = None) -> DemoSummary:
+    """The whole story on bundled data in a few minutes: train ResNet-20 on digits (once), search every knob
+    under half the MACs, then apply the most accurate policy of the front and re-measure it."""
+    out = Path(out)
+    say = on_stage or (lambda text: None)
+    checkpoint = out / "resnet20.pt"
+    trained = None
+    if not checkpoint.is_file():
+        say("training ResNet-20 on the bundled digits")
+        trained = train(model="resnet20", data="digits", out=checkpoint, progress=progress)
+    say(f"searching {trials} policies under {budget}")
+    summary = search(model=str(checkpoint), data="digits", budget=budget, out=out / "search", trials=trials,
+                     sampler=sampler, workers=workers, progress=progress, settings=DEMO_SETTINGS)
+    applied = None
+    if summary.front:
+        best = max(summary.front, key=lambda r: r["accuracy"])
+        say(f"applying trial {best['number']}, the most accurate on the front")
+        applied = apply(out / "search", trial=best["number"], out=out / "compressed.pt", onnx=out / "compressed.onnx")
+    return DemoSummary(trained=trained, search=summary, applied=applied)

@@ -173,3 +173,5 @@ class LiveDisplay:
 
     def close(self) -> None:
         self.live.stop()
+        if not self.live.console.is_terminal:  # piped: end the progress line before what follows
+            self.live.console.print()

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "ddpg"], default="tpe",
                    help="how policies are proposed")
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations (Ray or local processes)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: 'sqlite' (--out/study.db) or a URL such as postgresql://host/db shared by "
+                        "several machines (default: the journal file --out/study.log)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster, e.g. ray://head:10001")
     p.add_argument("--objective", choices=["multi", "single"], default="multi",
                    help="multi: accuracy vs cost front; single: best accuracy within the budget")
@@ -169,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "report":
         render.report(jobs.report(args.run, trial=args.trial))
     elif args.command == "demo":
-        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=args.workers, progress=True))
+        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=args.workers, progress=True,
+                              on_stage=lambda text: render.console.print(f"[bold]squeezer demo:[/] {text}")))
     return 0
 
 

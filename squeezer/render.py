@@ -40,3 +40,74 @@ def space(space: Any) -> None:
     base = space.baseline()
     console.print(f"{len(space.distributions())} knobs, {space.size():.3g} policies; base {base.macs:,} MACs/sample, "
                   f"{base.params:,} layer params; fingerprint {space.fingerprint}")
+
+
+FRONT_COLUMNS = ["trial", "accuracy", "x", "macs", "params", "size_mb", "latency_ms", "feasible", "fidelity"]
+
+
+def _front_rows(rows: list[dict[str, Any]], metric_x: str) -> list[dict[str, Any]]:
+    return [{"trial": r["number"], "accuracy": r.get("accuracy"), "x": f"{100 * r['x']:.1f}%" if "x" in r else None,
+             "macs": f"{r['macs']:,}" if r.get("macs") is not None else None, "params": r.get("params"),
+             "size_mb": r.get("size_mb"), "latency_ms": r.get("latency_ms"), "feasible": r.get("feasible"),
+             "fidelity": r.get("fidelity", "cheap")} for r in rows]
+
+
+def _base_line(base: Any) -> str:
+    if base is None:
+        return "base: not recorded"
+    latency = f", {base.latency_ms:.3f} ms" if base.latency_ms is not None else ""
+    return (f"base: accuracy {base.accuracy:.4f}, {base.macs:,} MACs, {base.params:,} params, "
+            f"{base.size_mb:.3f} MB{latency}")
+
+
+def front_table(rows: list[dict[str, Any]], metric_x: str, title: str) -> None:
+    columns = [c if c != "x" else f"{metric_x} of base" for c in FRONT_COLUMNS]
+    shown = [{(k if k != "x" else f"{metric_x} of base"): v for k, v in r.items()} for r in _front_rows(rows, metric_x)]
+    table(shown, title, columns)
+
+
+def search(summary: Any) -> None:
+    console.print(_base_line(summary.base))
+    front_table(summary.front, summary.metric_x,
+                f"Pareto front: accuracy vs {summary.metric_x} (budget {summary.budget})")
+    console.print(f"{summary.completed} trials completed, {summary.failed} failed, {summary.seconds:.0f}s; "
+                  f"files: {', '.join(str(f) for f in summary.files)}")
+    if summary.front:
+        best = max(summary.front, key=lambda r: r["accuracy"])
+        console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")
+
+
+def front(summary: Any) -> None:
+    console.print(_base_line(summary.base))
+    front_table(summary.front, summary.metric_x,
+                f"Pareto front of {summary.completed} trials: accuracy vs {summary.metric_x} (budget {summary.budget})")
+    if summary.under:
+        b = summary.best_under
+        console.print(f"most accurate under {summary.under}: " + (
+            "none" if b is None else f"trial {b['number']} (accuracy {b['accuracy']:.4f})"))
+    console.print(f"files: {', '.join(str(f) for f in summary.files)}")
+
+
+def apply(summary: Any) -> None:
+    m, rec, base = summary.measured, summary.recorded, summary.base
+    rows = []
+    for key, label in (("accuracy", "val accuracy"), ("macs", "MACs"), ("params", "params"),
+                       ("size_mb", "size MB"), ("latency_ms", "latency ms")):
+        rows.append({"metric": label, "base": None if base is None else getattr(base, key),
+                     "searched": None if rec is None else rec.get(key), "now": getattr(m, key)})
+    table(rows, f"applied {summary.policy}" + (" + fine-tune" if summary.finetuned else ""),
+          ["metric", "base", "searched", "now"])
+    console.print(f"test accuracy {summary.test_accuracy:.4f}; saved {summary.out}"
+                  + (f" and {summary.onnx}" if summary.onnx else ""))
+
+
+def report(path: Any) -> None:
+    console.print(f"wrote {path}")
+
+
+def demo(summary: Any) -> None:
+    if summary.trained is not None:
+        train(summary.trained)
+    search(summary.search)
+    if summary.applied is not None:
+        apply(summary.applied)
