@@ -151,9 +151,9 @@ class LocalPool:
 # ---- Ray ----------------------------------------------------------------------------------------------------------------
 def _check_address(address: str) -> None:
     """Fail in seconds, not minutes, when a host:port Ray address does not answer."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    if address in ("auto", "local"):
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
             pass

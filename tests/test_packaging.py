@@ -28,3 +28,12 @@ def test_lower_packages_never_import_higher_ones(index: int) -> None:
         text = path.read_text()
         for name in higher:
             assert f"from {name}" not in text and f"import {name}" not in text, f"{path} imports {name}"
+
+
+def test_public_api_resolves() -> None:
+    import squeezer
+
+    for name in squeezer.__all__:
+        assert getattr(squeezer, name) is not None, name
+    with pytest.raises(AttributeError):
+        squeezer.no_such_thing  # noqa: B018

@@ -1,0 +1,173 @@
+"""The user's jobs through the CLI: a real (tiny) search, its front, applying a trial, and every bad input that
+must end in one clear line with exit code 2 while the finished trials stay in the study."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from squeezer.cli import main
+from squeezer.search import jobs
+
+QUICK = {"latency_runs": 20, "latency_reps": 2, "latency_warmup": 5, "bn_batches": 4}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished 3-trial pruning search on a briefly trained ResNet-20 (digits)."""
+    root = tmp_path_factory.mktemp("jobs")
+    jobs.train(model="resnet20", data="digits", out=root / "base.pt", steps=60)
+    summary = jobs.search(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
+                          trials=3, knobs=("prune",), settings=QUICK)
+    assert summary.completed == 3 and summary.front
+    return root / "run"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_search_writes_front_files_and_run_record(run: Path) -> None:
+    for name in ("front.csv", "front.json", "front.html", "front.png", "run.json", "base.pt", "study.log"):
+        assert (run / name).is_file(), name
+    front = json.loads((run / "front.json").read_text())
+    assert front["budget"] == "macs<=60%" and front["rows"]
+    assert all(r["feasible"] and r["x"] <= 0.6 for r in front["rows"])
+    assert len(list((run / "policies").glob("trial_*.json"))) == 3
+
+
+def test_front_command_prints_the_table(capsys, run: Path) -> None:
+    code, out, err = cli(capsys, "front", str(run), "--under", "macs<=60%")
+    assert code == 0, err
+    assert "Pareto front" in out and "most accurate under macs<=60%: trial" in out
+
+
+def test_apply_reproduces_the_searched_numbers(capsys, run: Path, tmp_path: Path) -> None:
+    from squeezer.evaluators.cost import count_macs
+    from squeezer.evaluators.zoo import load_checkpoint
+
+    rows = json.loads((run / "front.json").read_text())["rows"]
+    best = max(rows, key=lambda r: r["accuracy"])
+    code, out, err = cli(capsys, "apply", str(run), "--trial", str(best["number"]), "--out", str(tmp_path / "s.pt"),
+                         "--onnx", str(tmp_path / "s.onnx"))
+    assert code == 0, err
+    model, info = load_checkpoint(tmp_path / "s.pt")
+    x = torch.randn(1, 1, 8, 8)
+    macs, _ = count_macs(model, x)
+    assert macs == best["macs"]
+    assert abs(info["val_accuracy"] - best["accuracy"]) < 1e-9
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_report_writes_html(capsys, run: Path) -> None:
+    code, out, err = cli(capsys, "report", str(run))
+    assert code == 0 and (run / "report.html").is_file(), err
+
+
+# ---- bad input: one line, exit code 2, nothing lost -------------------------------------------------------------------
+@pytest.mark.parametrize("budget,needle", [("macs<=fifty", "cannot read 'macs<=fifty'"),
+                                           ("speed<=2ms", "unknown metric 'speed'"),
+                                           ("macs<=0.01%", "unreachable")])
+def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str) -> None:
+    code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", budget, "--out",
+                       str(tmp_path / "r"), "--knobs", "prune", "--latency", "none")
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_latency_budget_without_latency(capsys, run: Path, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "latency<=1ms", "--out",
+                       str(tmp_path / "r"), "--latency", "none")
+    one_line_error(code, err, "--latency none")
+
+
+def test_out_folder_of_another_study(capsys, run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=40%", "--out",
+                       str(copy), "--knobs", "prune")
+    one_line_error(code, err, "holds a different study", "choose another --out")
+    assert len(jobs.front(copy).front) >= 1  # the finished trials are untouched
+
+
+def test_trial_not_in_study(capsys, run: Path, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "apply", str(run), "--trial", "999", "--out", str(tmp_path / "x.pt"))
+    one_line_error(code, err, "trial 999 is not a finished trial", "squeezer front")
+
+
+def test_missing_run_folder(capsys, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "front", str(tmp_path / "nope"))
+    one_line_error(code, err, "does not exist")
+
+
+def test_corrupted_policy_file(capsys, run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    code, _, err = cli(capsys, "apply", str(run), "--policy", str(bad), "--out", str(tmp_path / "x.pt"))
+    one_line_error(code, err, str(bad))
+
+
+def test_policy_for_another_model(capsys, run: Path, tmp_path: Path) -> None:
+    from squeezer.evaluators.zoo import mobilenetv2_small
+    from squeezer.policies.policy import Policy
+    from squeezer.spaces.space import SearchSpace
+
+    other = SearchSpace.from_model(mobilenetv2_small(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8))
+    path = Policy.uniform(other, prune=0.25).save(tmp_path / "other.json")
+    code, _, err = cli(capsys, "apply", str(run), "--policy", str(path), "--out", str(tmp_path / "x.pt"))
+    one_line_error(code, err, "made for another model")
+
+
+def test_unreachable_ray_address(capsys, run: Path, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out",
+                       str(tmp_path / "r"), "--workers", "2", "--ray-address", "ray://127.0.0.1:9",
+                       "--latency", "none")
+    one_line_error(code, err, "no Ray cluster answers")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_in_subprocesses(tmp_path: Path) -> None:
+    """train -> search -> (resume) -> front -> apply, as a user types them; the applied model has the searched MACs."""
+    import subprocess
+    import sys
+
+    def sq(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "squeezer.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    sq("train", "--steps", "80", "--out", "base.pt")
+    search = ["search", "--model", "base.pt", "--budget", "macs<=50%", "--knobs", "prune,w_bits", "--out", "run",
+              "--latency", "none", "--sampler", "random"]
+    sq(*search, "--trials", "3")
+    out = sq(*search, "--trials", "4")  # resumes: one more evaluation
+    assert "4 trials completed" in out
+    sq("front", "run")
+    rows = json.loads((tmp_path / "run" / "front.json").read_text())["rows"]
+    best = max(rows, key=lambda r: r["accuracy"])
+    out = sq("apply", "run", "--trial", str(best["number"]), "--out", "small.pt", "--onnx", "small.onnx")
+    assert "saved" in out
+    from squeezer.evaluators.cost import count_macs
+    from squeezer.evaluators.zoo import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "small.pt")
+    assert count_macs(model, torch.randn(1, 1, 8, 8))[0] == best["macs"]
+    assert (tmp_path / "small.onnx").stat().st_size > 0
