@@ -60,7 +60,7 @@ def fit(model: nn.Module, data: Split, config: FitConfig = FitConfig(), *, teach
             sched.step()
             step += 1
             if on_step is not None:
-                on_step(step, float(loss))
+                on_step(step, float(loss.detach()))
         epoch += 1
     return model.eval()
 

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard limits, e.g. 'macs<=50%%', 'latency<=2.5ms,size<=1.2MB'; metrics: macs, latency, "
                         "size, bops, params; relative (%%) to the base model or absolute")
     p.add_argument("--trials", type=_positive_int, default=50, help="evaluations in total (resumed ones count)")
-    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "ddpg"], default="tpe",
-                   help="how policies are proposed")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "cmaes", "gp", "ddpg"], default="tpe",
+                   help="how policies are proposed: tpe, nsga2 (genetic), random, qmc (Sobol), cmaes, gp "
+                        "(Gaussian process), ddpg (AMC-style reinforcement-learning agent)")
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations (Ray or local processes)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: 'sqlite' (--out/study.db) or a URL such as postgresql://host/db shared by "
