@@ -143,10 +143,12 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
            sampler: str = "tpe", workers: int = 1, storage: str | None = None, ray_address: str | None = None,
            device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
            knobs: tuple[str, ...] | None = None, repair: bool = False, promote: int = 0, seed: int = 0,
-           backend: str = "auto", progress: bool = False, settings: dict[str, Any] | None = None) -> SearchSummary:
+           backend: str = "auto", latency_on: str | None = None, progress: bool = False,
+           settings: dict[str, Any] | None = None) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
-    `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo).
+    `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
+    custom Ray resource of the node that times latency (the target device).
     """
     from squeezer.evaluators.evaluate import EvalSettings
     from squeezer.evaluators.pool import make_pool
@@ -174,7 +176,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     _check_run(out, run_settings)
     start = time.perf_counter()
     pool = make_pool(net, bundle, eval_settings, workers=workers, backend=backend, ray_address=ray_address,
-                     cache_dir=out / "cache")
+                     latency_resource=latency_on, cache_dir=out / "cache")
     try:
         base = _base_measurement(pool, space_.fingerprint)
         parsed.check_reachable(space_, base)

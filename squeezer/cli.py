@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage: 'sqlite' (--out/study.db) or a URL such as postgresql://host/db shared by "
                         "several machines (default: the journal file --out/study.log)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster, e.g. ray://head:10001")
+    p.add_argument("--pool", choices=["auto", "local", "ray"], default="auto",
+                   help="where evaluations run: local processes, Ray actors, or auto (Ray when installed and "
+                        "--workers > 1 or a Ray address is given)")
+    p.add_argument("--latency-on", default=None, metavar="RESOURCE",
+                   help="time latency on the Ray node carrying this custom resource (the target device), e.g. "
+                        "device:pi4 for a node started with ray start --resources '{\"device:pi4\": 1}'")
     p.add_argument("--objective", choices=["multi", "single"], default="multi",
                    help="multi: accuracy vs cost front; single: best accuracy within the budget")
     p.add_argument("--recovery", choices=["none", "bn", "finetune", "kd"], default="bn",
@@ -161,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
                               ray_address=args.ray_address, device=args.device, out=args.out,
                               objective=args.objective, recovery=args.recovery, latency=args.latency,
                               knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
+                              backend=args.pool, latency_on=args.latency_on,
                               progress=True)
         render.search(summary)
     elif args.command == "front":
