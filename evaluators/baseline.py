@@ -42,7 +42,7 @@ class TrainResult:
 
 
 def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *, out: str | Path,
-                   steps: int = 600, lr: float = 0.05, seed: int = 0, device: str = "cpu",
+                   steps: int = 300, lr: float = 0.05, seed: int = 0, device: str = "cpu",
                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a model from scratch on `data` and save a checkpoint that every other job accepts."""
     bundle = data if isinstance(data, DataBundle) else load_data(data)

@@ -30,7 +30,7 @@ def _progress_bar(total: int, label: str):
     return progress, lambda step, loss: progress.update(task, completed=step, loss=loss)
 
 
-def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 600,
+def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
           lr: float = 0.05, seed: int = 0, device: str = "cpu", progress: bool = False) -> TrainResult:
     """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model."""
     _check_device(device)

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_data(p, model_required=False)
     p.set_defaults(model="resnet20")
     p.add_argument("--out", default="runs/resnet20.pt", help="checkpoint to write")
-    p.add_argument("--steps", type=_positive_int, default=600, help="SGD steps (batch 64)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="SGD steps (batch 64)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
     _device(p)
 
