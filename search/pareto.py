@@ -84,13 +84,13 @@ class StudyResult:
         storage: Any = storage_or_dir
         if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
             folder = Path(storage_or_dir)
-            if (folder / "study.log").is_file():
+            if (folder / "study.db").is_file():
+                storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+            elif (folder / "study.log").is_file():
                 from optuna.storages import JournalStorage
                 from optuna.storages.journal import JournalFileBackend
 
                 storage = JournalStorage(JournalFileBackend(str((folder / "study.log").resolve())))
-            elif (folder / "study.db").is_file():
-                storage = f"sqlite:///{(folder / 'study.db').resolve()}"
             else:
                 raise FileNotFoundError(f"{folder} holds no study.log or study.db: pass a search output folder")
         names = optuna.get_all_study_names(storage)

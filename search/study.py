@@ -37,19 +37,23 @@ class SearchError(ValueError):
 
 def study_name(out: Path, storage: Any = None) -> str:
     """'squeezer' in the run folder's own storage (so a moved folder still resumes); else named by the folder."""
-    if storage is None or storage == "sqlite":
+    if storage is None or storage in OWN_STORAGES:
         return STUDY_PREFIX
     return f"{STUDY_PREFIX}-{Path(out).resolve().name}"
 
 
-def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage | str:
-    """None -> a journal file `out/study.log`; 'sqlite' -> `out/study.db`; URLs and storage objects as given.
+OWN_STORAGES = ("sqlite", "journal")
 
-    The journal is the default because every policy is ~100 params and SQLite commits each one: measured here,
-    1.08 s of storage per trial with SQLite, 0.43 s with SQLite in WAL mode, 0.17 s with the journal file. Both
-    survive a killed process (appends / transactions); SQLite URLs get WAL mode (synchronous=NORMAL).
+
+def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage | str:
+    """None or 'sqlite' -> `out/study.db` (SQLite, WAL mode); 'journal' -> a journal file `out/study.log`; URLs
+    (e.g. postgresql://) and storage objects as given.
+
+    SQLite commits every parameter of a policy (~100 for a ResNet-20 with all knobs): measured here, 0.43 s of
+    storage per trial with SQLite in WAL mode (1.08 s without WAL), 0.17 s with the journal file, against
+    evaluations of seconds. Both survive a killed process (transactions / appends).
     """
-    if storage is None:
+    if storage == "journal":
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
@@ -57,7 +61,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
         # A killed writer leaves its lock file behind; writes hold it for milliseconds, so 3 s means stale
         # (Optuna's default grace of 30 s would stall every resume after a kill).
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=3)))
-    if storage == "sqlite":
+    if storage is None or storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
     if isinstance(storage, str) and storage.startswith("sqlite:"):
         return _sqlite_wal(storage)

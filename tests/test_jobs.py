@@ -41,7 +41,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def test_search_writes_front_files_and_run_record(run: Path) -> None:
-    for name in ("front.csv", "front.json", "front.html", "front.png", "run.json", "base.pt", "study.log"):
+    for name in ("front.csv", "front.json", "front.html", "front.png", "run.json", "base.pt", "study.db"):
         assert (run / name).is_file(), name
     front = json.loads((run / "front.json").read_text())
     assert front["budget"] == "macs<=60%" and front["rows"]
