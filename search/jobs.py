@@ -49,10 +49,7 @@ def space(model: str, *, data: str = "digits", knobs: tuple[str, ...] | None = N
     net = resolve_model(model, bundle)
     options: dict[str, Any] = dict(config)
     if knobs:
-        bad = [k for k in knobs if k not in KNOBS]
-        if bad:
-            raise ValueError(f"unknown knob {bad[0]!r}: choose from {', '.join(KNOBS)}")
-        options["knobs"] = tuple(knobs)
+        options["knobs"] = _knob_list(knobs)
     if include:
         options["include"] = tuple(include)
     if exclude:
