@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from squeezer.policies.context import ApplyContext
+from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
 from squeezer.spaces.space import SearchSpace
@@ -20,7 +21,7 @@ from squeezer.spaces.space import SearchSpace
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
 
 # name -> applier, in the order they run. Register a new knob's applier here.
-APPLIERS: dict[str, Applier] = {"prune": apply_prune}
+APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank}
 
 
 def register_applier(name: str, applier: Applier, *, before: str | None = None) -> None:
