@@ -55,7 +55,7 @@ class EvalSettings:
     latency_runs: int = 200
     latency_reps: int = 3
     measure_every: int = 5
-    distill_steps: int = 300
+    distill_steps: int = 0
     device: str = "cpu"
     seed: int = 0
 

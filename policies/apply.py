@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from squeezer.policies.blocks import apply_blocks
 from squeezer.policies.context import ApplyContext
 from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
@@ -21,7 +22,7 @@ from squeezer.spaces.space import SearchSpace
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
 
 # name -> applier, in the order they run. Register a new knob's applier here.
-APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank}
+APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank, "block": apply_blocks}
 
 
 def register_applier(name: str, applier: Applier, *, before: str | None = None) -> None:
@@ -35,7 +36,7 @@ def register_applier(name: str, applier: Applier, *, before: str | None = None) 
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.Tensor] | None = None, *,
                  example_inputs: torch.Tensor | None = None, space: SearchSpace | None = None,
-                 importance: str = "l2", distill_steps: int = 300, seed: int = 0) -> nn.Module:
+                 importance: str = "l2", distill_steps: int = 0, seed: int = 0) -> nn.Module:
     """A new model with `policy` applied; `model` itself is left untouched.
 
     `calibration` is an iterable of input batches (or (inputs, labels) pairs). The example input shape comes from

@@ -15,7 +15,8 @@ class ApplyContext:
 
     `reference` is the untouched model (block distillation reproduces its activations); `calibration` is a few
     input batches (activation ranges, BN, distillation); `importance` ranks channels for pruning: "l1", "l2"
-    (magnitude) or "bn" (BatchNorm scale); `distill_steps` bounds block-wise distillation.
+    (magnitude) or "bn" (BatchNorm scale); `distill_steps` adds Adam steps after the closed-form fit of each swapped
+    block (0, the default: the fit alone, see policies/blocks.py).
     """
 
     space: SearchSpace
@@ -23,5 +24,5 @@ class ApplyContext:
     reference: nn.Module
     calibration: list[torch.Tensor] = field(default_factory=list)
     importance: str = "l2"
-    distill_steps: int = 300
+    distill_steps: int = 0
     seed: int = 0

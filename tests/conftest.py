@@ -36,6 +36,18 @@ def one_thread() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session")
+def trained_resnet(digits: DataBundle) -> torch.nn.Module:
+    """ResNet-20 briefly trained on digits (98% val), for checks that need real activations and predictions.
+
+    Session-scoped and shared: tests must not change it (apply_policy copies the model it is given)."""
+    from squeezer.evaluators.train import FitConfig, fit
+
+    torch.manual_seed(0)
+    with torch_threads(1):  # 5 s; two threads on a busy 2-core machine took 170-250 s
+        return fit(resnet20(num_classes=10, in_channels=1), digits.train, FitConfig(steps=80)).eval()
+
+
 @pytest.fixture()
 def resnet() -> torch.nn.Module:
     torch.manual_seed(0)
