@@ -17,12 +17,14 @@ from squeezer.policies.context import ApplyContext
 from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
+from squeezer.policies.quantize import apply_quantize
 from squeezer.spaces.space import SearchSpace
 
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
 
 # name -> applier, in the order they run. Register a new knob's applier here.
-APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank, "block": apply_blocks}
+APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank, "block": apply_blocks,
+                                 "quantize": apply_quantize}
 
 
 def register_applier(name: str, applier: Applier, *, before: str | None = None) -> None:
