@@ -10,16 +10,12 @@ import torch.nn.functional as F
 from squeezer.evaluators.accuracy import recalibrate_bn, recover, score
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import Measurement
-from squeezer.evaluators.train import FitConfig, fit
-from squeezer.evaluators.zoo import resnet20
 from squeezer.policies.policy import Policy
 
 
 @pytest.fixture(scope="session")
-def trained(digits) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = resnet20(num_classes=10, in_channels=1)
-    return fit(model, digits.train, FitConfig(steps=80)).eval()
+def trained(trained_resnet) -> torch.nn.Module:
+    return trained_resnet
 
 
 def test_unmodified_accuracy_equals_plain_loop(trained, digits) -> None:
