@@ -14,9 +14,9 @@ products in int16, which saturates for full-range int8 weights (255 * 127 * 2 > 
 moved logits by up to 4.0 (range 15) and flipped 1% of predictions against the torch model. `WEIGHT8` picks the way
 out. "reduce" (default, ORT's own `reduce_range`): int8 weights on a 7-bit grid (|q| <= 63), which cannot saturate,
 so the fast kernels stay exact on every CPU. "uint8": the full 255-level grid as uint8 around zero point 128, exact
-8 bits but run by uint8 x uint8 kernels: on an AVX2 EPYC, ResNet-20 at 32x32 ran 1.24x fp32 that way against 0.80x
-with int8 weights. Widths up to 7 bits cannot saturate and are unaffected. (At the digits' 8x8 even int8 weights
-ran 1.12x fp32: the convolutions are too small to repay the Q/DQ around the float residual adds.)
+8 bits but run by uint8 x uint8 kernels: on an AVX2 EPYC, ResNet-20 at 32x32 ran 1.24x fp32 that way against
+0.80-0.86x with int8 weights. Widths up to 7 bits cannot saturate and are unaffected. (At the digits' 8x8 even int8
+weights ran 1.12-1.15x fp32: the convolutions are too small to repay the Q/DQ around the float residual adds.)
 """
 from __future__ import annotations
 
@@ -109,11 +109,12 @@ class QuantizedLayer(nn.Module):
 
     # ---- configuration --------------------------------------------------------------------------------------------
     def set_input_range(self, lo: float, hi: float) -> None:
-        # Widened by TIE_NUDGE: an input range is often an exact rational multiple of the grid its values already lie
-        # on (the previous layer's 8-bit output range clipped by 0.4, or the digits' 17 grey levels), which puts
-        # values exactly halfway between two levels. torch's fake quantization multiplies by 1/scale where ONNX
-        # Runtime divides, so such ties round apart: at w2a4 on ResNet-20 that moved 70% of logits by 1-17 steps.
-        scale, zero = activation_qparams(lo, hi, self.a_bits, widen=TIE_NUDGE)
+        # Below 8 bits the scale is widened by TIE_NUDGE: the clipped range is then an exact rational multiple of the
+        # grid the values already lie on (the previous layer's 8-bit output range times 0.4, say), which puts values
+        # exactly halfway between two levels. torch's fake quantization multiplies by 1/scale where ONNX Runtime
+        # divides, so such ties round apart: at w2a4 on ResNet-20 that moved 70% of logits by 1-17 steps. At 8 bits
+        # the range is the previous output range itself (no ties), and equal scales let ORT drop the Q/DQ pair.
+        scale, zero = activation_qparams(lo, hi, self.a_bits, widen=TIE_NUDGE if self.a_bits < 8 else 0.0)
         self.in_scale.fill_(scale)
         self.in_zero.fill_(zero)
         self.in_lo.fill_((0 - zero) * scale)
