@@ -85,7 +85,10 @@ class StudyResult:
         if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
             folder = Path(storage_or_dir)
             if (folder / "study.db").is_file():
-                storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+                # A reader never creates tables: a search starting at the same moment owns the schema (two
+                # creators race on alembic's version row and one of them crashes).
+                storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}",
+                                                     skip_table_creation=True)
             elif (folder / "study.log").is_file():
                 from optuna.storages import JournalStorage
                 from optuna.storages.journal import JournalFileBackend
