@@ -7,6 +7,7 @@ distilled to mimic the original), then quantize (weights and activations of what
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Iterable
 
 import torch
@@ -58,6 +59,11 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
     work = copy.deepcopy(model).eval()
     space = space or SearchSpace.from_model(reference, example_inputs)
     policy.validate(space)
+    # Forward order, whatever order the policy was written in: pruning one group changes the importance of the
+    # next, so a policy read back from JSON (sorted names) must prune in the order the search applied it.
+    rank = {name: i for i, name in enumerate(space.units)}
+    policy = dataclasses.replace(policy, layers=dict(sorted(policy.layers.items(),
+                                                            key=lambda item: rank.get(item[0], len(rank)))))
     ctx = ApplyContext(space=space, example_inputs=example_inputs, reference=reference,
                        calibration=[b.to(device) for b in batches], importance=importance,
                        distill_steps=distill_steps, seed=seed)

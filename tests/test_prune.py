@@ -86,3 +86,17 @@ def test_importance_criteria(resnet, importance) -> None:
     pruned = apply_policy(resnet, Policy.uniform(space, prune=0.5), example_inputs=x, space=space,
                           importance=importance)
     assert pruned(x).shape == (1, 10)
+
+
+def test_layer_order_of_a_policy_does_not_change_the_result(resnet) -> None:
+    """A policy read back from JSON lists units by name; the model must be pruned as the search pruned it."""
+    x = torch.randn(1, 1, 8, 8)
+    space = SearchSpace.from_model(resnet, x)
+    params = {f"{g}/prune": (0.25, 0.5, 0.75)[i % 3] for i, g in enumerate(space.groups)
+              if (0.25, 0.5, 0.75)[i % 3] in space.choices(g, "prune")}
+    forward = Policy.from_params(params, space)
+    backward = Policy(layers=dict(reversed(list(forward.layers.items()))), fingerprint=forward.fingerprint)
+    a = apply_policy(resnet, forward, example_inputs=x, space=space)
+    b = apply_policy(resnet, backward, example_inputs=x, space=space)
+    for (name, wa), (_, wb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(wa, wb, msg=name)
