@@ -293,7 +293,8 @@ def _trial_policy(run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
 
 def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
           model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
-          finetune_steps: int = 0, device: str = "cpu", latency: bool = True) -> ApplySummary:
+          finetune_steps: int = 0, device: str = "cpu", latency: bool = True,
+          progress: bool = False) -> ApplySummary:
     """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it."""
     from squeezer.evaluators.evaluate import EvalSettings, Evaluator
     from squeezer.evaluators.train import FitConfig, evaluate, fit
@@ -330,9 +331,14 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     chosen.validate(evaluator.space)
     compressed = evaluator.compress(chosen)
     if finetune_steps > 0:
-        compressed = fit(compressed, bundle.train, FitConfig(steps=finetune_steps, lr=0.01, seed=eval_settings.seed,
-                                                             kd_weight=0.5), teacher=evaluator.base_model,
-                         device=device).eval()
+        config = FitConfig(steps=finetune_steps, lr=0.01, seed=eval_settings.seed, kd_weight=0.5)
+        if progress:
+            bar, update = _progress_bar(finetune_steps, "fine-tuning")
+            with bar:
+                compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device,
+                                 on_step=update).eval()
+        else:
+            compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device).eval()
     measured = evaluator.measure(compressed, chosen, latency=latency)
     if not isinstance(measured, Measurement):
         raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")

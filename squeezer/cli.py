@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "apply":
         render.apply(jobs.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
                                 out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
-                                device=args.device))
+                                device=args.device, progress=True))
     elif args.command == "report":
         render.report(jobs.report(args.run, trial=args.trial))
     elif args.command == "demo":
