@@ -187,7 +187,8 @@ class RayPool:
                     raise ValueError(f"cannot connect to Ray at {address!r} ({type(exc).__name__}): start it with "
                                      "`ray start --head` or drop the Ray address to run locally") from None
             else:
-                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+                # address="local": always a fresh private instance, never a cluster some other run left behind
+                ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
                 self._owns = True
         self.latency_actor = None
         if latency_resource and settings.latency != "none":
