@@ -34,7 +34,7 @@ def test_hardware_fingerprint_names_the_machine() -> None:
 def test_latency_positive_and_repeatable(vgg, tmp_path) -> None:
     _, x, _, onnx = vgg
     meter = LatencyMeter(onnx, tuple(x.shape), batch=1, lock=MachineLock(tmp_path))
-    for _ in range(3):  # CI machines have slow phases: one quiet attempt of three must agree within 25%
+    for _ in range(5):  # CI machines have slow phases: one quiet attempt of five must agree within 25%
         a, b = meter.measure(onnx), meter.measure(onnx)
         assert 0 < a.median_ms <= a.p90_ms and a.spread >= 0
         if abs(a.median_ms - b.median_ms) / min(a.median_ms, b.median_ms) < 0.25 and 0.8 < a.rel < 1.25:
