@@ -15,17 +15,10 @@ from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
 
+from model_checks import layer_params, relative_error
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
-
-
-def layer_params(model: nn.Module) -> int:
-    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def onnx_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
