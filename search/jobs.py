@@ -85,10 +85,8 @@ def _read_run(run: str | Path) -> dict[str, Any]:
 
 
 def _write_run(out: Path, settings: dict[str, Any]) -> None:
-    """Record the run's settings; refuse to mix two different studies in one folder."""
+    """Record the run's settings (after `_check_run` has refused a folder holding another study)."""
     path = out / RUN_FILE
-    if path.is_file():
-        _write_run_check(json.loads(path.read_text()), settings, out)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -275,10 +273,9 @@ class ApplySummary:
     finetuned: bool
 
 
-def _trial_policy(run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
+def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
     from squeezer.policies.policy import Policy
 
-    result = _load_result(run)
     row = next((r for r in result.rows if r["number"] == trial), None)
     if row is None or "policy" not in row:
         numbers = [r["number"] for r in result.completed()]
@@ -307,6 +304,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
     settings: dict[str, Any] = {}
     recorded = None
+    result = _load_result(run) if run is not None else None
     if run is not None:
         info = _read_run(run)
         settings = dict(info.get("eval", {}))
@@ -316,7 +314,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     if trial is not None:
         if run is None:
             raise ValueError("--trial needs the run folder it belongs to: squeezer apply RUN --trial N --out FILE")
-        chosen, recorded = _trial_policy(Path(run), trial)
+        chosen, recorded = _trial_policy(result, Path(run), trial)
     else:
         chosen = Policy.load(policy)
     if model is None:
@@ -351,7 +349,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         onnx_path = Path(onnx)
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         onnx_path.write_bytes(export_onnx(compressed, bundle.example_inputs()))
-    base = _load_result(run).base if run is not None else None
+    base = result.base if result is not None else None
     if base is None:  # no search recorded it: measure the unchanged model the same way
         base = evaluator.measure(evaluator.base_model, Policy(fingerprint=evaluator.space.fingerprint),
                                  latency=latency)
