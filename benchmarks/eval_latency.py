@@ -1,6 +1,6 @@
 """Latency measurement quality: the same model measured twice, and the lookup table's prediction error.
 
-Run: python benchmarks/eval_latency.py [--policies 20] [--batch 8]
+Run: python benchmarks/eval_latency.py [--policies 15] [--batch 1] [--threads 1] [--knobs prune w_bits]
 """
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ import argparse
 import random
 import statistics
 import tempfile
+import time
 
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.latency import LatencyTable
-from squeezer.policies.export import export_onnx
-from squeezer.policies.policy import LayerChoice, Policy
+from squeezer.evaluators.latency import LatencyTable, table_entries
+from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import SpaceConfig
+from squeezer.spaces.space import SearchSpace
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--policies", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--units", type=int, default=6, help="prunable units a random policy draws from")
+    ap.add_argument("--policies", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime and torch threads")
+    ap.add_argument("--knobs", nargs="+", default=["prune"], help="knobs of the space the random policies use")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_batch=args.batch))
+    torch.set_num_threads(args.threads)
+    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_batch=args.batch,
+                                                     latency_threads=args.threads))
     meter = ev.meter
     assert meter is not None
     print("same model twice (reference = itself)")
@@ -37,22 +41,26 @@ def main() -> None:
           f"{100 * abs(runs[0].rel - runs[1].rel):.1f} points")
 
     rng = random.Random(0)
-    units = [u for u, k in ev.space.param_names() if k == "prune"][:args.units]
+    space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
     with tempfile.TemporaryDirectory() as lut_dir:
         table = LatencyTable(meter, ev._onnx_of, key=ev.space.fingerprint, fingerprint=ev.space.fingerprint,
                              cache_dir=lut_dir)
+        entries = table_entries(space)
+        start = time.perf_counter()
+        table.fill(entries)
+        print(f"\nlookup table: {len(entries)} entries + base timed in {time.perf_counter() - start:.1f} s")
         errors = []
-        print(f"\n{'policy':>6} {'measured rel':>12} {'predicted rel':>13} {'abs err':>8}")
+        print(f"{'policy':>6} {'measured rel':>12} {'predicted rel':>13} {'rel err':>8}")
         for i in range(args.policies):
-            layers = {u: LayerChoice(prune=rng.choice(ev.space.choices(u, "prune")[1:])) for u in units if rng.random() < 0.6}
-            policy = Policy(layers=layers, fingerprint=ev.space.fingerprint)
+            p = rng.random()  # how much of the space this policy changes
+            params = {k: (rng.choice(c) if rng.random() < p else c[0]) for k, c in space.distributions().items()}
+            policy = Policy.from_params(params, space)
             predicted = table.predict_rel(policy)
             measured = meter.measure(ev._onnx_of(policy)).rel
-            errors.append(abs(predicted - measured))
+            errors.append(abs(predicted - measured) / measured)
             print(f"{i:>6} {measured:12.3f} {predicted:13.3f} {errors[-1]:8.3f}")
-        print(f"LUT entries measured: {len(table.data['deltas'])}; median abs error of relative latency "
-              f"{statistics.median(errors):.3f} (x base {table.base_us():.0f} us = "
-              f"{statistics.median(errors) * table.base_us():.0f} us)")
+        print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency "
+              f"{statistics.median(errors):.3f} over {args.policies} random policies (target <= 0.05)")
 
 
 if __name__ == "__main__":

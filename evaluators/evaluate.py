@@ -24,7 +24,8 @@ from torch import nn
 from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
 from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.latency import LatencyMeter, LatencyResult, LatencyTable, MachineLock, hardware_fingerprint
+from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, hardware_fingerprint,
+                                         table_entries)
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -184,6 +185,14 @@ class Evaluator:
         s = self.settings
         return apply_policy(self.base_model, policy, self.calibration, example_inputs=self.example, space=self.space,
                             distill_steps=s.distill_steps, seed=s.seed)
+
+    def build_latency_table(self, space: SearchSpace | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> int:
+        """Measure every lookup-table entry `space` (default: this model's full space) can need, before a search
+        predicts from it; returns how many were measured (0 when the cached table is complete)."""
+        if self.table is None:
+            raise ValueError("no latency table: use EvalSettings(latency='predict' or 'hybrid')")
+        return self.table.fill(table_entries(space or self.space), progress)
 
     def _onnx_of(self, policy: Policy) -> bytes:
         """ONNX of the model with `policy` applied and no recovery (the lookup table's builder)."""

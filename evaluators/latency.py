@@ -17,7 +17,10 @@ runs, and the same lock is simply uncontended.
 
 `LatencyTable` predicts a candidate's latency from per-(unit, choice) deltas measured once per hardware and cached
 on disk: a measured model has only that unit's choice applied (so a pruned group's consumers are included), timed
-interleaved with the reference, stored as a relative delta and predicted as base x (1 + sum of deltas).
+interleaved with the reference, stored as a relative delta and predicted as base x (1 + sum of deltas). A unit's
+choice is split into parts that are timed separately and summed (prune, rank, block, and the bit widths together,
+since int8 kernels need both weights and activations quantized), so the table is finite and can be built up front,
+with progress, instead of one entry per combination of knobs.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from squeezer.policies.policy import LayerChoice, Policy
+from squeezer.spaces.knobs import FLOAT_BITS
 
-__all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "MachineLock", "hardware_fingerprint", "make_session",
+__all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock", "hardware_fingerprint", "make_session",
            "time_session"]
 
 
@@ -191,11 +195,39 @@ class LatencyMeter:
 
 
 # ---- lookup table -----------------------------------------------------------------------------------------------------
-class LatencyTable:
-    """Per-(unit, choice) relative latency deltas, measured lazily once per hardware and cached as JSON.
+def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
+    """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together."""
+    changed = choice.changed()
+    parts = [{k: v} for k, v in changed.items() if k in ("prune", "rank", "block")]
+    bits = {k: v for k, v in changed.items() if k in ("w_bits", "a_bits")}
+    if bits:
+        parts.append(bits)
+    return [LayerChoice(**p) for p in parts]
 
-    `build(policy) -> onnx bytes` makes the model with one unit's choice applied; `key` names the model and
-    input (e.g. space fingerprint + batch) so tables of different models never mix.
+
+def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
+    """Every (unit, part) a policy of `space` can contain: each prune/rank/block choice, each bit-width pair."""
+    entries: list[tuple[str, LayerChoice]] = []
+    for unit in space.units:
+        for knob in ("prune", "rank", "block"):
+            entries += [(unit, LayerChoice(**{knob: v})) for v in space.choices(unit, knob)
+                        if not LayerChoice(**{knob: v}).is_neutral()]
+        w_bits = space.choices(unit, "w_bits") or (FLOAT_BITS,)
+        a_bits = space.choices(unit, "a_bits") or (FLOAT_BITS,)
+        entries += [(unit, LayerChoice(w_bits=w, a_bits=a)) for w in w_bits for a in a_bits
+                    if (w, a) != (FLOAT_BITS, FLOAT_BITS)]
+    return entries
+
+
+Progress = Callable[[int, int], None]
+
+
+class LatencyTable:
+    """Per-(unit, choice part) relative latency deltas, measured once per hardware and cached as JSON.
+
+    `build(policy) -> onnx bytes` makes the model with one unit's part applied; `key` names the model and input
+    (e.g. space fingerprint + batch) so tables of different models never mix. `fill` measures every entry a space
+    can need up front; an entry still missing when predicting is measured then.
     """
 
     def __init__(self, meter: LatencyMeter, build: Callable[[Policy], bytes], *, key: str, fingerprint: str = "",
@@ -205,13 +237,20 @@ class LatencyTable:
         name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}}
+        self._load()
+
+    def _load(self) -> None:
+        """Merge what is on disk (another worker may have measured entries since)."""
         if self.path is not None and self.path.is_file():
             with contextlib.suppress(ValueError, OSError):
-                self.data = json.loads(self.path.read_text())
+                disk = json.loads(self.path.read_text())
+                self.data["deltas"] = {**disk.get("deltas", {}), **self.data["deltas"]}
+                if self.data.get("base_us") is None:
+                    self.data["base_us"] = disk.get("base_us")
 
     @staticmethod
-    def entry_key(unit: str, choice: LayerChoice) -> str:
-        return f"{unit}|{json.dumps(choice.changed(), sort_keys=True)}"
+    def entry_key(unit: str, part: LayerChoice) -> str:
+        return f"{unit}|{json.dumps(part.changed(), sort_keys=True)}"
 
     def _save(self) -> None:
         if self.path is not None:
@@ -227,18 +266,44 @@ class LatencyTable:
             self._save()
         return float(self.data["base_us"])
 
-    def delta(self, unit: str, choice: LayerChoice) -> float:
-        """Relative latency change of applying `choice` to `unit` alone (measured once, then from the table)."""
-        key = self.entry_key(unit, choice)
+    def delta(self, unit: str, part: LayerChoice) -> float:
+        """Relative latency change of applying `part` to `unit` alone (measured once, then from the table)."""
+        key = self.entry_key(unit, part)
         if key not in self.data["deltas"]:
-            policy = Policy(layers={unit: choice}, fingerprint=self.fingerprint)
+            self._load()
+        if key not in self.data["deltas"]:
+            policy = Policy(layers={unit: part}, fingerprint=self.fingerprint)
             self.data["deltas"][key] = self.meter.measure(self.build(policy)).rel - 1.0
             self._save()
         return float(self.data["deltas"][key])
 
+    def missing(self, entries: list[tuple[str, LayerChoice]]) -> list[tuple[str, LayerChoice]]:
+        self._load()
+        return [(u, p) for u, p in entries if self.entry_key(u, p) not in self.data["deltas"]]
+
+    def fill(self, entries: list[tuple[str, LayerChoice]], progress: Progress | None = None) -> int:
+        """Measure the base and every entry not yet in the table; `progress(done, total)` after each. Returns how
+        many were measured (a killed build keeps what it measured: each entry is saved as it lands)."""
+        todo = self.missing(entries)
+        total = len(todo) + (self.data.get("base_us") is None)
+        if progress:
+            progress(0, total)
+        done = 0
+        if self.data.get("base_us") is None:
+            self.base_us()
+            done += 1
+            if progress:
+                progress(done, total)
+        for unit, part in todo:
+            self.delta(unit, part)
+            done += 1
+            if progress:
+                progress(done, total)
+        return done
+
     def predict_rel(self, policy: Policy) -> float:
         """Predicted latency relative to the base model (floored at 5% of it)."""
-        rel = 1.0 + sum(self.delta(u, c) for u, c in sorted(policy.layers.items()) if not c.is_neutral())
+        rel = 1.0 + sum(self.delta(u, p) for u, c in sorted(policy.layers.items()) for p in choice_parts(c))
         return max(0.05, rel)
 
     def predict_us(self, policy: Policy) -> float:

@@ -21,13 +21,30 @@ __all__ = ["train", "space", "search", "front", "apply", "report", "demo", "Sear
            "ApplySummary", "DemoSummary"]
 
 
-def _progress_bar(total: int, label: str):
+def _progress_bar(total: int, label: str, *, loss: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True)
+    columns = [TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}")]
+    columns += [TextColumn("loss {task.fields[loss]:.3f}")] if loss else []
+    progress = Progress(*columns, TimeRemainingColumn(), transient=True)
     task = progress.add_task(label, total=total, loss=float("nan"))
-    return progress, lambda step, loss: progress.update(task, completed=step, loss=loss)
+    return progress, lambda step, value=float("nan"): progress.update(task, completed=step, loss=value)
+
+
+def _build_latency_table(net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
+                         progress: bool) -> None:
+    """Time every lookup-table entry the search can need before it starts (a few minutes once per machine and
+    model; a resumed search finds them cached), so predictions during the search cost microseconds."""
+    from squeezer.evaluators.evaluate import Evaluator
+
+    evaluator = Evaluator(net, bundle, settings, cache_dir=cache)
+    if not progress:
+        evaluator.build_latency_table(space_)
+        return
+    bar, update = _progress_bar(1, "latency table", loss=False)
+    with bar:
+        evaluator.build_latency_table(space_, lambda done, total: (bar.update(bar.task_ids[0], total=total),
+                                                                   update(done)))
 
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
@@ -176,6 +193,8 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
         base = _base_measurement(pool, space_.fingerprint)
         parsed.check_reachable(space_, base)
         _write_run(out, run_settings)
+        if latency in ("predict", "hybrid") and latency_on is None:  # workers read the finished table from disk
+            _build_latency_table(net, bundle, eval_settings, space_, out / "cache", progress)
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None

@@ -8,11 +8,13 @@ import time
 import pytest
 import torch
 
-from squeezer.evaluators.latency import LatencyMeter, LatencyTable, MachineLock, hardware_fingerprint
+from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, choice_parts, hardware_fingerprint,
+                                         table_entries)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import LayerChoice, Policy
+from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 
@@ -84,3 +86,32 @@ def test_lookup_table_caches_on_disk(vgg, tmp_path) -> None:
     assert predicted > 0 and len(built) == 2  # the base and the one entry
     again = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
     assert again.predict_us(policy) == predicted and len(built) == 2
+
+
+def test_choice_parts_keep_bit_widths_together() -> None:
+    parts = choice_parts(LayerChoice(prune=0.5, rank=0.5, w_bits=8, a_bits=8))
+    assert [p.changed() for p in parts] == [{"prune": 0.5}, {"rank": 0.5}, {"w_bits": 8, "a_bits": 8}]
+    assert choice_parts(LayerChoice()) == []
+
+
+def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
+    model, x, space, onnx = vgg
+    small = SearchSpace.from_model(model, x, SpaceConfig(knobs=("prune",), include=(next(space.param_names())[0],)))
+    built: list[Policy] = []
+
+    def build(policy: Policy) -> bytes:
+        built.append(policy)
+        return export_onnx(apply_policy(model, policy, [x], space=space), x)
+
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=1, runs=30, warmup=5, reps=3, lock=MachineLock(tmp_path))
+    entries = table_entries(small)
+    assert entries and all(set(p.changed()) == {"prune"} for _, p in entries)
+    table = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
+    seen: list[tuple[int, int]] = []
+    assert table.fill(entries, lambda done, total: seen.append((done, total))) == len(entries) + 1  # + the base
+    assert seen[0] == (0, len(entries) + 1) and seen[-1] == (len(entries) + 1, len(entries) + 1)
+    count = len(built)
+    unit, part = entries[-1]
+    table.predict_us(Policy(layers={unit: part}, fingerprint=space.fingerprint))
+    again = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
+    assert again.fill(entries) == 0 and len(built) == count  # every entry came from the table on disk

@@ -92,6 +92,17 @@ def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str
     assert not (tmp_path / "r" / "run.json").exists()
 
 
+def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
+    summary = jobs.search(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
+                          trials=2, knobs=("prune",), latency="predict", settings=QUICK)
+    tables = list((tmp_path / "p" / "cache").glob("lut-*.json"))
+    assert len(tables) == 1
+    deltas = json.loads(tables[0].read_text())["deltas"]
+    pruned = [u for u, k in jobs.space(str(run / "base.pt"), knobs=("prune",)).param_names()]
+    assert len(deltas) >= len(pruned) and all(k.split("|")[0] in pruned for k in deltas)
+    assert summary.completed == 2 and all(r["latency_source"] == "predicted" for r in summary.front)
+
+
 def test_latency_budget_without_latency(capsys, run: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "latency<=1ms", "--out",
                        str(tmp_path / "r"), "--latency", "none")
