@@ -27,7 +27,7 @@ from torch import nn
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective
-from squeezer.search.searcher import Proposal, StudySearcher
+from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
 from squeezer.search.shrink import compression_order, full_params
 from squeezer.spaces.knobs import BLOCK, KEEP, RANK
 from squeezer.spaces.space import SearchSpace
@@ -159,10 +159,9 @@ class AmcAgent(StudySearcher):
             self.study.enqueue_trial(params, user_attrs={"ddpg_actions": actions}, skip_if_exists=False)
         trial = self.study.ask(self.dists)
         policy = Policy.from_params(trial.params, self.space, sampler="ddpg", trial=trial.number)
-        trial.set_user_attr("policy", policy.to_json())
-        trial.set_user_attr("searcher", "ddpg")
         self.episodes += 1
-        return Proposal(trial.number, policy, trial, {"actions": trial.user_attrs.get("ddpg_actions")})
+        return Proposal(trial.number, policy, trial, {"actions": trial.user_attrs.get("ddpg_actions")},
+                        attrs={"policy": policy.to_json(), "searcher": "ddpg"})
 
     def reward(self, m: Measurement) -> float:
         feasible = self.objective.budget.is_feasible(m, self.objective.base)
@@ -221,10 +220,10 @@ class AmcAgent(StudySearcher):
 
     def _resume(self) -> None:
         """Rebuild episodes, baseline and replay buffer from the study's finished agent trials."""
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("ddpg_actions") and "accuracy" in t.user_attrs]
-        for t in done:
-            self._remember(t.user_attrs["ddpg_actions"], self.reward(Measurement.from_metrics(t.user_attrs)))
+        done = [attrs for attrs in map(trial_attrs, self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+                if attrs.get("ddpg_actions") and "accuracy" in attrs]
+        for attrs in done:
+            self._remember(attrs["ddpg_actions"], self.reward(Measurement.from_metrics(attrs)))
         self.episodes = len(done)
         if self.episodes > self.warmup:
             self.train(len(self.units) * min(10, self.episodes))

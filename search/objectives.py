@@ -61,4 +61,5 @@ def make_objective(kind: str = "multi", *, budget: Budget, base: Measurement,
 
 def constraints_func(trial: FrozenTrial) -> Sequence[float]:
     """Optuna's constraints_func: the values the searcher stored in the trial before telling it."""
-    return tuple(trial.user_attrs.get("constraints", ()))
+    attrs = trial.user_attrs
+    return tuple(attrs.get("metrics", {}).get("constraints", attrs.get("constraints", ())))

@@ -106,6 +106,7 @@ class OptunaSearcher(StudySearcher):
         trial = self.study.ask(self.distributions)
         params = self.decode(trial.params)
         policy = Policy.from_params(params, self.space, sampler=self.name, trial=trial.number)
+        attrs: dict[str, Any] = {"searcher": self.name}
         if self.repair and self.objective.budget.limits:
             budget, base = self.objective.budget, self.objective.base
             baseline = self.space.baseline()
@@ -113,7 +114,6 @@ class OptunaSearcher(StudySearcher):
                 policy, self.space,
                 lambda cost: budget.predicted_constraints(self.space, base, cost, baseline=baseline),
                 metrics=budget.metrics)
-            trial.set_user_attr("repaired", bool(policy.meta.get("repaired")))
-        trial.set_user_attr("policy", policy.to_json())
-        trial.set_user_attr("searcher", self.name)
-        return Proposal(trial.number, policy, trial)
+            attrs["repaired"] = bool(policy.meta.get("repaired"))
+        attrs["policy"] = policy.to_json()
+        return Proposal(trial.number, policy, trial, attrs=attrs)

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial
 
 from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import Budget, BudgetError, cost_fraction
+from squeezer.search.searcher import trial_attrs
 
 __all__ = ["StudyResult", "front_rows", "hypervolume", "row_from_trial"]
 
@@ -23,7 +24,7 @@ METRIC_COLUMNS = ("accuracy", "loss", "macs", "params", "bops", "size_mb", "late
 
 def row_from_trial(trial: FrozenTrial) -> dict[str, Any]:
     """One flat record per trial: number, state, every stored user attr (metrics, feasibility, policy)."""
-    return {"number": trial.number, "state": trial.state.name, "trial_params": dict(trial.params), **trial.user_attrs,
+    return {"number": trial.number, "state": trial.state.name, "trial_params": dict(trial.params), **trial_attrs(trial),
             "values": list(trial.values) if trial.values else None}
 
 

@@ -2,7 +2,9 @@
 
 A searcher proposes a policy (`ask`) and learns from its outcome (`tell`). Recording is shared so every trial,
 whatever proposed it, carries the same user attrs: the evaluated policy, every measured metric, the constraint
-values and feasibility — the only things fronts, reports and resume read.
+values and feasibility — the only things fronts, reports and resume read. The outcome is one user attr, `metrics`
+(a dict), because an RDB storage commits each attr separately: one attr per metric cost ~0.1 s a trial in SQLite.
+`trial_attrs` gives the flat view every reader uses (and reads studies written one attr per metric, too).
 """
 from __future__ import annotations
 
@@ -16,7 +18,17 @@ from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective
 
-__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome"]
+__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome", "trial_attrs", "METRICS_ATTR",
+           "RUN_ATTR"]
+
+METRICS_ATTR = "metrics"  # the outcome and the proposal's attrs, written once when the trial is told
+RUN_ATTR = "run"  # written once when the trial is asked: its policy file and the driver evaluating it
+
+
+def trial_attrs(trial: Any) -> dict[str, Any]:
+    """A trial's user attrs with its records spread out: accuracy, macs, feasible, policy, driver, ... at the top."""
+    attrs = dict(trial.user_attrs)
+    return {**attrs.pop(METRICS_ATTR, {}), **attrs.pop(RUN_ATTR, {}), **attrs}
 
 
 @dataclass
@@ -27,6 +39,7 @@ class Proposal:
     policy: Policy
     trial: optuna.Trial = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)  # stored with the outcome (policy, searcher, ...)
 
 
 class Searcher(Protocol):
@@ -69,24 +82,22 @@ def record_outcome(study: optuna.Study, proposal: Proposal, outcome: Outcome, ob
     """Store `outcome` in the proposal's trial and finish it (COMPLETE, or FAIL with the reason)."""
     trial = proposal.trial
     if isinstance(outcome, EvalFailure):
-        trial.set_user_attr("fail_reason", outcome.reason)
-        trial.set_user_attr("seconds", outcome.seconds)
+        trial.set_user_attr(METRICS_ATTR, {**proposal.attrs, "fail_reason": outcome.reason,
+                                           "seconds": outcome.seconds})
         study.tell(trial, state=TrialState.FAIL)
         return
     if not isinstance(outcome, Measurement):
-        trial.set_user_attr("fail_reason", f"evaluator returned {type(outcome).__name__}, not a Measurement")
+        reason = f"evaluator returned {type(outcome).__name__}, not a Measurement"
+        trial.set_user_attr(METRICS_ATTR, {**proposal.attrs, "fail_reason": reason})
         study.tell(trial, state=TrialState.FAIL)
         return
     constraints = objective.constraints(outcome)
-    for key, value in outcome.metrics().items():
-        trial.set_user_attr(key, value)
+    record = {**proposal.attrs, **outcome.metrics(), "constraints": constraints, "feasible": all(c <= 0 for c in constraints),
+              "cost_frac": objective.cost(outcome), "fidelity": "cheap"}
     if outcome.hardware:
-        trial.set_user_attr("hardware", dict(outcome.hardware))
-    trial.set_user_attr("constraints", constraints)
+        record["hardware"] = dict(outcome.hardware)
+    trial.set_user_attr(METRICS_ATTR, record)
     if hasattr(trial, "set_constraint"):
         for limit, value in zip(objective.budget.limits, constraints):
             trial.set_constraint(limit.text, value)
-    trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
-    trial.set_user_attr("cost_frac", objective.cost(outcome))
-    trial.set_user_attr("fidelity", "cheap")
     study.tell(trial, objective.values(outcome))

@@ -23,7 +23,7 @@ from squeezer.search.budget import Budget, BudgetError
 from squeezer.search.objectives import Objective, make_objective
 from squeezer.search.optuna_searcher import SAMPLERS, OptunaSearcher, make_sampler
 from squeezer.search.pareto import StudyResult, front_rows, row_from_trial
-from squeezer.search.searcher import EvalPool, Searcher
+from squeezer.search.searcher import RUN_ATTR, EvalPool, Searcher, trial_attrs
 
 __all__ = ["run_search", "open_study", "make_searcher", "SearchError", "STUDY_PREFIX"]
 
@@ -127,7 +127,7 @@ def requeue_stale(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     stale = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = ft.user_attrs.get("driver", {})
+        owner = trial_attrs(ft).get("driver", {})
         if owner.get("host") == host and _alive(owner.get("pid")):
             continue
         keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions",)}
@@ -194,8 +194,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
             while len(in_flight) < workers and done + len(in_flight) < trials:
                 proposal = searcher.ask()
                 path = proposal.policy.save(out / "policies" / f"trial_{proposal.trial_number:05d}.json")
-                proposal.trial.set_user_attr("policy_file", str(path.relative_to(out)))
-                proposal.trial.set_user_attr("driver", driver)
+                proposal.trial.set_user_attr(RUN_ATTR, {"policy_file": str(path.relative_to(out)), "driver": driver})
                 pool.submit(proposal.trial_number, proposal.policy)
                 in_flight[proposal.trial_number] = proposal
             if not in_flight:
@@ -205,7 +204,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                 searcher.tell(proposal, outcome)
                 done += 1
                 if isinstance(outcome, Measurement):
-                    rows.append({"number": key, **proposal.trial.user_attrs})
+                    rows.append({"number": key, **trial_attrs(proposal.trial)})
                 if show:
                     show(_stats(rows, done, trials, start, started_with))
     finally:  # the pool is the caller's: left open for promotion or another search

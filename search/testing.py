@@ -13,7 +13,6 @@ from typing import Callable
 
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.policy import Policy
-from squeezer.spaces.knobs import FLOAT_BITS
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["FakeEvaluator", "InlinePool", "ThreadPool"]

@@ -11,6 +11,7 @@ from squeezer.search.amc_agent import AmcAgent
 from squeezer.search.baselines import uniform_at, uniform_policy, uniform_sweep
 from squeezer.search.budget import Budget
 from squeezer.search.objectives import make_objective
+from squeezer.search.searcher import trial_attrs
 from squeezer.search.testing import FakeEvaluator
 from squeezer.spaces.space import SearchSpace
 
@@ -34,8 +35,8 @@ def test_action_wall_keeps_every_episode_within_the_macs_budget(space: SearchSpa
         assert len(proposal.info["actions"]) == len(agent.units)
         assert all(0.0 <= a <= 1.0 for a in proposal.info["actions"])
         agent.tell(proposal, ev(proposal.policy))
-    assert len(study.trials) == 8 and all(t.user_attrs["feasible"] for t in study.trials)
-    assert all(t.user_attrs["searcher"] == "ddpg" for t in study.trials)
+    assert len(study.trials) == 8 and all(trial_attrs(t)["feasible"] for t in study.trials)
+    assert all(trial_attrs(t)["searcher"] == "ddpg" for t in study.trials)
 
 
 def test_actions_map_to_each_units_choices(space: SearchSpace) -> None:
