@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from squeezer.policies.context import ApplyContext
+from squeezer.policies.forward import run_hooked
 from squeezer.policies.lowrank import set_submodule
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import DWSEP
@@ -116,15 +117,8 @@ def capture_all_outputs(model: nn.Module, names: list[str],
                         batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """The outputs of the named modules for each batch, in one forward pass per batch."""
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(  # clone: an in-place op may follow the module
-        lambda _m, _i, out, n=n: captured[n].append(out.detach().clone())) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model.eval()(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, [(model.get_submodule(n),  # clone: an in-place op may follow the module
+                        lambda _m, _i, out, n=n: captured[n].append(out.detach().clone())) for n in names], batches)
     return captured
 
 

@@ -1,7 +1,6 @@
 """Structured pruning: physically remove channels, coupled groups at a time, with Torch-Pruning."""
 from __future__ import annotations
 
-import torch
 import torch_pruning as tp
 from torch import nn
 

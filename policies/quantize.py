@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from squeezer.policies.context import ApplyContext
+from squeezer.policies.forward import run_hooked
 from squeezer.policies.lowrank import set_submodule
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import FLOAT_BITS
@@ -329,14 +330,9 @@ def _calibrate(model: nn.Module, wrappers: dict[QuantizedLayer, _Follow | None],
 
     for w in wrappers:
         w.observing = True
-    handles = [w.register_forward_hook(hook) for w in wrappers]
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model.eval()(batch)
+        run_hooked(model, [(w, hook) for w in wrappers], batches)
     finally:
-        for h in handles:
-            h.remove()
         for w in wrappers:
             w.observing = False
     for w, rng in inputs.items():
