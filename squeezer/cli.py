@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery", choices=["none", "bn", "finetune", "kd"], default="bn",
                    help="how each candidate recovers before its accuracy is measured")
     p.add_argument("--latency", choices=["measure", "predict", "hybrid", "none"], default="measure",
-                   help="measure each candidate in onnxruntime, predict from a lookup table, or both")
+                   help="measure: time each candidate in onnxruntime; predict: sum per-unit deltas from a lookup "
+                        "table timed once before the search; hybrid: predict, and time every 5th candidate")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
     p.add_argument("--promote", type=int, default=0, help="re-evaluate the best K front trials with a fine-tune")
