@@ -196,26 +196,27 @@ class LatencyMeter:
 
 # ---- lookup table -----------------------------------------------------------------------------------------------------
 def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
-    """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together."""
+    """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together.
+
+    Bit widths are timed in their int8 form: the export stores every width up to 8 bits as int8
+    (policies/quantize.py), so w4 and w8 run the same kernels and one entry serves both.
+    """
     changed = choice.changed()
-    parts = [{k: v} for k, v in changed.items() if k in ("prune", "rank", "block")]
-    bits = {k: v for k, v in changed.items() if k in ("w_bits", "a_bits")}
+    parts = [LayerChoice(**{k: v}) for k, v in changed.items() if k in ("prune", "rank", "block")]
+    bits = {k: (8 if v <= 8 else FLOAT_BITS) for k, v in changed.items() if k in ("w_bits", "a_bits")}
     if bits:
-        parts.append(bits)
-    return [LayerChoice(**p) for p in parts]
+        parts.append(LayerChoice(**bits))
+    return parts
 
 
 def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
-    """Every (unit, part) a policy of `space` can contain: each prune/rank/block choice, each bit-width pair."""
+    """Every distinct (unit, part) a policy of `space` can contain: each prune/rank/block choice, each int8 form."""
     entries: list[tuple[str, LayerChoice]] = []
     for unit in space.units:
-        for knob in ("prune", "rank", "block"):
-            entries += [(unit, LayerChoice(**{knob: v})) for v in space.choices(unit, knob)
-                        if not LayerChoice(**{knob: v}).is_neutral()]
-        w_bits = space.choices(unit, "w_bits") or (FLOAT_BITS,)
-        a_bits = space.choices(unit, "a_bits") or (FLOAT_BITS,)
-        entries += [(unit, LayerChoice(w_bits=w, a_bits=a)) for w in w_bits for a in a_bits
-                    if (w, a) != (FLOAT_BITS, FLOAT_BITS)]
+        forms = [LayerChoice(**{knob: v}) for knob in ("prune", "rank", "block") for v in space.choices(unit, knob)]
+        forms += [LayerChoice(w_bits=w, a_bits=a) for w in space.choices(unit, "w_bits") or (FLOAT_BITS,)
+                  for a in space.choices(unit, "a_bits") or (FLOAT_BITS,)]
+        entries += [(unit, part) for part in dict.fromkeys(p for form in forms for p in choice_parts(form))]
     return entries
 
 

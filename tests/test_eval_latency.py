@@ -92,6 +92,8 @@ def test_choice_parts_keep_bit_widths_together() -> None:
     parts = choice_parts(LayerChoice(prune=0.5, rank=0.5, w_bits=8, a_bits=8))
     assert [p.changed() for p in parts] == [{"prune": 0.5}, {"rank": 0.5}, {"w_bits": 8, "a_bits": 8}]
     assert choice_parts(LayerChoice()) == []
+    # every width up to 8 bits is exported as int8, so it is timed as int8
+    assert choice_parts(LayerChoice(w_bits=4, a_bits=6)) == [LayerChoice(w_bits=8, a_bits=8)]
 
 
 def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
