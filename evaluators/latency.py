@@ -41,8 +41,8 @@ import numpy as np
 from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import FLOAT_BITS
 
-__all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock", "hardware_fingerprint", "make_session",
-           "time_session"]
+__all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
+           "hardware_fingerprint", "make_session", "time_session"]
 
 
 def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:

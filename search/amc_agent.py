@@ -220,8 +220,8 @@ class AmcAgent(StudySearcher):
 
     def _resume(self) -> None:
         """Rebuild episodes, baseline and replay buffer from the study's finished agent trials."""
-        done = [attrs for attrs in map(trial_attrs, self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-                if attrs.get("ddpg_actions") and "accuracy" in attrs]
+        finished = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = [attrs for attrs in map(trial_attrs, finished) if attrs.get("ddpg_actions") and "accuracy" in attrs]
         for attrs in done:
             self._remember(attrs["ddpg_actions"], self.reward(Measurement.from_metrics(attrs)))
         self.episodes = len(done)

@@ -28,7 +28,7 @@ def _progress_bar(total: int, label: str, *, loss: bool = True):
     columns += [TextColumn("loss {task.fields[loss]:.3f}")] if loss else []
     progress = Progress(*columns, TimeRemainingColumn(), transient=True)
     task = progress.add_task(label, total=total, loss=float("nan"))
-    return progress, lambda step, value=float("nan"): progress.update(task, completed=step, loss=value)
+    return progress, lambda step, loss=float("nan"): progress.update(task, completed=step, loss=loss)
 
 
 def _build_latency_table(net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
@@ -41,10 +41,13 @@ def _build_latency_table(net: Any, bundle: Any, settings: Any, space_: SearchSpa
     if not progress:
         evaluator.build_latency_table(space_)
         return
-    bar, update = _progress_bar(1, "latency table", loss=False)
+    bar, _ = _progress_bar(1, "latency table", loss=False)  # the total is known once the cache is read
+
+    def report(done: int, total: int) -> None:
+        bar.update(bar.task_ids[0], completed=done, total=total)
+
     with bar:
-        evaluator.build_latency_table(space_, lambda done, total: (bar.update(bar.task_ids[0], total=total),
-                                                                   update(done)))
+        evaluator.build_latency_table(space_, report)
 
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,

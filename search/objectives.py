@@ -61,5 +61,5 @@ def make_objective(kind: str = "multi", *, budget: Budget, base: Measurement,
 
 def constraints_func(trial: FrozenTrial) -> Sequence[float]:
     """Optuna's constraints_func: the values the searcher stored in the trial before telling it."""
-    attrs = trial.user_attrs
+    attrs = trial.user_attrs  # the outcome record is searcher.METRICS_ATTR (not imported: searcher imports this)
     return tuple(attrs.get("metrics", {}).get("constraints", attrs.get("constraints", ())))

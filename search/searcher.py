@@ -92,8 +92,8 @@ def record_outcome(study: optuna.Study, proposal: Proposal, outcome: Outcome, ob
         study.tell(trial, state=TrialState.FAIL)
         return
     constraints = objective.constraints(outcome)
-    record = {**proposal.attrs, **outcome.metrics(), "constraints": constraints, "feasible": all(c <= 0 for c in constraints),
-              "cost_frac": objective.cost(outcome), "fidelity": "cheap"}
+    record = {**proposal.attrs, **outcome.metrics(), "constraints": constraints,
+              "feasible": all(c <= 0 for c in constraints), "cost_frac": objective.cost(outcome), "fidelity": "cheap"}
     if outcome.hardware:
         record["hardware"] = dict(outcome.hardware)
     trial.set_user_attr(METRICS_ATTR, record)
