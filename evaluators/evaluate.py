@@ -24,8 +24,8 @@ from torch import nn
 from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
 from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, hardware_fingerprint,
-                                         table_entries)
+from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, calibration_policies,
+                                         hardware_fingerprint, table_entries)
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -125,7 +125,8 @@ class Evaluator:
                 if self.meter is None:
                     raise ValueError("latency 'predict'/'hybrid' builds its table locally: drop latency_fn")
                 self.table = LatencyTable(self.meter, self._onnx_of, key=self.space.fingerprint,
-                                          fingerprint=self.space.fingerprint, cache_dir=lut_dir or cache_dir)
+                                          fingerprint=self.space.fingerprint, cache_dir=lut_dir or cache_dir,
+                                          space=self.space)
         self.base_model = self.base.to(self.device)
         self.hardware = hardware or hardware_fingerprint(settings.latency_threads)  # of the timing machine
 
@@ -187,12 +188,15 @@ class Evaluator:
                             distill_steps=s.distill_steps, seed=s.seed)
 
     def build_latency_table(self, space: SearchSpace | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> int:
-        """Measure every lookup-table entry `space` (default: this model's full space) can need, before a search
-        predicts from it; returns how many were measured (0 when the cached table is complete)."""
+                            progress: Callable[[int, int], None] | None = None, calibration: int = 16) -> int:
+        """Time every lookup-table entry `space` (default: this model's full space) can need, and `calibration`
+        random whole policies of it for the table's correction, before a search predicts from it; returns how many
+        models were timed (0 when the cached table is complete)."""
         if self.table is None:
             raise ValueError("no latency table: use EvalSettings(latency='predict' or 'hybrid')")
-        return self.table.fill(table_entries(space or self.space), progress)
+        space = space or self.space
+        return self.table.fill(table_entries(space), progress,
+                               calibration_policies(space, calibration, seed=self.settings.seed))
 
     def _onnx_of(self, policy: Policy) -> bytes:
         """ONNX of the model with `policy` applied and no recovery (the lookup table's builder)."""
@@ -232,6 +236,8 @@ class Evaluator:
         latency_fields: dict[str, Any] = {}
         if onnx is not None:
             result = (self._latency_fn or self.meter.measure)(onnx)  # type: ignore[union-attr]
+            if self.table is not None:  # hybrid: the timed candidate sharpens the table's correction
+                self.table.record(policy, result.rel)
             latency_fields = {"latency_ms": result.median_ms, "latency_p90_ms": result.p90_ms,
                               "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured"}
         elif self.table is not None:

@@ -20,7 +20,10 @@ on disk: a measured model has only that unit's choice applied (so a pruned group
 interleaved with the reference, stored as a relative delta and predicted as base x (1 + sum of deltas). A unit's
 choice is split into parts that are timed separately and summed (prune, rank, block, and the bit widths together,
 since int8 kernels need both weights and activations quantized), so the table is finite and can be built up front,
-with progress, instead of one entry per combination of knobs.
+with progress, instead of one entry per combination of knobs. Sums of per-unit deltas are biased where units
+interact (int8 units share the quantize/dequantize steps between them, benchmarks/latency_additivity.py), so the
+table also times a few whole random policies and maps the sum through a straight line fitted to them
+(measured = a x summed + b); in "hybrid" mode every timed candidate adds a point to that fit.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +46,7 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import FLOAT_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
+           "calibration_policies", "fit_line",
            "hardware_fingerprint", "make_session", "time_session"]
 
 
@@ -220,6 +225,38 @@ def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
     return entries
 
 
+def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
+    """`n` random policies of `space`, from barely to heavily changed (each changes a random share of its knobs)."""
+    rng = random.Random(seed)
+    dists = space.distributions()
+    out = []
+    for _ in range(n):
+        share = rng.random()
+        params = {k: (rng.choice(c) if rng.random() < share else c[0]) for k, c in dists.items()}
+        out.append(Policy.from_params(params, space))
+    return out
+
+
+MIN_POINTS = 4  # whole policies timed before the straight-line correction is used
+
+
+def fit_line(points: list[list[float]]) -> tuple[float, float]:
+    """Least-squares (a, b) of measured = a x summed + b; the identity until there are enough distinct points.
+
+    The unchanged model is a known point (summed 1, measured 1) and is always part of the fit."""
+    if len(points) < MIN_POINTS:
+        return 1.0, 0.0
+    x, y = np.array([[1.0, 1.0], *points], dtype=float).T
+    if np.ptp(x) < 1e-6:
+        return 1.0, 0.0
+    a, b = np.polyfit(x, y, 1)
+    return (float(a), float(b)) if a > 0 else (1.0, 0.0)
+
+
+def is_bits(part: LayerChoice) -> bool:
+    return part.w_bits != FLOAT_BITS or part.a_bits != FLOAT_BITS
+
+
 Progress = Callable[[int, int], None]
 
 
@@ -232,12 +269,12 @@ class LatencyTable:
     """
 
     def __init__(self, meter: LatencyMeter, build: Callable[[Policy], bytes], *, key: str, fingerprint: str = "",
-                 cache_dir: str | Path | None = None) -> None:
-        self.meter, self.build, self.fingerprint = meter, build, fingerprint
+                 cache_dir: str | Path | None = None, space: Any = None) -> None:
+        self.meter, self.build, self.fingerprint, self.space = meter, build, fingerprint, space
         hw = meter.hardware()
         name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
-        self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}}
+        self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": []}
         self._load()
 
     def _load(self) -> None:
@@ -246,6 +283,8 @@ class LatencyTable:
             with contextlib.suppress(ValueError, OSError):
                 disk = json.loads(self.path.read_text())
                 self.data["deltas"] = {**disk.get("deltas", {}), **self.data["deltas"]}
+                points = disk.get("calibration", []) + self.data["calibration"]
+                self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points))]
                 if self.data.get("base_us") is None:
                     self.data["base_us"] = disk.get("base_us")
 
@@ -282,30 +321,44 @@ class LatencyTable:
         self._load()
         return [(u, p) for u, p in entries if self.entry_key(u, p) not in self.data["deltas"]]
 
-    def fill(self, entries: list[tuple[str, LayerChoice]], progress: Progress | None = None) -> int:
-        """Measure the base and every entry not yet in the table; `progress(done, total)` after each. Returns how
-        many were measured (a killed build keeps what it measured: each entry is saved as it lands)."""
+    def fill(self, entries: list[tuple[str, LayerChoice]], progress: Progress | None = None,
+             calibration: list[Policy] = ()) -> int:
+        """Measure the base, every entry not yet in the table, and the `calibration` policies (when the table holds
+        fewer points than given); `progress(done, total)` after each. Returns how many models were timed (a killed
+        build keeps what it timed: each result is saved as it lands)."""
         todo = self.missing(entries)
-        total = len(todo) + (self.data.get("base_us") is None)
+        policies = list(calibration)[len(self.data["calibration"]):]
+        steps = ([self.base_us] if self.data.get("base_us") is None else [])
+        steps += [lambda u=u, p=p: self.delta(u, p) for u, p in todo]
+        steps += [lambda p=p: self.record(p, self.meter.measure(self.build(p)).rel) for p in policies]
         if progress:
-            progress(0, total)
-        done = 0
-        if self.data.get("base_us") is None:
-            self.base_us()
-            done += 1
+            progress(0, len(steps))
+        for done, step in enumerate(steps, 1):
+            step()
             if progress:
-                progress(done, total)
-        for unit, part in todo:
-            self.delta(unit, part)
-            done += 1
-            if progress:
-                progress(done, total)
-        return done
+                progress(done, len(steps))
+        return len(steps)
+
+    def summed_rel(self, policy: Policy) -> float:
+        """1 + the sum of the policy's per-unit deltas: the table's raw prediction. With a space, a bit-width delta
+        (timed on the unpruned unit) is scaled by the share of the unit's MACs its pruning or rank leaves."""
+        share: dict[str, float] = {}
+        if self.space is not None:
+            before = self.space.unit_costs({})
+            share = {u: m / max(1, before[u][0]) for u, (m, _) in self.space.unit_costs(policy.layers).items()}
+        return 1.0 + sum(self.delta(u, p) * (share.get(u, 1.0) if is_bits(p) else 1.0)
+                         for u, c in sorted(policy.layers.items()) for p in choice_parts(c))
+
+    def record(self, policy: Policy, measured_rel: float) -> None:
+        """Add a timed whole policy to the straight-line correction of the sums."""
+        self.data["calibration"].append([self.summed_rel(policy), float(measured_rel)])
+        self._save()
 
     def predict_rel(self, policy: Policy) -> float:
-        """Predicted latency relative to the base model (floored at 5% of it)."""
-        rel = 1.0 + sum(self.delta(u, p) for u, c in sorted(policy.layers.items()) for p in choice_parts(c))
-        return max(0.05, rel)
+        """Predicted latency relative to the base model (floored at 5% of it): the summed deltas, corrected by the
+        line fitted to the timed whole policies."""
+        a, b = fit_line(self.data["calibration"])
+        return max(0.05, a * self.summed_rel(policy) + b)
 
     def predict_us(self, policy: Policy) -> float:
         """Predicted latency in microseconds: base latency x (1 + sum of per-unit relative deltas)."""

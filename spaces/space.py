@@ -130,15 +130,9 @@ class SearchSpace:
             choice = layers.get(unit)
             return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
 
-        ratio = {g: get(g, PRUNE) for g in self.groups}
         macs = params = 0
         size_bits = bops = 0.0
-        for name, unit in self.units.items():
-            info = unit.layer
-            cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
-            cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
-            cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
-            m, p = self.layer_cost(unit, cin, cout, get(name, RANK), get(name, BLOCK))
+        for name, (m, p) in self.unit_costs(layers).items():
             wb, ab = get(name, W_BITS), get(name, A_BITS)
             macs += m
             params += p
@@ -146,6 +140,22 @@ class SearchSpace:
             bops += m * wb * ab
         size_bits += self.other_params * FLOAT_BITS
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
+
+    def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+        """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too."""
+        def get(unit: str, knob: str) -> Any:
+            choice = layers.get(unit)
+            return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
+
+        ratio = {g: get(g, PRUNE) for g in self.groups}
+        out = {}
+        for name, unit in self.units.items():
+            info = unit.layer
+            cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
+            cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
+            cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
+            out[name] = self.layer_cost(unit, cin, cout, get(name, RANK), get(name, BLOCK))
+        return out
 
     def layer_cost(self, unit: Unit, cin: int, cout: int, rank: float, block: str) -> tuple[int, int]:
         """(MACs per sample, params) of one unit at the given channels and form."""

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, choice_parts, hardware_fingerprint,
-                                         table_entries)
+from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
+                                         fit_line, hardware_fingerprint, table_entries)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -108,12 +108,22 @@ def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
     meter = LatencyMeter(onnx, tuple(x.shape), batch=1, runs=30, warmup=5, reps=3, lock=MachineLock(tmp_path))
     entries = table_entries(small)
     assert entries and all(set(p.changed()) == {"prune"} for _, p in entries)
-    table = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
+    table = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path,
+                         space=space)
     seen: list[tuple[int, int]] = []
-    assert table.fill(entries, lambda done, total: seen.append((done, total))) == len(entries) + 1  # + the base
-    assert seen[0] == (0, len(entries) + 1) and seen[-1] == (len(entries) + 1, len(entries) + 1)
+    whole = calibration_policies(small, 2)
+    timed = table.fill(entries, lambda done, total: seen.append((done, total)), calibration=whole)
+    assert timed == len(entries) + 1 + 2  # + the base + the calibration policies
+    assert seen[0] == (0, timed) and seen[-1] == (timed, timed) and len(table.data["calibration"]) == 2
     count = len(built)
     unit, part = entries[-1]
     table.predict_us(Policy(layers={unit: part}, fingerprint=space.fingerprint))
     again = LatencyTable(meter, build, key=space.fingerprint, fingerprint=space.fingerprint, cache_dir=tmp_path)
-    assert again.fill(entries) == 0 and len(built) == count  # every entry came from the table on disk
+    assert again.fill(entries, calibration=whole) == 0 and len(built) == count  # all of it came from disk
+
+
+def test_fit_line_corrects_sums_once_there_are_enough_points() -> None:
+    assert fit_line([[2.0, 1.5]]) == (1.0, 0.0)  # too few points: the sums are taken as they are
+    a, b = fit_line([[x, 0.5 * x + 0.5] for x in (1.5, 2.0, 3.0, 4.0)])  # the base (1, 1) lies on this line
+    assert a == pytest.approx(0.5) and b == pytest.approx(0.5)
+    assert fit_line([[2.0, 1.0 - 0.1 * i] for i in range(4)] + [[3.0, 0.5]]) == (1.0, 0.0)  # never a falling line

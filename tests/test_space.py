@@ -98,3 +98,14 @@ def test_shuffle_net_groups_are_refused_not_broken() -> None:
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
     space = SearchSpace.from_model(model, torch.randn(1, 3, 32, 32))
     assert space.units and space.size() > 1  # the model still gets its other knobs
+
+
+def test_unit_costs_add_up_to_the_prediction(resnet) -> None:
+    from squeezer.policies.policy import Policy
+
+    space = SearchSpace.from_model(resnet, X8)
+    policy = Policy.uniform(space, prune=0.5)
+    costs = space.unit_costs(policy.layers)
+    assert set(costs) == set(space.units)
+    assert sum(m for m, _ in costs.values()) == space.predict(policy.layers).macs
+    assert all(m <= space.unit_costs({})[u][0] for u, (m, _) in costs.items())
