@@ -4,6 +4,7 @@ Only storage is read (never the running process), so all of this works on a runn
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -65,6 +66,19 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
     return area
 
 
+def _check_schema_ready(path: Path) -> None:
+    """Raise (one line) while the search that owns `path` is still creating its tables."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(str(path), timeout=10)) as conn:
+            ready = conn.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:
+        ready = False
+    if not ready:
+        raise FileNotFoundError(f"{path} is still being created by a starting search: try again in a moment")
+
+
 class StudyResult:
     """The trials of one search, as records read from storage."""
 
@@ -86,8 +100,9 @@ class StudyResult:
         if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
             folder = Path(storage_or_dir)
             if (folder / "study.db").is_file():
-                # A reader never creates tables: a search starting at the same moment owns the schema (two
-                # creators race on alembic's version row and one of them crashes).
+                # A reader never creates tables, and waits for a starting search to finish its schema: Optuna
+                # stamps the schema version from every process that opens the file, and two stamps at once crash.
+                _check_schema_ready(folder / "study.db")
                 storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}",
                                                      skip_table_creation=True)
             elif (folder / "study.log").is_file():

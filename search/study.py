@@ -71,7 +71,12 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
 def _sqlite_wal(url: str) -> BaseStorage:
     import sqlalchemy
 
-    rdb = optuna.storages.RDBStorage(url)
+    try:
+        rdb = optuna.storages.RDBStorage(url)
+    except sqlalchemy.exc.IntegrityError:
+        # Optuna stamps the schema version from every process that opens the file, readers included; when two do
+        # it at once one insert fails, but the schema is then complete, so opening again succeeds.
+        rdb = optuna.storages.RDBStorage(url)
 
     def on_connect(conn: Any, _record: Any) -> None:
         cur = conn.cursor()

@@ -60,3 +60,14 @@ def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
     policies = [str(sorted(r["policy"]["layers"].items())) for r in complete if "requeued_from" not in r]
     assert len(complete) == len({r["number"] for r in complete})
     assert len(policies) == len(complete) - len(requeued)
+
+
+def test_reader_refuses_a_study_whose_schema_is_still_being_created(tmp_path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "study.db") as conn:  # tables made, version not stamped yet
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    with pytest.raises(FileNotFoundError, match="still being created"):
+        StudyResult.load(tmp_path)
+    with sqlite3.connect(tmp_path / "study.db") as conn:  # a reader stamped nothing
+        assert conn.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] == 0
