@@ -271,6 +271,7 @@ class LatencyTable:
     def __init__(self, meter: LatencyMeter, build: Callable[[Policy], bytes], *, key: str, fingerprint: str = "",
                  cache_dir: str | Path | None = None, space: Any = None) -> None:
         self.meter, self.build, self.fingerprint, self.space = meter, build, fingerprint, space
+        self._base_macs = {u: m for u, (m, _) in space.unit_costs({}).items()} if space is not None else {}
         hw = meter.hardware()
         name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
@@ -344,8 +345,7 @@ class LatencyTable:
         (timed on the unpruned unit) is scaled by the share of the unit's MACs its pruning or rank leaves."""
         share: dict[str, float] = {}
         if self.space is not None:
-            before = self.space.unit_costs({})
-            share = {u: m / max(1, before[u][0]) for u, (m, _) in self.space.unit_costs(policy.layers).items()}
+            share = {u: m / max(1, self._base_macs[u]) for u, (m, _) in self.space.unit_costs(policy.layers).items()}
         return 1.0 + sum(self.delta(u, p) * (share.get(u, 1.0) if is_bits(p) else 1.0)
                          for u, c in sorted(policy.layers.items()) for p in choice_parts(c))
 

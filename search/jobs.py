@@ -31,13 +31,14 @@ def _progress_bar(total: int, label: str, *, loss: bool = True):
     return progress, lambda step, loss=float("nan"): progress.update(task, completed=step, loss=loss)
 
 
-def _build_latency_table(net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
+def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
                          progress: bool) -> None:
     """Time every lookup-table entry the search can need before it starts (a few minutes once per machine and
-    model; a resumed search finds them cached), so predictions during the search cost microseconds."""
+    model; a resumed search finds them cached), so predictions during the search cost microseconds. A one-worker
+    local pool's own evaluator does it; otherwise one is made here and the workers read the table from disk."""
     from squeezer.evaluators.evaluate import Evaluator
 
-    evaluator = Evaluator(net, bundle, settings, cache_dir=cache)
+    evaluator = getattr(pool, "evaluator", None) or Evaluator(net, bundle, settings, cache_dir=cache)
     if not progress:
         evaluator.build_latency_table(space_)
         return
@@ -197,7 +198,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
         parsed.check_reachable(space_, base)
         _write_run(out, run_settings)
         if latency in ("predict", "hybrid") and latency_on is None:  # workers read the finished table from disk
-            _build_latency_table(net, bundle, eval_settings, space_, out / "cache", progress)
+            _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None

@@ -49,6 +49,12 @@ class Cost:
     bops: float
 
 
+def _knob(layers: Mapping[str, Any], unit: str, knob: str) -> Any:
+    """The unit's value of `knob` in `layers`, neutral when the unit is not named."""
+    choice = layers.get(unit)
+    return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
+
+
 class SearchSpace:
     """Units (Conv2d/Linear layers), their channel groups and knob choices, for one traced model."""
 
@@ -126,14 +132,10 @@ class SearchSpace:
     # ---- cost prediction ----------------------------------------------------------------------------------------
     def predict(self, layers: Mapping[str, Any]) -> Cost:
         """Cost after applying `layers` (unit -> object with prune/w_bits/a_bits/rank/block), from shapes alone."""
-        def get(unit: str, knob: str) -> Any:
-            choice = layers.get(unit)
-            return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
-
         macs = params = 0
         size_bits = bops = 0.0
         for name, (m, p) in self.unit_costs(layers).items():
-            wb, ab = get(name, W_BITS), get(name, A_BITS)
+            wb, ab = _knob(layers, name, W_BITS), _knob(layers, name, A_BITS)
             macs += m
             params += p
             size_bits += p * wb
@@ -143,18 +145,14 @@ class SearchSpace:
 
     def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
         """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too."""
-        def get(unit: str, knob: str) -> Any:
-            choice = layers.get(unit)
-            return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
-
-        ratio = {g: get(g, PRUNE) for g in self.groups}
+        ratio = {g: _knob(layers, g, PRUNE) for g in self.groups}
         out = {}
         for name, unit in self.units.items():
             info = unit.layer
             cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
             cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
             cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
-            out[name] = self.layer_cost(unit, cin, cout, get(name, RANK), get(name, BLOCK))
+            out[name] = self.layer_cost(unit, cin, cout, _knob(layers, name, RANK), _knob(layers, name, BLOCK))
         return out
 
     def layer_cost(self, unit: Unit, cin: int, cout: int, rank: float, block: str) -> tuple[int, int]:
