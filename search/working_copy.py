@@ -1,0 +1,114 @@
+"""The study the sampler works on, held in memory and written to the stored study a trial at a time.
+
+Why: Optuna writes every suggested parameter in its own storage call, and an RDB storage commits each one: with
+34 parameters a policy (ResNet-20, prune + bit width; ~100 with every knob) that was 0.17 s a trial in SQLite,
+a third of a short BN-recalibrated evaluation. Here the sampler asks and learns on an in-memory copy that holds
+every stored trial (so trial numbers are the stored ones), and each trial reaches storage in one call when it is
+asked (RUNNING, with its params and attrs: a killed search still finds it and re-queues it) and in a few when it is
+told (the attrs it gained, then its state and values).
+
+In an RDB storage (SQLite) the new trial's params go in as one INSERT into Optuna's `trial_params` table: Optuna's
+own path runs two queries per param (one scanning the study for the param's distribution), 65 ms a trial for 34
+params at 200 trials, growing with the study. The table's columns are checked first; any other storage, or a
+schema that does not match, takes Optuna's path.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import optuna
+from optuna.distributions import distribution_to_json
+from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["WorkingCopy", "ConcurrentWriterError"]
+
+
+class ConcurrentWriterError(ValueError):
+    """Another process added or took trials in the stored study while this search ran (one line for the CLI)."""
+
+
+class WorkingCopy:
+    """An in-memory twin of `stored` for the searcher; `begin`/`finish` write a trial through to storage."""
+
+    def __init__(self, stored: optuna.Study, storage: BaseStorage, sampler: optuna.samplers.BaseSampler, *,
+                 rdb: RDBStorage | None = None) -> None:
+        self.stored = stored
+        self.storage = storage  # the storage object `stored` writes through (see study.open_study)
+        self.engine = rdb.engine if rdb is not None and _params_table_matches(rdb) else None
+        self.study_id = storage.get_study_id_from_name(stored.study_name)
+        self.memory = InMemoryStorage()
+        self.study = optuna.create_study(storage=self.memory, sampler=sampler, directions=stored.directions)
+        trials = stored.get_trials(deepcopy=False)
+        self.study.add_trials(trials)
+        self._stored_ids = {t.number: t._trial_id for t in trials}
+        self._written: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # number -> (user, system) attrs
+
+    def begin(self, trial: optuna.Trial) -> None:
+        """Store an asked trial as RUNNING with its params and attrs so far (one storage call for a new trial)."""
+        ft = self.memory.get_trial(trial._trial_id)
+        if ft.number in self._stored_ids:  # a trial enqueued in storage (a re-queued one): take it there too
+            self._take_waiting(ft)
+        else:
+            bulk = self.engine is not None and ft.params
+            template = copy.copy(ft)
+            if bulk:
+                template.params, template.distributions = {}, {}
+            trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+            number = self.storage.get_trial_number_from_id(trial_id)
+            if number != ft.number:
+                raise ConcurrentWriterError(
+                    f"trial {ft.number} was stored as {number}: another search is writing to this study; run one "
+                    f"search per output folder")
+            self._stored_ids[number] = trial_id
+            if bulk:
+                self._insert_params(trial_id, ft)
+        self._written[ft.number] = (copy.deepcopy(ft.user_attrs), copy.deepcopy(ft.system_attrs))
+
+    def _take_waiting(self, ft: FrozenTrial) -> None:
+        trial_id = self._stored_ids[ft.number]
+        if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            raise ConcurrentWriterError(f"trial {ft.number} was taken by another search writing to this study; "
+                                        f"run one search per output folder")
+        for name, value in ft.params.items():
+            dist = ft.distributions[name]
+            self.storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
+        stored = self.storage.get_trial(trial_id)
+        self._write_attrs(trial_id, ft, stored.user_attrs, stored.system_attrs)
+
+    def finish(self, trial: optuna.Trial) -> None:
+        """Store what a told trial gained since `begin`: new attrs, then its final state and values."""
+        ft = self.memory.get_trial(trial._trial_id)
+        trial_id = self._stored_ids[ft.number]
+        user, system = self._written.pop(ft.number)
+        self._write_attrs(trial_id, ft, user, system)
+        self.storage.set_trial_state_values(trial_id, ft.state, ft.values)
+
+    def _insert_params(self, trial_id: int, ft: FrozenTrial) -> None:
+        import sqlalchemy
+
+        rows = [{"trial_id": trial_id, "param_name": name, "distribution_json": distribution_to_json(dist),
+                 "param_value": dist.to_internal_repr(ft.params[name])} for name, dist in ft.distributions.items()]
+        with self.engine.begin() as conn:  # type: ignore[union-attr]
+            conn.execute(sqlalchemy.text(
+                "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
+                "VALUES (:trial_id, :param_name, :param_value, :distribution_json)"), rows)
+
+    def _write_attrs(self, trial_id: int, ft: FrozenTrial, user: dict[str, Any], system: dict[str, Any]) -> None:
+        for key, value in ft.user_attrs.items():
+            if key not in user or user[key] != value:
+                self.storage.set_trial_user_attr(trial_id, key, value)
+        for key, value in ft.system_attrs.items():
+            if key not in system or system[key] != value:
+                self.storage.set_trial_system_attr(trial_id, key, value)
+
+
+def _params_table_matches(rdb: RDBStorage) -> bool:
+    import sqlalchemy
+
+    try:
+        columns = {c["name"] for c in sqlalchemy.inspect(rdb.engine).get_columns("trial_params")}
+    except sqlalchemy.exc.SQLAlchemyError:
+        return False
+    return {"param_id", "trial_id", "param_name", "param_value", "distribution_json"} <= columns
