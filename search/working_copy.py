@@ -56,12 +56,12 @@ class WorkingCopy:
             if bulk:
                 template.params, template.distributions = {}, {}
             trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-            number = self.storage.get_trial_number_from_id(trial_id)
-            if number != ft.number:
+            # (number -> id is a dict lookup in Optuna's RDB cache; id -> number would re-read the trial)
+            if self.storage.get_trial_id_from_study_id_trial_number(self.study_id, ft.number) != trial_id:
                 raise ConcurrentWriterError(
-                    f"trial {ft.number} was stored as {number}: another search is writing to this study; run one "
-                    f"search per output folder")
-            self._stored_ids[number] = trial_id
+                    f"trial {ft.number} was stored under another number: another search is writing to this study; "
+                    f"run one search per output folder")
+            self._stored_ids[ft.number] = trial_id
             if bulk:
                 self._insert_params(trial_id, ft)
         self._written[ft.number] = (copy.deepcopy(ft.user_attrs), copy.deepcopy(ft.system_attrs))
