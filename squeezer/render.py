@@ -92,7 +92,8 @@ def apply(summary: Any) -> None:
     m, rec, base = summary.measured, summary.recorded, summary.base
     rows = []
     for key, label in (("accuracy", "val accuracy"), ("macs", "MACs"), ("params", "params"),
-                       ("size_mb", "size MB"), ("latency_ms", "latency ms")):
+                       ("size_mb", "size MB"), ("latency_ms", "latency ms"),
+                       ("latency_rel", "latency / reference")):  # timed interleaved: the drift-proof comparison
         rows.append({"metric": label, "base": None if base is None else getattr(base, key),
                      "searched": None if rec is None else rec.get(key), "now": getattr(m, key)})
     table(rows, f"applied {summary.policy}" + (" + fine-tune" if summary.finetuned else ""),

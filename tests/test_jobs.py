@@ -64,6 +64,7 @@ def test_apply_reproduces_the_searched_numbers(capsys, run: Path, tmp_path: Path
     code, out, err = cli(capsys, "apply", str(run), "--trial", str(best["number"]), "--out", str(tmp_path / "s.pt"),
                          "--onnx", str(tmp_path / "s.onnx"))
     assert code == 0, err
+    assert "latency / reference" in out  # the drift-proof latency comparison is shown beside the raw ms
     model, info = load_checkpoint(tmp_path / "s.pt")
     x = torch.randn(1, 1, 8, 8)
     macs, _ = count_macs(model, x)
