@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", choices=["measure", "predict", "hybrid", "none"], default="measure",
                    help="measure: time each candidate in onnxruntime; predict: sum per-unit deltas from a lookup "
                         "table timed once before the search; hybrid: predict, and time every 5th candidate")
+    p.add_argument("--latency-threads", type=_positive_int, default=None, metavar="N",
+                   help="onnxruntime threads when timing, as on the target device (default: every core; 1 repeats "
+                        "best on a busy or small machine)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size timed")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
     p.add_argument("--promote", type=int, default=0, help="re-evaluate the best K front trials with a fine-tune")
@@ -169,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
                               objective=args.objective, recovery=args.recovery, latency=args.latency,
                               knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
                               backend=args.pool, latency_on=args.latency_on,
+                              settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch},
                               progress=True)
         render.search(summary)
     elif args.command == "front":

@@ -93,6 +93,17 @@ def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str
     assert not (tmp_path / "r" / "run.json").exists()
 
 
+def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out",
+                       str(tmp_path / "t"), "--knobs", "prune", "--trials", "1", "--latency-threads", "1",
+                       "--latency-batch", "2")
+    assert code == 0, err
+    info = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert info["eval"]["latency_threads"] == 1 and info["eval"]["latency_batch"] == 2
+    row = jobs.front(tmp_path / "t").front[0]
+    assert row["hardware"]["threads"] == 1 and row["latency_ms"] > 0  # the fingerprint names the pinned threads
+
+
 def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
     summary = jobs.search(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
                           trials=2, knobs=("prune",), latency="predict", settings=QUICK)
