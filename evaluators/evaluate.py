@@ -51,7 +51,7 @@ class EvalSettings:
     batch_size: int = 64
     latency: str = "measure"
     latency_batch: int = 1
-    latency_threads: int | None = None  # None: every core (timing holds the machine exclusively)
+    latency_threads: int | None = None  # None: every core but one (latency.timing_threads)
     latency_warmup: int = 30
     latency_runs: int = 200
     latency_reps: int = 3

@@ -46,8 +46,15 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import FLOAT_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
-           "calibration_policies", "fit_line",
-           "hardware_fingerprint", "make_session", "time_session"]
+           "calibration_policies", "fit_line", "hardware_fingerprint", "make_session", "time_session",
+           "timing_threads"]
+
+
+def timing_threads(threads: int | None = None) -> int:
+    """`threads`, or by default every core but one: the search's driver and the system keep running while a
+    candidate is timed, and on this 2-core VM timing on both cores put the same model's medians 16% apart (1.2%
+    on one; benchmarks/eval_latency.py --threads 2 vs 1)."""
+    return int(threads) if threads else max(1, (os.cpu_count() or 1) - 1)
 
 
 def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:
@@ -62,7 +69,7 @@ def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     cores = os.cpu_count() or 1
-    return {"cpu": cpu, "logical_cores": cores, "threads": int(threads or cores), "onnxruntime": ort.__version__,
+    return {"cpu": cpu, "logical_cores": cores, "threads": timing_threads(threads), "onnxruntime": ort.__version__,
             "providers": list(ort.get_available_providers()), "torch": torch.__version__}
 
 
@@ -162,7 +169,7 @@ class LatencyMeter:
     def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
                  warmup: int = 30, runs: int = 200, reps: int = 3, lock: MachineLock | None = None,
                  providers: list[str] | None = None) -> None:
-        self.threads = int(threads or os.cpu_count() or 1)
+        self.threads = timing_threads(threads)
         self.batch, self.warmup, self.runs, self.reps = batch, max(30, warmup), max(200, runs), max(3, reps)
         self.providers = providers
         self.lock = lock or MachineLock()

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 EXAMPLES = {
     "train": "squeezer train --model resnet20 --data digits --out runs/resnet20.pt",
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure: time each candidate in onnxruntime; predict: sum per-unit deltas from a lookup "
                         "table timed once before the search; hybrid: predict, and time every 5th candidate")
     p.add_argument("--latency-threads", type=_positive_int, default=None, metavar="N",
-                   help="onnxruntime threads when timing, as on the target device (default: every core; 1 repeats "
-                        "best on a busy or small machine)")
+                   help="onnxruntime threads when timing, as on the target device (default: every core but one, "
+                        "left to the search and the system)")
     p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size timed")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
-                                         fit_line, hardware_fingerprint, table_entries)
+                                         fit_line, hardware_fingerprint, table_entries, timing_threads)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -30,6 +30,8 @@ def vgg():
 def test_hardware_fingerprint_names_the_machine() -> None:
     hw = hardware_fingerprint(1)
     assert hw["threads"] == 1 and hw["logical_cores"] >= 1 and hw["cpu"]
+    cores = hw["logical_cores"]
+    assert hardware_fingerprint()["threads"] == timing_threads() == max(1, cores - 1)  # one core left to the rest
     assert "CPUExecutionProvider" in hw["providers"] and hw["onnxruntime"] and hw["torch"]
 
 

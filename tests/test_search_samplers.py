@@ -9,7 +9,6 @@ import torch
 
 from squeezer.evaluators.zoo import resnet20
 from squeezer.policies.policy import Policy
-from squeezer.search.budget import Budget
 from squeezer.search.pareto import StudyResult, hypervolume
 from squeezer.search.report import history_rows, points, write_front_html, write_front_png, write_report
 from squeezer.search.study import SearchError, run_search
