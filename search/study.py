@@ -1,8 +1,10 @@
 """run_search: the search loop over an Optuna study, resumable from storage alone.
 
-The loop keeps `workers` proposals in flight in the evaluator pool, tells each outcome as it lands, and writes one
-policy file per trial. Everything needed to resume or report is in storage: re-running the same call counts the
-finished trials toward `trials`, and re-asks (same params) the trials a killed run left RUNNING.
+The loop keeps `workers` proposals in flight in the evaluator pool (one more queued when they are processes), tells
+each outcome as it lands, and writes one policy file per trial. The sampler works on an in-memory copy of the study
+that writes each trial through to storage (working_copy.py). Everything needed to resume or report is in storage:
+re-running the same call counts the finished trials toward `trials`, and re-asks (same params) the trials a killed
+run left RUNNING.
 """
 from __future__ import annotations
 
