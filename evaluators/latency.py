@@ -368,5 +368,5 @@ class LatencyTable:
         return max(0.05, a * self.summed_rel(policy) + b)
 
     def predict_us(self, policy: Policy) -> float:
-        """Predicted latency in microseconds: base latency x (1 + sum of per-unit relative deltas)."""
+        """Predicted latency in microseconds: base latency x `predict_rel` (the corrected sum of deltas)."""
         return self.base_us() * self.predict_rel(policy)

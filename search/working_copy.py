@@ -34,7 +34,6 @@ class WorkingCopy:
 
     def __init__(self, stored: optuna.Study, storage: BaseStorage, sampler: optuna.samplers.BaseSampler, *,
                  rdb: RDBStorage | None = None) -> None:
-        self.stored = stored
         self.storage = storage  # the storage object `stored` writes through (see study.open_study)
         self.engine = rdb.engine if rdb is not None and _params_table_matches(rdb) else None
         self.study_id = storage.get_study_id_from_name(stored.study_name)
@@ -51,9 +50,10 @@ class WorkingCopy:
         if ft.number in self._stored_ids:  # a trial enqueued in storage (a re-queued one): take it there too
             self._take_waiting(ft)
         else:
-            bulk = self.engine is not None and ft.params
-            template = copy.copy(ft)
-            if bulk:
+            bulk = self.engine is not None and bool(ft.params)
+            template = ft
+            if bulk:  # the params go in afterwards, in one INSERT
+                template = copy.copy(ft)
                 template.params, template.distributions = {}, {}
             trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
             # (number -> id is a dict lookup in Optuna's RDB cache; id -> number would re-read the trial)
