@@ -82,16 +82,20 @@ def _check_schema_ready(path: Path) -> None:
 class StudyResult:
     """The trials of one search, as records read from storage."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> None:
         self.study = study
         self.attrs = dict(study.user_attrs)
         self.base = Measurement.from_metrics(self.attrs["base"]) if "base" in self.attrs else None
         self.budget = Budget.parse(self.attrs.get("budget") or None)
-        self.rows = [self._merge(row_from_trial(t)) for t in study.get_trials(deepcopy=False)]
+        if trials is None:
+            trials = study.get_trials(deepcopy=False)
+        self.rows = [self._merge(row_from_trial(t)) for t in trials]
 
     @classmethod
-    def from_study(cls, study: optuna.Study) -> "StudyResult":
-        return cls(study)
+    def from_study(cls, study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> "StudyResult":
+        """`trials`: the study's trials when the caller holds them already (a search's working copy), to skip
+        reading every trial back from storage (0.4 s for 100 trials in SQLite)."""
+        return cls(study, trials)
 
     @classmethod
     def load(cls, storage_or_dir: str | Path | BaseStorage, *, study_name: str | None = None) -> "StudyResult":

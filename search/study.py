@@ -232,7 +232,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
             show.close()
     if promote_top_k and promote_fn is not None:
         promote(stored, promote_fn, obj, k=promote_top_k)
-    return StudyResult.from_study(stored)
+    return StudyResult.from_study(stored, trials=study.get_trials(deepcopy=False))  # the copy holds what is stored
 
 
 def promote(study: optuna.Study, promote_fn: Callable[[Policy], Outcome], objective: Objective, *, k: int) -> None:

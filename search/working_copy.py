@@ -3,14 +3,12 @@
 Why: Optuna writes every suggested parameter in its own storage call, and an RDB storage commits each one: with
 34 parameters a policy (ResNet-20, prune + bit width; ~100 with every knob) that was 0.17 s a trial in SQLite,
 a third of a short BN-recalibrated evaluation. Here the sampler asks and learns on an in-memory copy that holds
-every stored trial (so trial numbers are the stored ones), and each trial reaches storage in one call when it is
-asked (RUNNING, with its params and attrs: a killed search still finds it and re-queues it) and in a few when it is
-told (the attrs it gained, then its state and values).
+every stored trial (so trial numbers are the stored ones), and each trial reaches storage when it is asked
+(RUNNING, with its params and attrs: a killed search still finds it and re-queues it) and when it is told (the
+attrs it gained, then its state and values).
 
-In an RDB storage (SQLite) the new trial's params go in as one INSERT into Optuna's `trial_params` table: Optuna's
-own path runs two queries per param (one scanning the study for the param's distribution), 65 ms a trial for 34
-params at 200 trials, growing with the study. The table's columns are checked first; any other storage, or a
-schema that does not match, takes Optuna's path.
+In an RDB storage (SQLite) each of those two writes is one transaction of SQLAlchemy Core on Optuna's own tables
+(trial_rows.py); any other storage, or tables that do not match, take Optuna's path.
 """
 from __future__ import annotations
 
@@ -18,15 +16,12 @@ import copy
 from typing import Any
 
 import optuna
-from optuna.distributions import distribution_to_json
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from squeezer.search.trial_rows import ConcurrentWriterError, RowWriter
+
 __all__ = ["WorkingCopy", "ConcurrentWriterError"]
-
-
-class ConcurrentWriterError(ValueError):
-    """Another process added or took trials in the stored study while this search ran (one line for the CLI)."""
 
 
 class WorkingCopy:
@@ -35,8 +30,8 @@ class WorkingCopy:
     def __init__(self, stored: optuna.Study, storage: BaseStorage, sampler: optuna.samplers.BaseSampler, *,
                  rdb: RDBStorage | None = None) -> None:
         self.storage = storage  # the storage object `stored` writes through (see study.open_study)
-        self.engine = rdb.engine if rdb is not None and _params_table_matches(rdb) else None
         self.study_id = storage.get_study_id_from_name(stored.study_name)
+        self.rows = RowWriter.for_storage(rdb, self.study_id)  # None: every write takes Optuna's path
         self.memory = InMemoryStorage()
         self.study = optuna.create_study(storage=self.memory, sampler=sampler, directions=stored.directions)
         trials = stored.get_trials(deepcopy=False)
@@ -45,25 +40,20 @@ class WorkingCopy:
         self._written: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # number -> (user, system) attrs
 
     def begin(self, trial: optuna.Trial) -> None:
-        """Store an asked trial as RUNNING with its params and attrs so far (one storage call for a new trial)."""
+        """Store an asked trial as RUNNING with its params and attrs so far."""
         ft = self.memory.get_trial(trial._trial_id)
         if ft.number in self._stored_ids:  # a trial enqueued in storage (a re-queued one): take it there too
             self._take_waiting(ft)
+        elif self.rows is not None:
+            self._stored_ids[ft.number] = self.rows.create(ft)
         else:
-            bulk = self.engine is not None and bool(ft.params)
-            template = ft
-            if bulk:  # the params go in afterwards, in one INSERT
-                template = copy.copy(ft)
-                template.params, template.distributions = {}, {}
-            trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+            trial_id = self.storage.create_new_trial(self.study_id, template_trial=ft)
             # (number -> id is a dict lookup in Optuna's RDB cache; id -> number would re-read the trial)
             if self.storage.get_trial_id_from_study_id_trial_number(self.study_id, ft.number) != trial_id:
                 raise ConcurrentWriterError(
                     f"trial {ft.number} was stored under another number: another search is writing to this study; "
                     f"run one search per output folder")
             self._stored_ids[ft.number] = trial_id
-            if bulk:
-                self._insert_params(trial_id, ft)
         self._written[ft.number] = (copy.deepcopy(ft.user_attrs), copy.deepcopy(ft.system_attrs))
 
     def _take_waiting(self, ft: FrozenTrial) -> None:
@@ -75,40 +65,28 @@ class WorkingCopy:
             dist = ft.distributions[name]
             self.storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
         stored = self.storage.get_trial(trial_id)
-        self._write_attrs(trial_id, ft, stored.user_attrs, stored.system_attrs)
+        self._write_attrs(trial_id, _changed(ft.user_attrs, stored.user_attrs),
+                          _changed(ft.system_attrs, stored.system_attrs))
 
     def finish(self, trial: optuna.Trial) -> None:
         """Store what a told trial gained since `begin`: new attrs, then its final state and values."""
         ft = self.memory.get_trial(trial._trial_id)
         trial_id = self._stored_ids[ft.number]
         user, system = self._written.pop(ft.number)
-        self._write_attrs(trial_id, ft, user, system)
+        user, system = _changed(ft.user_attrs, user), _changed(ft.system_attrs, system)
+        if self.rows is not None:
+            self.rows.finish(trial_id, ft, user, system)
+            return
+        self._write_attrs(trial_id, user, system)
         self.storage.set_trial_state_values(trial_id, ft.state, ft.values)
 
-    def _insert_params(self, trial_id: int, ft: FrozenTrial) -> None:
-        import sqlalchemy
-
-        rows = [{"trial_id": trial_id, "param_name": name, "distribution_json": distribution_to_json(dist),
-                 "param_value": dist.to_internal_repr(ft.params[name])} for name, dist in ft.distributions.items()]
-        with self.engine.begin() as conn:  # type: ignore[union-attr]
-            conn.execute(sqlalchemy.text(
-                "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
-                "VALUES (:trial_id, :param_name, :param_value, :distribution_json)"), rows)
-
-    def _write_attrs(self, trial_id: int, ft: FrozenTrial, user: dict[str, Any], system: dict[str, Any]) -> None:
-        for key, value in ft.user_attrs.items():
-            if key not in user or user[key] != value:
-                self.storage.set_trial_user_attr(trial_id, key, value)
-        for key, value in ft.system_attrs.items():
-            if key not in system or system[key] != value:
-                self.storage.set_trial_system_attr(trial_id, key, value)
+    def _write_attrs(self, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
+        for key, value in user.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
+        for key, value in system.items():
+            self.storage.set_trial_system_attr(trial_id, key, value)
 
 
-def _params_table_matches(rdb: RDBStorage) -> bool:
-    import sqlalchemy
-
-    try:
-        columns = {c["name"] for c in sqlalchemy.inspect(rdb.engine).get_columns("trial_params")}
-    except sqlalchemy.exc.SQLAlchemyError:
-        return False
-    return {"param_id", "trial_id", "param_name", "param_value", "distribution_json"} <= columns
+def _changed(now: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """The attrs in `now` that `written` lacks or holds with another value."""
+    return {key: value for key, value in now.items() if key not in written or written[key] != value}
