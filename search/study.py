@@ -53,7 +53,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
     (e.g. postgresql://) and storage objects as given.
 
     Both survive a killed process (transactions / appends). The search writes each trial through a WorkingCopy
-    (one storage call when asked, a few when told), so neither is written once per parameter.
+    (in SQLite one transaction when asked and one when told), so neither is written once per parameter.
     """
     if storage == "journal":
         from optuna.storages import JournalStorage
