@@ -2,8 +2,8 @@
 
 Why: Optuna's RDBStorage goes through its ORM one call per attribute, each call a transaction that first re-reads
 the trial, and two queries per param (one scanning the study for the param's distribution): about 10 ms when a
-trial is asked and 10 ms when it is told, in SQLite on this machine. That was 5% of a short BN-recalibrated
-evaluation. Here the same rows go in with SQLAlchemy Core on Optuna's own table definitions
+trial is asked and 10 ms when it is told, in SQLite on this machine: 4% of a 0.46 s BN-recalibrated evaluation
+(ResNet-20, digits). Here the same rows go in with SQLAlchemy Core on Optuna's own table definitions
 (`optuna.storages._rdb.models`), so the types (enums, floats, datetimes) are written as Optuna writes them and
 read back by Optuna unchanged. RDBStorage refuses, when opened, a database whose schema is not the installed
 Optuna's; `RowWriter.for_storage` also checks the columns once and returns None (Optuna's own path) if they differ.
@@ -15,6 +15,7 @@ import inspect
 import json
 from typing import Any
 
+from optuna.distributions import distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -78,8 +79,6 @@ class RowWriter:
                     f"trial {ft.number} would be stored as trial {before}: another search is writing to this "
                     f"study; run one search per output folder")
             if ft.params:
-                from optuna.distributions import distribution_to_json
-
                 conn.execute(self.params.insert(), [
                     {"trial_id": trial_id, "param_name": name, "distribution_json": distribution_to_json(dist),
                      "param_value": dist.to_internal_repr(ft.params[name])}
