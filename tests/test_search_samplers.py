@@ -69,8 +69,11 @@ def test_failures_are_recorded_and_parallel_workers(space: SearchSpace, tmp_path
     assert failed and all("fake failure" in r["fail_reason"] for r in failed)
     assert len(result.rows) == 12
     # a second call with the same arguments has nothing left to do; other settings are refused
-    assert len(run_search(space, ThreadPool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=12,
-                          repair=True).rows) == 12
+    again = run_search(space, ThreadPool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=12,
+                       repair=True)  # read back from storage: the failures kept their state and reason
+    assert len(again.rows) == 12
+    assert [(r["number"], r["fail_reason"]) for r in again.rows if r["state"] == "FAIL"] == \
+        [(r["number"], r["fail_reason"]) for r in failed]
     with pytest.raises(SearchError, match="budget"):
         run_search(space, ThreadPool(ev), "macs<=30%", ev.base(), out=tmp_path, sampler="random", trials=12)
 
