@@ -9,10 +9,11 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.latency import LatencyTable, calibration_policies, fit_line, table_entries
+from squeezer.evaluators.latency import LatencyTable, calibration_policies, table_entries
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
@@ -47,21 +48,26 @@ def main() -> None:
         start = time.perf_counter()
         # calibration policies from another seed than the policies the prediction is tested on
         table.fill(entries, calibration=calibration_policies(space, args.calibration, seed=1))
-        a, b = fit_line(table.data["calibration"])
+        a, b = table.slopes()
         print(f"\nlookup table: {len(entries)} entries + base + {args.calibration} calibration policies timed in "
-              f"{time.perf_counter() - start:.1f} s; correction: measured = {a:.3f} x summed {b:+.3f}")
-        raw, corrected = [], []
+              f"{time.perf_counter() - start:.1f} s; correction: measured = 1 + {a:.3f} x parts + {b:.3f} x bits")
+        # for comparison, the correction used before: one line through the whole sum, with the base as a point
+        x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[2]] for p in table.data["calibration"]]).T
+        line = np.polyfit(x, y, 1)
+        errors: dict[str, list[float]] = {"summed": [], "line": [], "slopes": []}
         print(f"{'policy':>6} {'measured rel':>12} {'summed rel':>10} {'predicted rel':>13} {'rel err':>8}")
         for i, policy in enumerate(calibration_policies(space, args.policies, seed=0)):
-            summed, predicted = table.summed_rel(policy), table.predict_rel(policy)
+            parts, bits = table.sums(policy)
+            predicted = table.predict_rel(policy)
             measured = meter.measure(ev._onnx_of(policy)).rel
-            raw.append(abs(summed - measured) / measured)
-            corrected.append(abs(predicted - measured) / measured)
-            print(f"{i:>6} {measured:12.3f} {summed:10.3f} {predicted:13.3f} {corrected[-1]:8.3f}")
+            errors["summed"].append(abs(1 + parts + bits - measured) / measured)
+            errors["line"].append(abs(np.polyval(line, 1 + parts + bits) - measured) / measured)
+            errors["slopes"].append(abs(predicted - measured) / measured)
+            print(f"{i:>6} {measured:12.3f} {1 + parts + bits:10.3f} {predicted:13.3f} {errors['slopes'][-1]:8.3f}")
         print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency "
-              f"{statistics.median(corrected):.3f} over {args.policies} random policies (target <= 0.05); "
-              f"of the uncorrected sum {statistics.median(raw):.3f}")
-
+              f"{statistics.median(errors['slopes']):.3f} over {args.policies} random policies (target <= 0.05); "
+              f"on the same timings: uncorrected sum {statistics.median(errors['summed']):.3f}, one line through "
+              f"the whole sum {statistics.median(errors['line']):.3f}")
 
 if __name__ == "__main__":
     main()

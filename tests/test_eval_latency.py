@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
-                                         fit_line, hardware_fingerprint, table_entries, timing_threads)
+                                         fit_slopes, hardware_fingerprint, table_entries, timing_threads)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -124,8 +124,12 @@ def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
     assert again.fill(entries, calibration=whole) == 0 and len(built) == count  # all of it came from disk
 
 
-def test_fit_line_corrects_sums_once_there_are_enough_points() -> None:
-    assert fit_line([[2.0, 1.5]]) == (1.0, 0.0)  # too few points: the sums are taken as they are
-    a, b = fit_line([[x, 0.5 * x + 0.5] for x in (1.5, 2.0, 3.0, 4.0)])  # the base (1, 1) lies on this line
-    assert a == pytest.approx(0.5) and b == pytest.approx(0.5)
-    assert fit_line([[2.0, 1.0 - 0.1 * i] for i in range(4)] + [[3.0, 0.5]]) == (1.0, 0.0)  # never a falling line
+def test_slopes_correct_the_sums_once_there_are_enough_points() -> None:
+    assert fit_slopes([[-0.2, 0.5, 1.2]]) == (1.0, 1.0)  # too few points: the sums are taken as they are
+    grid = [(-0.1 * i, 0.3 * j) for i in range(4) for j in range(4) if (i, j) != (0, 0)]
+    # pruning's sums count 0.6 of what it saves, bit widths' 0.8: the fit finds both
+    a, b = fit_slopes([[p, q, 1 + 0.6 * p + 0.8 * q] for p, q in grid])
+    assert a == pytest.approx(0.6) and b == pytest.approx(0.8)
+    # timings where pruning seems to add latency: its slope stays at 0, the bits' is fitted alone
+    a, b = fit_slopes([[p, q, 1 - 0.2 * p + 0.8 * q] for p, q in grid])
+    assert a == 0.0 and 0.7 < b < 0.9
