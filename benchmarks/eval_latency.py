@@ -69,5 +69,6 @@ def main() -> None:
               f"on the same timings: uncorrected sum {statistics.median(errors['summed']):.3f}, one line through "
               f"the whole sum {statistics.median(errors['line']):.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -255,10 +255,10 @@ def fit_slopes(points: list[list[float]]) -> tuple[float, float]:
 
     Why two slopes through the base: the sums err by different factors for different knobs (ResNet-20 / digits, one
     thread: alone, pruned channels saved ~0.6 of their summed deltas and bit widths cost ~0.8 of theirs), and the
-    unchanged model is exactly 1. On the same timings of random prune + bit-width policies, separate slopes erred
-    5.4-5.8% where one line through the whole sum (with an offset) erred 8.6-9.8%. Non-negative, because a knob
-    that removes work does not add latency: where the free fit gave pruning a slope below 0 the clamped one predicted
-    as well."""
+    unchanged model is exactly 1. On the same timings of random prune + bit-width policies (four runs of
+    benchmarks/eval_latency.py), separate slopes erred 5.4-5.8% where one line through the whole sum (with an
+    offset) erred 6.3-9.8%. Non-negative, because a knob that removes work does not add latency: where the free fit
+    gave pruning a slope below 0 the clamped one predicted as well."""
     if len(points) < MIN_POINTS:
         return 1.0, 1.0
     x = np.array([p[:2] for p in points], dtype=float)
@@ -379,10 +379,6 @@ class LatencyTable:
                 else:
                     parts += self.delta(unit, part)
         return parts, bits
-
-    def summed_rel(self, policy: Policy) -> float:
-        """1 + the sum of the policy's per-unit deltas: the table's raw prediction."""
-        return 1.0 + sum(self.sums(policy))
 
     def record(self, policy: Policy, measured_rel: float) -> None:
         """Add a timed whole policy to the points the sums' correction is fitted to."""
