@@ -110,7 +110,8 @@ class RowWriter:
     def _put_attrs(self, conn: Any, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
         for kind, attrs in (("user", user), ("system", system)):
             if attrs:
-                rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+                rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                        for key, value in attrs.items()]
                 conn.execute(self.attrs[kind].insert(), rows)
 
     def _time(self, when: datetime.datetime | None) -> datetime.datetime | None:
