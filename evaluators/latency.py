@@ -12,7 +12,7 @@ across processes, Ray actors included): torch work (apply, recovery, accuracy, e
 holds it *exclusive*, so a timed run starts only when no torch work is in flight on the machine and none starts
 until it ends. A "gate" file gives the writer priority: a waiting timer holds the gate, so new torch work queues
 behind it instead of starving it. Every evaluator process on one machine uses the same lock files (default under
-the temp dir, or $SQUEEZER_LOCK_DIR). On a remote timing device (a Ray node with a custom resource) nothing else
+the temp dir, or $SQUEEZER_LOCK_DIR), and so does the search driver around its sampler and storage work. On a remote timing device (a Ray node with a custom resource) nothing else
 runs, and the same lock is simply uncontended.
 
 `LatencyTable` predicts a candidate's latency from per-(unit, choice) deltas measured once per hardware and cached

@@ -123,3 +123,33 @@ def test_hypervolume_of_a_known_set() -> None:
     assert hypervolume(pts, (0.0, 1.0)) == pytest.approx(0.5 * 0.3 + 0.8 * 0.3 + 0.9 * 0.2)
     assert hypervolume([], (0.0, 1.0)) == 0.0
     assert hypervolume([(1.0, 0.0)], (0.0, 1.0)) == pytest.approx(1.0)
+
+
+def test_driver_never_asks_beside_a_timing_run(space: SearchSpace, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler's work is CPU work: while a latency timing run holds the machine, the driver waits to ask."""
+    import threading
+    import time
+
+    from squeezer.evaluators.latency import MachineLock
+    from squeezer.search.optuna_searcher import OptunaSearcher
+
+    monkeypatch.setenv("SQUEEZER_LOCK_DIR", str(tmp_path / "locks"))
+    asked: list[float] = []
+    inner = OptunaSearcher.ask
+    monkeypatch.setattr(OptunaSearcher, "ask", lambda self: asked.append(time.perf_counter()) or inner(self))
+    holding, released = threading.Event(), []
+
+    def time_something() -> None:
+        with MachineLock().timing():
+            holding.set()
+            time.sleep(0.5)
+            released.append(time.perf_counter())
+
+    timer = threading.Thread(target=time_something)
+    timer.start()
+    holding.wait()
+    result = _search(space, tmp_path / "run", "random", trials=2)
+    timer.join()
+    assert len(result.completed()) == 2
+    assert asked and asked[0] >= released[0]
