@@ -1,6 +1,11 @@
 """Latency measurement quality: the same model measured twice, and the lookup table's prediction error.
 
-Run: python benchmarks/eval_latency.py [--policies 15] [--batch 1] [--threads 1] [--knobs prune w_bits]
+A timing is itself noisy: int8 kernels drift against the fp32 reference with the machine's phases. So each test
+policy is timed `--repeat` times (the error is reported against the first timing and against their mean, beside how
+far the first two lie apart), and at the end the table's calibration policies are timed again, to show how far the
+machine drifted between building the table and testing it.
+
+Run: python benchmarks/eval_latency.py [--policies 15] [--batch 1] [--threads 1] [--knobs prune w_bits] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime and torch threads")
     ap.add_argument("--calibration", type=int, default=16, help="whole random policies timed for the correction")
     ap.add_argument("--knobs", nargs="+", default=["prune"], help="knobs of the space the random policies use")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="timings of each test policy: two or more also report how well a timing repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_batch=args.batch,
@@ -54,21 +61,39 @@ def main() -> None:
         # for comparison, the correction used before: one line through the whole sum, with the base as a point
         x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[2]] for p in table.data["calibration"]]).T
         line = np.polyfit(x, y, 1)
-        errors: dict[str, list[float]] = {"summed": [], "line": [], "slopes": []}
-        print(f"{'policy':>6} {'measured rel':>12} {'summed rel':>10} {'predicted rel':>13} {'rel err':>8}")
+        errors: dict[str, list[float]] = {"summed": [], "line": [], "slopes": [], "slopes_mean": [], "repeat": []}
+        print(f"{'policy':>6} {'measured rel':>12} {'again':>6} {'summed rel':>10} {'predicted rel':>13} "
+              f"{'rel err':>8}")
         for i, policy in enumerate(calibration_policies(space, args.policies, seed=0)):
             parts, bits = table.sums(policy)
             predicted = table.predict_rel(policy)
-            measured = meter.measure(ev._onnx_of(policy)).rel
+            onnx = ev._onnx_of(policy)
+            timed = [meter.measure(onnx).rel for _ in range(args.repeat)]
+            measured, mean = timed[0], statistics.mean(timed)
             errors["summed"].append(abs(1 + parts + bits - measured) / measured)
             errors["line"].append(abs(np.polyval(line, 1 + parts + bits) - measured) / measured)
             errors["slopes"].append(abs(predicted - measured) / measured)
-            print(f"{i:>6} {measured:12.3f} {1 + parts + bits:10.3f} {predicted:13.3f} {errors['slopes'][-1]:8.3f}")
-        print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency "
-              f"{statistics.median(errors['slopes']):.3f} over {args.policies} random policies (target <= 0.05); "
-              f"on the same timings: uncorrected sum {statistics.median(errors['summed']):.3f}, one line through "
-              f"the whole sum {statistics.median(errors['line']):.3f}")
-
+            errors["slopes_mean"].append(abs(predicted - mean) / mean)
+            if len(timed) > 1:
+                errors["repeat"].append(abs(timed[1] - timed[0]) / mean)
+            again = f"{timed[1]:6.3f}" if len(timed) > 1 else f"{'':>6}"
+            print(f"{i:>6} {measured:12.3f} {again} {1 + parts + bits:10.3f} {predicted:13.3f} "
+                  f"{errors['slopes'][-1]:8.3f}")
+        med = {k: statistics.median(v) for k, v in errors.items() if v}
+        print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency {med['slopes']:.3f} "
+              f"over {args.policies} random policies (target <= 0.05); on the same timings: uncorrected sum "
+              f"{med['summed']:.3f}, one line through the whole sum {med['line']:.3f}")
+        # how far the machine drifted since the table was built: its calibration policies timed again now
+        drift = [(meter.measure(ev._onnx_of(policy)).rel - point[2]) / point[2]
+                 for policy, point in zip(calibration_policies(space, args.calibration, seed=1),
+                                          table.data["calibration"])]
+        print(f"the table's calibration policies, timed again now, differ from their timings when the table was "
+              f"built by {statistics.median(map(abs, drift)):.3f} (median; signed {statistics.median(drift):+.3f}): "
+              f"drift that no prediction made then can follow")
+        if "repeat" in med:
+            print(f"timing each policy {args.repeat} times: the first two timings differ by {med['repeat']:.3f} "
+                  f"(median; the measurement's own repeatability on these policies); the prediction against the mean "
+                  f"of the timings errs {med['slopes_mean']:.3f}")
 
 if __name__ == "__main__":
     main()
