@@ -46,7 +46,8 @@ def main() -> None:
         rows.append((policy.meta.get("prune"), full, bare, applying))
     print(f"{'prune':>6} {'eval s':>8} {'bare fwd s':>10} {'apply s':>8} {'ratio':>6} {'ratio excl. apply':>18}")
     for prune, full, bare, applying in rows:
-        print(f"{prune:>6} {full:8.3f} {bare:10.3f} {applying:8.3f} {full / bare:6.2f} {(full - applying) / bare:18.2f}")
+        print(f"{prune:>6} {full:8.3f} {bare:10.3f} {applying:8.3f} {full / bare:6.2f} "
+              f"{(full - applying) / bare:18.2f}")
     print(f"median ratio {statistics.median(r[1] / r[2] for r in rows):.2f}, excluding apply_policy "
           f"{statistics.median((r[1] - r[3]) / r[2] for r in rows):.2f} (target <= 1.2)")
 

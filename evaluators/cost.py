@@ -30,7 +30,8 @@ def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
     analysis.clear_op_handles()
     analysis.set_op_handle("aten::_convolution", h.conv_flop_jit, "aten::linear", h.linear_flop_jit,
                            "aten::addmm", h.addmm_flop_jit, "aten::matmul", h.matmul_flop_jit,
-                           "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit, "aten::einsum", h.einsum_flop_jit)
+                           "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit,
+                           "aten::einsum", h.einsum_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis
 

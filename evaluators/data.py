@@ -109,7 +109,8 @@ def _image_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         ds = datasets.ImageFolder(str(root), transform=tf)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"{str(root)!r} is not an image folder ({exc}): it needs one sub-folder of images per class") from None
+        raise DataError(f"{str(root)!r} is not an image folder ({exc}): it needs one sub-folder of images per "
+                        "class") from None
     xs, ys = zip(*[ds[i] for i in range(len(ds))])
     return torch.stack(xs).numpy(), np.asarray(ys)
 

@@ -89,7 +89,8 @@ def outcome_from_json(data: dict[str, Any]) -> Outcome:
 class Evaluator:
     """Holds the base model, data, space, calibration batches and reference ONNX of one worker."""
 
-    def __init__(self, model: str | nn.Module, data: str | DataBundle = "digits", settings: EvalSettings = EvalSettings(),
+    def __init__(self, model: str | nn.Module, data: str | DataBundle = "digits",
+                 settings: EvalSettings = EvalSettings(),
                  *, cache_dir: str | Path | None = None, lut_dir: str | Path | None = None,
                  lock: MachineLock | None = None, latency_fn: Callable[[bytes], LatencyResult] | None = None,
                  hardware: dict[str, Any] | None = None) -> None:
@@ -160,7 +161,7 @@ class Evaluator:
             tmp.write_text(json.dumps(outcome_to_json(outcome)))
             tmp.replace(self.cache_dir / f"{key}.json")
 
-    # ---- evaluation ---------------------------------------------------------------------------------------------------
+    # ---- evaluation --------------------------------------------------------------------------------------------------
     def evaluate(self, policy: Policy) -> Outcome:
         """Measure `policy` (or return its cached outcome); never raises."""
         key = self.key(policy)

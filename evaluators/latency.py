@@ -5,15 +5,18 @@ machine has phases of 2-4x slow-down (FACTS.md). So a measurement here: pins int
 sequential execution, all graph optimisations), warms up >= 30 runs, takes the median and p90 of >= 200 timed
 runs (perf_counter_ns) in each of >= 3 repetitions, and reports the spread of the per-repetition medians. A fixed
 reference model (the uncompressed base) is timed interleaved with the candidate, alternating which goes first,
-in short alternating blocks, so drift shows up in the reference and `rel` (candidate / reference, median of per-repetition ratios) survives it.
+in short alternating blocks, so drift shows up in the reference and `rel` (candidate / reference, median of
+per-repetition ratios) survives it. What the reference cannot cancel: int8 kernels drift against the fp32 reference
+with the machine's phases. A policy with int8 units timed twice in a row gives a `rel` within 1-2%, but timed again
+minutes later within 4.5-6% (benchmarks/eval_latency.py), which bounds how well any prediction made earlier can do.
 
 Timing never runs beside torch work. `MachineLock` is a readers-writer lock on two files (fcntl.flock, so it works
 across processes, Ray actors included): torch work (apply, recovery, accuracy, export) holds it *shared*; timing
 holds it *exclusive*, so a timed run starts only when no torch work is in flight on the machine and none starts
 until it ends. A "gate" file gives the writer priority: a waiting timer holds the gate, so new torch work queues
 behind it instead of starving it. Every evaluator process on one machine uses the same lock files (default under
-the temp dir, or $SQUEEZER_LOCK_DIR), and so does the search driver around its sampler and storage work. On a remote timing device (a Ray node with a custom resource) nothing else
-runs, and the same lock is simply uncontended.
+the temp dir, or $SQUEEZER_LOCK_DIR), and so does the search driver around its sampler and storage work. On a
+remote timing device (a Ray node with a custom resource) nothing else runs, and the same lock is simply uncontended.
 
 `LatencyTable` predicts a candidate's latency from per-(unit, choice) deltas measured once per hardware and cached
 on disk: a measured model has only that unit's choice applied (so a pruned group's consumers are included), timed
@@ -207,7 +210,7 @@ class LatencyMeter:
                              ref_ms=float(np.median(np.concatenate(ref))), ref_spread=_spread(r_med))
 
 
-# ---- lookup table -----------------------------------------------------------------------------------------------------
+# ---- lookup table ----------------------------------------------------------------------------------------------------
 def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
     """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together.
 

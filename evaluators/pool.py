@@ -47,7 +47,7 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-# ---- local processes --------------------------------------------------------------------------------------------------
+# ---- local processes -------------------------------------------------------------------------------------------------
 _WORKER: Evaluator | None = None
 
 
@@ -148,7 +148,7 @@ class LocalPool:
         self._queue.clear()
 
 
-# ---- Ray ----------------------------------------------------------------------------------------------------------------
+# ---- Ray -------------------------------------------------------------------------------------------------------------
 def _check_address(address: str) -> None:
     """Fail in seconds, not minutes, when a host:port Ray address does not answer."""
     if address in ("auto", "local"):

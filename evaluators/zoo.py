@@ -240,7 +240,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}): is it a torch.save file?") from None
+        raise ModelError(f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}): is it a torch.save "
+                         "file?") from None
     if isinstance(payload, nn.Module):
         return payload, {}
     if not isinstance(payload, dict) or "squeezer_checkpoint" not in payload:
@@ -250,7 +251,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if "module" in payload:
         return payload["module"], info
     info["arch"] = payload["arch"]
-    model = build_model(payload["arch"], num_classes=info.get("num_classes", 10), in_channels=info.get("in_channels", 3))
+    model = build_model(payload["arch"], num_classes=info.get("num_classes", 10),
+                        in_channels=info.get("in_channels", 3))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
@@ -270,5 +272,6 @@ def load_model(ref: str, *, num_classes: int = 10, in_channels: int = 3, state_d
         try:
             model.load_state_dict(sd)
         except RuntimeError as exc:
-            raise ModelError(f"weights {state_dict!r} do not match model {ref!r} ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"weights {state_dict!r} do not match model {ref!r} "
+                             f"({str(exc).splitlines()[0]})") from None
     return model.eval()

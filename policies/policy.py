@@ -169,8 +169,9 @@ class Policy:
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"policy file {str(path)!r} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}): "
-                              "regenerate it or fix the syntax") from None
+            reason = exc.msg if hasattr(exc, "msg") else exc
+            raise PolicyError(f"policy file {str(path)!r} is not valid JSON ({reason}): regenerate it or fix the "
+                              "syntax") from None
         return cls.from_json(data)
 
     def summary(self) -> str:

@@ -365,8 +365,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")
     test_accuracy, _ = evaluate(compressed, bundle.test, device=device)
     compressed = compressed.cpu().eval()
-    out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(), val_accuracy=measured.accuracy,
-                               test_accuracy=test_accuracy)
+    out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(),
+                               val_accuracy=measured.accuracy, test_accuracy=test_accuracy)
     onnx_path = None
     if onnx is not None:
         onnx_path = Path(onnx)
@@ -388,7 +388,8 @@ def report(run: str | Path, *, trial: int | None = None, x: str | None = None) -
 
     result = _load_result(run)
     if trial is not None and not any(r["number"] == trial for r in result.completed()):
-        raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r}: pick one from `squeezer front {run}`")
+        raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r}: pick one from "
+                          f"`squeezer front {run}`")
     metric_x = X_METRICS.get(x or "", result.attrs.get("cost_metric", "macs"))
     return write_report(result, Path(run), metric_x=metric_x, trial=trial)
 

@@ -43,7 +43,8 @@ class FakeEvaluator:
         damage = 0.0
         for name, choice in policy.layers.items():
             d = 1.2 * choice.prune ** 2 + (0.5 if choice.block != "keep" else 0.0) + 0.6 * (1.0 - choice.rank) ** 2
-            d += 0.4 * max(0.0, (8 - min(choice.w_bits, 8)) / 6.0) ** 2 + 0.3 * max(0.0, (8 - min(choice.a_bits, 8)) / 4)
+            d += (0.4 * max(0.0, (8 - min(choice.w_bits, 8)) / 6.0) ** 2
+                  + 0.3 * max(0.0, (8 - min(choice.a_bits, 8)) / 4))
             damage += _sensitivity(name) * d
         n = max(1, len(self.space.units))
         accuracy = 0.1 + (self.accuracy - 0.1) / (1.0 + 4.0 * damage / n) ** 2

@@ -50,7 +50,8 @@ def _sub(subs: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True, data_default: str | None = "digits") -> None:
+def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True,
+                data_default: str | None = "digits") -> None:
     p.add_argument("--model", required=model_required, default=None,
                    help="zoo name (resnet20, resnet56, vgg_small, mobilenetv2_small), torchvision name (resnet18), "
                         "'package.module:function', or a checkpoint file, e.g. runs/resnet20.pt")

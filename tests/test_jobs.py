@@ -82,7 +82,7 @@ def test_report_writes_html(capsys, run: Path) -> None:
     assert code == 0 and (run / "report.html").is_file(), err
 
 
-# ---- bad input: one line, exit code 2, nothing lost -------------------------------------------------------------------
+# ---- bad input: one line, exit code 2, nothing lost ------------------------------------------------------------------
 @pytest.mark.parametrize("budget,needle", [("macs<=fifty", "cannot read 'macs<=fifty'"),
                                            ("speed<=2ms", "unknown metric 'speed'"),
                                            ("macs<=0.01%", "unreachable")])
