@@ -83,7 +83,10 @@ def fingerprint_hash(hardware: dict[str, Any]) -> str:
 
 # ---- the machine-wide readers-writer lock ---------------------------------------------------------------------------
 class MachineLock:
-    """Shared for torch work, exclusive for timing, across every process on this machine (see module docstring)."""
+    """Shared for torch work, exclusive for timing, across every process on this machine (see module docstring).
+
+    Not re-entrant: each use opens its own file, so code holding `compute()` that asks for `timing()` waits forever.
+    """
 
     def __init__(self, directory: str | Path | None = None) -> None:
         root = Path(directory or os.environ.get("SQUEEZER_LOCK_DIR") or tempfile.gettempdir())
