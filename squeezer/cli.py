@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Gaussian process), ddpg (AMC-style reinforcement-learning agent)")
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations (Ray or local processes)")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: 'journal' (a journal file --out/study.log, lighter per trial) or a URL such "
-                        "as postgresql://user@host/db shared by several machines (default: SQLite --out/study.db)")
+                   help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
+                        "URL such as postgresql://user@host/db shared by several machines (default: SQLite "
+                        "--out/study.db)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster, e.g. ray://head:10001")
     p.add_argument("--pool", choices=["auto", "local", "ray"], default="auto",
                    help="where evaluations run: local processes, Ray actors, or auto (Ray when installed and "
