@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.latency import LatencyTable, calibration_policies, table_entries
+from squeezer.evaluators.latency import LatencyTable, calibration_policies, choice_parts, is_bits, table_entries
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
@@ -62,6 +62,7 @@ def main() -> None:
         x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[2]] for p in table.data["calibration"]]).T
         line = np.polyfit(x, y, 1)
         errors: dict[str, list[float]] = {"summed": [], "line": [], "slopes": [], "slopes_mean": [], "repeat": []}
+        by_kind: dict[str, list[float]] = {"with int8 units": [], "float only": []}
         print(f"{'policy':>6} {'measured rel':>12} {'again':>6} {'summed rel':>10} {'predicted rel':>13} "
               f"{'rel err':>8}")
         for i, policy in enumerate(calibration_policies(space, args.policies, seed=0)):
@@ -73,6 +74,8 @@ def main() -> None:
             errors["summed"].append(abs(1 + parts + bits - measured) / measured)
             errors["line"].append(abs(np.polyval(line, 1 + parts + bits) - measured) / measured)
             errors["slopes"].append(abs(predicted - measured) / measured)
+            has_int8 = any(is_bits(part) for choice in policy.layers.values() for part in choice_parts(choice))
+            by_kind["with int8 units" if has_int8 else "float only"].append(errors["slopes"][-1])
             errors["slopes_mean"].append(abs(predicted - mean) / mean)
             if len(timed) > 1:
                 errors["repeat"].append(abs(timed[1] - timed[0]) / mean)
@@ -83,6 +86,8 @@ def main() -> None:
         print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency {med['slopes']:.3f} "
               f"over {args.policies} random policies (target <= 0.05); on the same timings: uncorrected sum "
               f"{med['summed']:.3f}, one line through the whole sum {med['line']:.3f}")
+        print("by kind of policy: " + ", ".join(f"{kind} {statistics.median(v):.3f} ({len(v)})"
+                                                for kind, v in by_kind.items() if v))
         # how far the machine drifted since the table was built: its calibration policies timed again now
         drift = [(meter.measure(ev._onnx_of(policy)).rel - point[2]) / point[2]
                  for policy, point in zip(calibration_policies(space, args.calibration, seed=1),
@@ -94,6 +99,7 @@ def main() -> None:
             print(f"timing each policy {args.repeat} times: the first two timings differ by {med['repeat']:.3f} "
                   f"(median; the measurement's own repeatability on these policies); the prediction against the mean "
                   f"of the timings errs {med['slopes_mean']:.3f}")
+
 
 if __name__ == "__main__":
     main()

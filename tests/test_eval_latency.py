@@ -2,6 +2,7 @@
 timing lock excludes torch work."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -133,3 +134,58 @@ def test_slopes_correct_the_sums_once_there_are_enough_points() -> None:
     # timings where pruning seems to add latency: its slope stays at 0, the bits' is fitted alone
     a, b = fit_slopes([[p, q, 1 - 0.2 * p + 0.8 * q] for p, q in grid])
     assert a == 0.0 and 0.7 < b < 0.9
+
+
+def test_calibration_alternates_float_only_policies(vgg) -> None:
+    """Half the table's calibration policies leave bit widths alone, so the structural slope is fitted on them."""
+    _, _, space, _ = vgg
+    policies = calibration_policies(space, 8, seed=3)
+    float_only = [not any(c.w_bits < 32 or c.a_bits < 32 for c in p.layers.values()) for p in policies]
+    assert float_only[1::2] == [True] * 4
+    assert not all(float_only[0::2])  # the others draw bit widths too
+
+
+class _NoMeter:
+    batch = 1
+
+    def hardware(self) -> dict:
+        return {}
+
+
+def test_sums_leave_out_structure_that_reaches_an_int8_unit(vgg) -> None:
+    """A pruned group's delta counts as structure only while none of its layers is int8: on an int8 layer the
+    bit-width delta, scaled by the MACs pruning leaves, already holds what pruning saves there."""
+    _, _, space, _ = vgg
+    group = next(g for g in space.groups if space.groups[g].prunable)
+    reached = {u for u, unit in space.units.items() if group in (unit.out_group, unit.in_group)}
+    elsewhere = next(u for u in space.units if u not in reached)
+    prune = space.choices(group, "prune")[-1]
+    table = LatencyTable(_NoMeter(), lambda p: b"", key="k", space=space)  # type: ignore[arg-type]
+    for unit in space.units:
+        for part in (LayerChoice(prune=prune), LayerChoice(w_bits=8, a_bits=8)):
+            table.data["deltas"][table.entry_key(unit, part)] = -0.2 if part.prune else 0.5
+
+    def sums(layers: dict) -> tuple[float, float]:
+        return table.sums(Policy(layers=layers, fingerprint=space.fingerprint))
+
+    assert sums({group: LayerChoice(prune=prune)}) == (-0.2, 0.0)
+    parts, bits = sums({group: LayerChoice(prune=prune), elsewhere: LayerChoice(w_bits=8, a_bits=8)})
+    assert parts == -0.2 and bits == pytest.approx(0.5)  # the int8 layer is outside the group
+    inside = next(iter(reached))
+    parts, bits = sums({group: LayerChoice(prune=prune), inside: LayerChoice(w_bits=8, a_bits=8)})
+    assert parts == 0.0 and 0 < bits < 0.5  # the group reaches the int8 layer, whose delta shrinks with its MACs
+
+
+def test_calibration_summed_another_way_is_timed_again(vgg, tmp_path) -> None:
+    """Deltas outlive a change to how they are summed; the calibration points fitted to the old sums do not."""
+    _, _, space, _ = vgg
+    table = LatencyTable(_NoMeter(), lambda p: b"", key="k", cache_dir=tmp_path, space=space)  # type: ignore[arg-type]
+    table.data["deltas"]["conv|{}"] = 0.1
+    table.record(Policy(fingerprint=space.fingerprint), 1.0)
+    assert LatencyTable(_NoMeter(), lambda p: b"", key="k", cache_dir=tmp_path,  # type: ignore[arg-type]
+                        space=space).data["calibration"] == [[0.0, 0.0, 1.0]]
+    stored = json.loads(table.path.read_text())
+    stored["sums"] = 1  # as tables written before the current sums
+    table.path.write_text(json.dumps(stored))
+    again = LatencyTable(_NoMeter(), lambda p: b"", key="k", cache_dir=tmp_path, space=space)  # type: ignore[arg-type]
+    assert again.data["calibration"] == [] and again.data["deltas"] == {"conv|{}": 0.1}
