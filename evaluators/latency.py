@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -215,6 +216,11 @@ class LatencyMeter:
 
 
 # ---- lookup table ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)  # a search's repair asks for the same few choices thousands of times
+def _parts(choice: LayerChoice) -> tuple[LayerChoice, ...]:
+    return tuple(choice_parts(choice))
+
+
 def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
     """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together.
 
@@ -348,6 +354,7 @@ class LatencyTable:
                     self.data["base_us"] = disk.get("base_us")
 
     @staticmethod
+    @functools.lru_cache(maxsize=65536)
     def entry_key(unit: str, part: LayerChoice) -> str:
         return f"{unit}|{json.dumps(part.changed(), sort_keys=True)}"
 
@@ -409,10 +416,10 @@ class LatencyTable:
         int8: set[str] = set()
         if self.space is not None:
             share = {u: m / max(1, self._base_macs[u]) for u, (m, _) in self.space.unit_costs(policy.layers).items()}
-            int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in choice_parts(c))}
+            int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in _parts(c))}
         parts = bits = 0.0
         for unit, choice in sorted(policy.layers.items()):
-            for part in choice_parts(choice):
+            for part in _parts(choice):
                 if is_bits(part):
                     bits += self.delta(unit, part) * share.get(unit, 1.0)
                 elif not (int8 and self._reaches(unit, part) & int8):

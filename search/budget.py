@@ -130,12 +130,16 @@ class Budget:
 
     # ---- predicted from shapes -------------------------------------------------------------------------------
     def predicted_constraints(self, space: SearchSpace, base: Measurement, cost: Cost,
-                              *, baseline: Cost | None = None) -> list[float]:
-        """Constraint values predicted from `space.predict` (latency by its MACs proxy), scaled to `base`."""
+                              *, baseline: Cost | None = None, latency_rel: float | None = None) -> list[float]:
+        """Constraint values predicted from `space.predict`, scaled to `base`. Latency is `latency_rel` (a prediction
+        relative to the base, e.g. from the latency lookup table) when given, else its MACs proxy."""
         baseline = baseline or space.baseline()
         out = []
         for lim in self.limits:
-            frac = predicted_fraction(lim.metric, cost, baseline)
+            if lim.metric == "latency" and latency_rel is not None:
+                frac = float(latency_rel)
+            else:
+                frac = predicted_fraction(lim.metric, cost, baseline)
             if lim.relative:
                 out.append((frac - lim.value) / lim.value)
                 continue

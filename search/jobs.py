@@ -32,16 +32,20 @@ def _progress_bar(total: int, label: str, *, loss: bool = True):
 
 
 def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
-                         progress: bool) -> None:
+                         progress: bool) -> Any:
     """Time every lookup-table entry the search can need before it starts (a few minutes once per machine and
-    model; a resumed search finds them cached), so predictions during the search cost microseconds. A one-worker
-    local pool's own evaluator does it; otherwise one is made here and the workers read the table from disk."""
+    model; a resumed search finds them cached), so predictions during the search cost microseconds; returns the
+    table. A one-worker local pool's own evaluator does it; otherwise one is made here and the workers read the
+    table from disk (with --latency measure, the table only serves repair)."""
     from squeezer.evaluators.evaluate import Evaluator
 
-    evaluator = getattr(pool, "evaluator", None) or Evaluator(net, bundle, settings, cache_dir=cache)
+    evaluator = getattr(pool, "evaluator", None)
+    if evaluator is None or evaluator.table is None:
+        mode = settings.latency if settings.latency in ("predict", "hybrid") else "predict"
+        evaluator = Evaluator(net, bundle, replace(settings, latency=mode), cache_dir=cache)
     if not progress:
         evaluator.build_latency_table(space_)
-        return
+        return evaluator.table
     bar, _ = _progress_bar(1, "latency table", loss=False)  # the total is known once the cache is read
 
     def report(done: int, total: int) -> None:
@@ -49,6 +53,7 @@ def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: Any, space_
 
     with bar:
         evaluator.build_latency_table(space_, report)
+    return evaluator.table
 
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
@@ -197,8 +202,13 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
         base = _base_measurement(pool, space_.fingerprint)
         parsed.check_reachable(space_, base)
         _write_run(out, run_settings)
-        if latency in ("predict", "hybrid") and latency_on is None:  # workers read the finished table from disk
-            _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
+        # Repair judges a latency limit by the lookup table (int8 units can be slower than float ones, which MACs
+        # cannot see), so a repaired latency search builds the table even when every candidate is timed.
+        latency_model = None
+        repairs_latency = repair and "latency" in parsed.metrics
+        if (latency in ("predict", "hybrid") or repairs_latency) and latency_on is None:
+            table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
+            latency_model = table.predict_rel if repairs_latency else None
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None
@@ -210,7 +220,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
             promote_fn = fine.evaluate
         result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials, workers=workers,
                             storage=storage, objective=objective, repair=repair, seed=seed, progress=progress,
-                            promote_top_k=promote, promote_fn=promote_fn, check=False)
+                            promote_top_k=promote, promote_fn=promote_fn, check=False, latency_model=latency_model)
     finally:
         pool.close()
     metric_x = result.attrs.get("cost_metric", "macs")

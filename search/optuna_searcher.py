@@ -17,15 +17,17 @@ from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective, constraints_func
 from squeezer.search.searcher import Proposal, StudySearcher
 from squeezer.search.shrink import repair as repair_policy
+from squeezer.spaces.knobs import A_BITS, W_BITS
 from squeezer.spaces.space import SearchSpace
 
-__all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS"]
+__all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS", "LatencyModel"]
 
 # Optuna 5 reads constraints the searcher sets on each trial (Trial.set_constraint); older Optuna needs a
 # constraints_func reading them back from user attrs.
 _CONSTRAINTS: dict[str, Any] = ({} if hasattr(optuna.trial.Trial, "set_constraint")
                                 else {"constraints_func": constraints_func})
 SamplerFactory = Callable[[Objective, int, int], optuna.samplers.BaseSampler]
+LatencyModel = Callable[[Policy], float]  # a policy's predicted latency relative to the base model's
 
 
 def _tpe(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
@@ -78,11 +80,12 @@ class OptunaSearcher(StudySearcher):
     """Asks the study's sampler for every 'unit/knob' at once; optionally repairs the draw into the budget."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, objective: Objective, *, name: str = "tpe",
-                 repair: bool = False) -> None:
+                 repair: bool = False, latency_model: LatencyModel | None = None) -> None:
         super().__init__(study, objective)
         self.space = space
         self.name = name
         self.repair = repair
+        self.latency_model = latency_model if "latency" in objective.budget.metrics else None
         self.choices = space.distributions()
         self.ordinal = name in ORDINAL_SAMPLERS
         self.distributions: dict[str, BaseDistribution] = {
@@ -108,12 +111,16 @@ class OptunaSearcher(StudySearcher):
         policy = Policy.from_params(params, self.space, sampler=self.name, trial=trial.number)
         attrs: dict[str, Any] = {"searcher": self.name}
         if self.repair and self.objective.budget.limits:
-            budget, base = self.objective.budget, self.objective.base
+            budget, base, model = self.objective.budget, self.objective.base, self.latency_model
             baseline = self.space.baseline()
-            policy = repair_policy(
-                policy, self.space,
-                lambda cost: budget.predicted_constraints(self.space, base, cost, baseline=baseline),
-                metrics=budget.metrics)
+
+            def violation(p: Policy) -> list[float]:
+                return budget.predicted_constraints(self.space, base, self.space.predict(p.layers), baseline=baseline,
+                                                    latency_rel=model(p) if model else None)
+
+            # With a latency model, repair may also drop bit widths: int8 units can be slower than float ones.
+            policy = repair_policy(policy, self.space, violation, metrics=budget.metrics,
+                                   undo=(W_BITS, A_BITS) if model else ())
             attrs["repaired"] = bool(policy.meta.get("repaired"))
         attrs["policy"] = policy.to_json()
         return Proposal(trial.number, policy, trial, attrs=attrs)

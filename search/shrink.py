@@ -1,15 +1,15 @@
 """Moving policies toward cheaper: each knob's choices ordered by compression, the cheapest policy, and repair.
 
-Everything here predicts cost from shapes (`SearchSpace.predict`), never from a model, so it is cheap enough to
-run before every evaluation.
+Everything here predicts cost from shapes (`SearchSpace.predict`) or, for latency, from a lookup table of timings,
+never from a model, so it is cheap enough to run before every evaluation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import A_BITS, BLOCK, DWSEP, KEEP, NEUTRAL, PRUNE, RANK, W_BITS
-from squeezer.spaces.space import Cost, SearchSpace
+from squeezer.spaces.space import SearchSpace
 
 __all__ = ["compression_order", "full_params", "cheapest_policy", "repair"]
 
@@ -65,39 +65,57 @@ def cheapest_policy(space: SearchSpace, metric: str = "macs") -> Policy:
     return Policy.from_params(params, space, kind="cheapest", metric=metric)
 
 
-def repair(policy: Policy, space: SearchSpace, violation: Callable[[Cost], Sequence[float]], *,
-           metrics: Sequence[str] = ("macs",), max_steps: int = 2000) -> Policy:
-    """Shrink `policy` until `violation(cost)` is all <= 0, one notch at a time, largest saving first.
+def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Sequence[float]], *,
+           metrics: Sequence[str] = ("macs",), undo: Collection[str] = (), max_steps: int = 2000) -> Policy:
+    """Shrink `policy` until `violation(policy)` is all <= 0, one notch at a time, largest saving first.
 
-    Each step tries moving every relevant knob one notch toward compression and keeps the move that lowers the
-    summed violation most, so the most expensive units shrink first and cheap ones are left as sampled. Returns
-    the policy unchanged when it already fits, and the most-shrunk policy reached if it cannot fit.
+    Each step tries moving every relevant knob one notch toward compression, and every `undo` knob back to leaving
+    its unit alone, and keeps the move that lowers the summed violation most, so the most expensive units change
+    first and cheap ones are left as sampled. `undo` is for knobs whose compression can cost what the budget limits:
+    where int8 units run slower than float ones, a latency limit is met by dropping bit widths. Returns the policy
+    unchanged when it already fits, and the closest policy reached if it cannot fit.
     """
     knobs = {k for m in metrics for k in _KNOBS_FOR.get(m, _KNOBS_FOR["macs"])}
     params = full_params(policy.to_params(), space)
 
     def excess(p: Mapping[str, Any]) -> float:
-        return sum(max(0.0, v) for v in violation(space.predict(Policy.from_params(p, space).layers)))
+        return sum(max(0.0, v) for v in violation(Policy.from_params(p, space)))
 
     current = excess(params)
     steps = 0
+    if undo and current > 0:  # undo first, largest gain first: one pass, instead of a full scan for every undo
+        gains = []
+        for key, value in params.items():
+            unit, _, knob = key.rpartition("/")
+            if knob in undo and value != compression_order(space, unit, knob)[0]:
+                gains.append((excess({**params, key: compression_order(space, unit, knob)[0]}), key))
+        for score, key in sorted(gains):
+            if current <= 0 or score >= current:
+                break
+            unit, _, knob = key.rpartition("/")
+            trial = {**params, key: compression_order(space, unit, knob)[0]}
+            score = excess(trial)
+            if score < current:
+                params, current = trial, score
+                steps += 1
     while current > 0 and steps < max_steps:
         best_key, best_val, best = None, None, current
         for key, value in params.items():
             unit, _, knob = key.rpartition("/")
-            if knob not in knobs:
+            if knob not in knobs and knob not in undo:
                 continue
             order = compression_order(space, unit, knob)
             i = order.index(value) if value in order else 0
-            if i + 1 >= len(order):
-                continue
-            trial = {**params, key: order[i + 1]}
-            if knob == BLOCK:
-                trial[f"{unit}/{RANK}"] = NEUTRAL[RANK] if f"{unit}/{RANK}" in trial else None
-                trial = {k: v for k, v in trial.items() if v is not None}
-            score = excess(trial)
-            if score < best:
-                best_key, best_val, best = key, trial, score
+            moves = [order[i + 1]] if knob in knobs and i + 1 < len(order) else []
+            moves += [order[0]] if knob in undo and i > 0 else []
+            for move in moves:
+                trial = {**params, key: move}
+                if knob == BLOCK:
+                    trial[f"{unit}/{RANK}"] = NEUTRAL[RANK] if f"{unit}/{RANK}" in trial else None
+                    trial = {k: v for k, v in trial.items() if v is not None}
+                score = excess(trial)
+                if score < best:
+                    best_key, best_val, best = key, trial, score
         if best_key is None:
             break
         params, current = best_val, best

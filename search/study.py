@@ -24,7 +24,7 @@ from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import Budget, BudgetError
 from squeezer.search.objectives import Objective, make_objective
-from squeezer.search.optuna_searcher import SAMPLERS, OptunaSearcher, make_sampler
+from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearcher, make_sampler
 from squeezer.search.pareto import StudyResult, front_rows, row_from_trial
 from squeezer.search.searcher import RUN_ATTR, EvalPool, Searcher, trial_attrs
 from squeezer.search.working_copy import WorkingCopy
@@ -126,15 +126,18 @@ def open_study(*, out: Path, storage: str | BaseStorage | None, objective: Objec
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
-                  repair: bool = False) -> Searcher:
-    """The searcher called `name`: an Optuna sampler (see SAMPLERS) or 'ddpg' (the AMC-style agent)."""
+                  repair: bool = False, latency_model: LatencyModel | None = None) -> Searcher:
+    """The searcher called `name`: an Optuna sampler (see SAMPLERS) or 'ddpg' (the AMC-style agent).
+
+    `latency_model` (policy -> predicted latency relative to the base) lets repair judge a latency limit by it
+    instead of by MACs; the agent's action wall still uses MACs."""
     if name == "ddpg":
         from squeezer.search.amc_agent import AmcAgent
 
         return AmcAgent(study, space, objective, seed=seed)
     if name not in SAMPLERS:
         raise SearchError(f"unknown sampler {name!r}: choose from {', '.join([*SAMPLERS, 'ddpg'])}")
-    return OptunaSearcher(study, space, objective, name=name, repair=repair)
+    return OptunaSearcher(study, space, objective, name=name, repair=repair, latency_model=latency_model)
 
 
 def requeue_stale(study: optuna.Study) -> list[int]:
@@ -179,12 +182,13 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                objective: str = "multi", cost_metric: str | None = None, repair: bool = False, seed: int = 0,
                progress: Progress | bool | None = None, promote_top_k: int = 0,
                promote_fn: Callable[[Policy], Outcome] | None = None,
-               check: bool = True) -> StudyResult:
+               check: bool = True, latency_model: LatencyModel | None = None) -> StudyResult:
     """Search `space` for policies within `budget`, evaluating them in `pool`; resumable by re-running.
 
     `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
     search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
-    The caller owns `pool` and closes it.
+    The caller owns `pool` and closes it. `latency_model` (e.g. `LatencyTable.predict_rel`) is what repair
+    predicts a latency limit with; without one, latency is judged by its MACs proxy.
     """
     out = Path(out)
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -197,7 +201,7 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
     stored, work = open_study(out=out, storage=storage, objective=obj, sampler=sampler, seed=seed, trials=trials,
                               fingerprint=space.fingerprint, settings=settings)
     study = work.study  # in memory; `work` writes each trial through to `stored`
-    searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair)
+    searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair, latency_model=latency_model)
     driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
     show = _display(progress)
     rows = [r for r in (row_from_trial(t) for t in study.get_trials(deepcopy=False)) if r["state"] == "COMPLETE"]

@@ -80,8 +80,36 @@ def test_repair_brings_a_policy_into_the_budget(space: SearchSpace) -> None:
     budget = Budget.parse("macs<=35%,size<=30%")
     bl = space.baseline()
     fixed = repair(Policy(fingerprint=space.fingerprint), space,
-                   lambda c: budget.predicted_constraints(space, base, c, baseline=bl), metrics=budget.metrics)
+                   lambda p: budget.predicted_constraints(space, base, space.predict(p.layers), baseline=bl),
+                   metrics=budget.metrics)
     cost = space.predict(fixed.layers)
     assert cost.macs <= 0.35 * bl.macs and cost.size_bytes <= 0.30 * bl.size_bytes
     assert fixed.meta["repaired"] is True
     fixed.validate(space)
+
+
+def test_repair_drops_bit_widths_that_a_latency_model_says_are_slow(space: SearchSpace) -> None:
+    """Where int8 units run slower than float ones, a latency limit is met by dropping bit widths, which MACs
+    cannot see: repair follows the latency model it is given, and leaves bit widths alone without one."""
+    from squeezer.policies.policy import Policy
+    from squeezer.spaces.knobs import A_BITS, W_BITS
+
+    base = FakeEvaluator(space).base()
+    budget = Budget.parse("latency<=90%")
+    bl = space.baseline()
+
+    def model(p: Policy) -> float:  # latency: MACs left, plus 0.1 of the base for every int8 unit
+        return space.predict(p.layers).macs / bl.macs + 0.1 * sum(c.w_bits < 32 for c in p.layers.values())
+
+    def violation(p: Policy) -> list[float]:
+        return budget.predicted_constraints(space, base, space.predict(p.layers), baseline=bl, latency_rel=model(p))
+
+    int8 = {k: 8 for k in space.distributions() if k.endswith("/w_bits")}
+    policy = Policy.from_params(int8, space)
+    assert model(policy) > 2
+    fixed = repair(policy, space, violation, metrics=budget.metrics, undo=(W_BITS, A_BITS))
+    assert model(fixed) <= 0.9 and fixed.meta["repaired"] is True
+    assert sum(c.w_bits < 32 for c in fixed.layers.values()) < len(int8)
+    fixed.validate(space)
+    stuck = repair(policy, space, violation, metrics=budget.metrics)  # no undo: only structure may move
+    assert model(stuck) > 0.9 and all(c.w_bits == 8 for u, c in stuck.layers.items() if f"{u}/w_bits" in int8)

@@ -153,3 +153,20 @@ def test_driver_never_asks_beside_a_timing_run(space: SearchSpace, tmp_path: Pat
     timer.join()
     assert len(result.completed()) == 2
     assert asked and asked[0] >= released[0]
+
+
+def test_repair_judges_latency_by_the_latency_model(space: SearchSpace, tmp_path: Path) -> None:
+    """Given a latency model, repaired proposals meet a latency limit by it, bit widths dropped where it says so."""
+    bl = space.baseline()
+    calls: list[int] = []
+
+    def model(p: Policy) -> float:  # int8 units slow the model down, as on small inputs on a CPU
+        calls.append(1)
+        return space.predict(p.layers).macs / bl.macs + 0.1 * sum(c.w_bits < 32 for c in p.layers.values())
+
+    ev = FakeEvaluator(space)
+    result = run_search(space, InlinePool(ev), "latency<=80%", ev.base(), out=tmp_path, sampler="random", trials=6,
+                        storage=optuna.storages.InMemoryStorage(), repair=True, latency_model=model)
+    assert calls
+    for row in result.completed():
+        assert model(Policy.from_json(row["policy"])) <= 0.8 + 1e-9
