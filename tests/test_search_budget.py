@@ -113,3 +113,16 @@ def test_repair_drops_bit_widths_that_a_latency_model_says_are_slow(space: Searc
     fixed.validate(space)
     stuck = repair(policy, space, violation, metrics=budget.metrics)  # no undo: only structure may move
     assert model(stuck) > 0.9 and all(c.w_bits == 8 for u, c in stuck.layers.items() if f"{u}/w_bits" in int8)
+
+
+def test_relative_latency_limit_reads_the_ratio_timed_against_the_base() -> None:
+    """Medians taken minutes apart drift with the machine; the candidate timed interleaved with the base does not."""
+    from squeezer.search.budget import cost_fraction
+
+    budget = Budget.parse("latency<=90%")
+    base = _m(latency_ms=2.0, latency_rel=0.96)
+    drifted = _m(latency_ms=1.81, latency_rel=0.883)  # 0.905 of the base by medians, 0.883 timed against it
+    assert budget.constraint_values(drifted, base)[0] < 0
+    assert cost_fraction(drifted, base, "latency") == pytest.approx(0.883)
+    assert budget.constraint_values(_m(latency_ms=1.81), base)[0] > 0  # no ratio: the medians decide
+    assert Budget.parse("latency<=1.8ms").constraint_values(drifted, base)[0] > 0  # an absolute limit is in ms
