@@ -114,8 +114,12 @@ class OptunaSearcher(StudySearcher):
             budget, base, model = self.objective.budget, self.objective.base, self.latency_model
             baseline = self.space.baseline()
 
+            # A latency-only budget with a latency model needs no shape costs (half of each prediction's time).
+            shapes = model is None or any(m != "latency" for m in budget.metrics)
+
             def violation(p: Policy) -> list[float]:
-                return budget.predicted_constraints(self.space, base, self.space.predict(p.layers), baseline=baseline,
+                cost = self.space.predict(p.layers) if shapes else baseline
+                return budget.predicted_constraints(self.space, base, cost, baseline=baseline,
                                                     latency_rel=model(p) if model else None)
 
             # With a latency model, repair may also drop bit widths: int8 units can be slower than float ones.
