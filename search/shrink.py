@@ -84,17 +84,14 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
     current = excess(params)
     steps = 0
     if undo and current > 0:  # undo first, largest gain first: one pass, instead of a full scan for every undo
-        gains = []
-        for key, value in params.items():
-            unit, _, knob = key.rpartition("/")
-            if knob in undo and value != compression_order(space, unit, knob)[0]:
-                gains.append((excess({**params, key: compression_order(space, unit, knob)[0]}), key))
-        for score, key in sorted(gains):
+        left_alone = {key: compression_order(space, *key.rsplit("/", 1))[0] for key in params
+                      if key.rpartition("/")[2] in undo}
+        undos = {key: value for key, value in left_alone.items() if params[key] != value}
+        for score, key in sorted((excess({**params, key: value}), key) for key, value in undos.items()):
             if current <= 0 or score >= current:
                 break
-            unit, _, knob = key.rpartition("/")
-            trial = {**params, key: compression_order(space, unit, knob)[0]}
-            score = excess(trial)
+            trial = {**params, key: undos[key]}
+            score = excess(trial)  # again: the policy has changed since this undo was scored alone
             if score < current:
                 params, current = trial, score
                 steps += 1
