@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from squeezer.policies.policy import LayerChoice, Policy
-from squeezer.spaces.knobs import FLOAT_BITS
+from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
            "calibration_policies", "fit_slopes", "hardware_fingerprint", "make_session", "time_session",
@@ -267,7 +267,7 @@ def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
 
 
 def _is_bits_knob(key: str) -> bool:
-    return key.rpartition("/")[2] in ("w_bits", "a_bits")
+    return key.rpartition("/")[2] in (W_BITS, A_BITS)
 
 
 MIN_POINTS = 4  # whole policies timed before the sums are corrected
