@@ -81,14 +81,14 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
     def excess(p: Mapping[str, Any]) -> float:
         return sum(max(0.0, v) for v in violation(Policy.from_params(p, space)))
 
-    current = excess(params)
+    current = start = excess(params)
     steps = 0
     if undo and current > 0:  # undo first, largest gain first: one pass, instead of a full scan for every undo
         left_alone = {key: compression_order(space, *key.rsplit("/", 1))[0] for key in params
                       if key.rpartition("/")[2] in undo}
         undos = {key: value for key, value in left_alone.items() if params[key] != value}
         for score, key in sorted((excess({**params, key: value}), key) for key, value in undos.items()):
-            if current <= 0 or score >= current:
+            if current <= 0 or score >= start:  # this undo, and every one after it, gained nothing alone
                 break
             trial = {**params, key: undos[key]}
             score = excess(trial)  # again: the policy has changed since this undo was scored alone

@@ -115,6 +115,29 @@ def test_repair_drops_bit_widths_that_a_latency_model_says_are_slow(space: Searc
     assert model(stuck) > 0.9 and all(c.w_bits == 8 for u, c in stuck.layers.items() if f"{u}/w_bits" in int8)
 
 
+def test_repair_drops_slow_bit_widths_before_it_compresses_structure(space: SearchSpace) -> None:
+    """Undoing a slow int8 unit costs no accuracy, pruning does: when undoing is enough, nothing else moves, even
+    where one pruning notch would save more than one undo."""
+    from squeezer.policies.policy import Policy
+    from squeezer.spaces.knobs import A_BITS, W_BITS
+
+    base = FakeEvaluator(space).base()
+    budget = Budget.parse("latency<=100%")
+    bl = space.baseline()
+
+    def model(p: Policy) -> float:  # latency: MACs left, plus 0.02 of the base for every int8 unit
+        return space.predict(p.layers).macs / bl.macs + 0.02 * sum(c.w_bits < 32 for c in p.layers.values())
+
+    def violation(p: Policy) -> list[float]:
+        return budget.predicted_constraints(space, base, space.predict(p.layers), baseline=bl, latency_rel=model(p))
+
+    int8 = {k: 8 for k in space.distributions() if k.endswith("/w_bits")}
+    assert len(int8) >= 3
+    fixed = repair(Policy.from_params(int8, space), space, violation, metrics=budget.metrics, undo=(W_BITS, A_BITS))
+    assert model(fixed) <= 1.0
+    assert space.predict(fixed.layers).macs == bl.macs  # no structure moved
+
+
 def test_relative_latency_limit_reads_the_ratio_timed_against_the_base() -> None:
     """Medians taken minutes apart drift with the machine; the candidate timed interleaved with the base does not."""
     from squeezer.search.budget import cost_fraction
