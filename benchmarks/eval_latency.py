@@ -55,13 +55,13 @@ def main() -> None:
         start = time.perf_counter()
         # calibration policies from another seed than the policies the prediction is tested on
         table.fill(entries, calibration=calibration_policies(space, args.calibration, seed=1))
-        a, b = table.slopes()
+        b = table.bits_slope()
         print(f"\nlookup table: {len(entries)} entries + base + {args.calibration} calibration policies timed in "
-              f"{time.perf_counter() - start:.1f} s; correction: measured = 1 + {a:.3f} x parts + {b:.3f} x bits")
+              f"{time.perf_counter() - start:.1f} s; correction: measured = 1 + parts + {b:.3f} x bits")
         # for comparison, the correction used before: one line through the whole sum, with the base as a point
         x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[2]] for p in table.data["calibration"]]).T
         line = np.polyfit(x, y, 1)
-        errors: dict[str, list[float]] = {"summed": [], "line": [], "slopes": [], "slopes_mean": [], "repeat": []}
+        errors: dict[str, list[float]] = {"summed": [], "line": [], "table": [], "table_mean": [], "repeat": []}
         by_kind: dict[str, list[float]] = {"with int8 units": [], "float only": []}
         print(f"{'policy':>6} {'measured rel':>12} {'again':>6} {'summed rel':>10} {'predicted rel':>13} "
               f"{'rel err':>8}")
@@ -73,17 +73,17 @@ def main() -> None:
             measured, mean = timed[0], statistics.mean(timed)
             errors["summed"].append(abs(1 + parts + bits - measured) / measured)
             errors["line"].append(abs(np.polyval(line, 1 + parts + bits) - measured) / measured)
-            errors["slopes"].append(abs(predicted - measured) / measured)
+            errors["table"].append(abs(predicted - measured) / measured)
             has_int8 = any(is_bits(part) for choice in policy.layers.values() for part in choice_parts(choice))
-            by_kind["with int8 units" if has_int8 else "float only"].append(errors["slopes"][-1])
-            errors["slopes_mean"].append(abs(predicted - mean) / mean)
+            by_kind["with int8 units" if has_int8 else "float only"].append(errors["table"][-1])
+            errors["table_mean"].append(abs(predicted - mean) / mean)
             if len(timed) > 1:
                 errors["repeat"].append(abs(timed[1] - timed[0]) / mean)
             again = f"{timed[1]:6.3f}" if len(timed) > 1 else f"{'':>6}"
             print(f"{i:>6} {measured:12.3f} {again} {1 + parts + bits:10.3f} {predicted:13.3f} "
-                  f"{errors['slopes'][-1]:8.3f}")
+                  f"{errors['table'][-1]:8.3f}")
         med = {k: statistics.median(v) for k, v in errors.items() if v}
-        print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency {med['slopes']:.3f} "
+        print(f"knobs {','.join(args.knobs)}: median relative error of the predicted latency {med['table']:.3f} "
               f"over {args.policies} random policies (target <= 0.05); on the same timings: uncorrected sum "
               f"{med['summed']:.3f}, one line through the whole sum {med['line']:.3f}")
         print("by kind of policy: " + ", ".join(f"{kind} {statistics.median(v):.3f} ({len(v)})"
@@ -98,7 +98,7 @@ def main() -> None:
         if "repeat" in med:
             print(f"timing each policy {args.repeat} times: the first two timings differ by {med['repeat']:.3f} "
                   f"(median; the measurement's own repeatability on these policies); the prediction against the mean "
-                  f"of the timings errs {med['slopes_mean']:.3f}")
+                  f"of the timings errs {med['table_mean']:.3f}")
 
 
 if __name__ == "__main__":

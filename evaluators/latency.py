@@ -25,10 +25,10 @@ choice is split into parts that are timed separately and summed (prune, rank, bl
 since int8 kernels need both weights and activations quantized), so the table is finite and can be built up front,
 with progress, instead of one entry per combination of knobs. Sums of per-unit deltas are biased where units
 interact (int8 units share the quantize/dequantize steps between them, benchmarks/latency_additivity.py), so the
-table also times a few whole random policies (half of them float only) and corrects the sums by what they measured
-(`fit_slopes`: one slope for the structural deltas, one for the bit-width deltas); in "hybrid" mode every timed
-candidate adds a point to that fit. A bit-width delta is scaled by the share of its unit's MACs that pruning leaves,
-so pruning that reaches an int8 unit is counted there and not again among the structural deltas (`sums`).
+table also times a few whole random policies (half of them float only) and corrects the bit-width sum by what they
+measured (`fit_bits_slope`); in "hybrid" mode every timed candidate adds a point to that fit. A bit-width delta is
+timed on the unit's rank or block and scaled by the share of that form's MACs that pruning leaves, so pruning that
+reaches an int8 unit is counted there and not again among the structural deltas (`sums`).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
-           "calibration_policies", "fit_slopes", "hardware_fingerprint", "make_session", "time_session",
+           "calibration_policies", "fit_bits_slope", "hardware_fingerprint", "make_session", "time_session",
            "timing_threads"]
 
 
@@ -225,22 +225,33 @@ def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
     """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together.
 
     Bit widths are timed in their int8 form: the export stores every width up to 8 bits as int8
-    (policies/quantize.py), so w4 and w8 run the same kernels and one entry serves both.
+    (policies/quantize.py), so w4 and w8 run the same kernels and one entry serves both. They are timed on the
+    unit's form (its rank or block, unpruned): a decomposed or depthwise-separable unit quantizes two or three
+    convolutions, and an int8 depthwise one can cost more than the whole float unit did (ResNet-20 on digits: a
+    dwsep unit -0.01 of the base, the same unit in int8 +0.05 to +0.19, the plain unit in int8 +0.05 to +0.08).
     """
     changed = choice.changed()
     parts = [LayerChoice(**{k: v}) for k, v in changed.items() if k in ("prune", "rank", "block")]
     bits = {k: (8 if v <= 8 else FLOAT_BITS) for k, v in changed.items() if k in ("w_bits", "a_bits")}
     if bits:
-        parts.append(LayerChoice(**bits))
+        parts.append(LayerChoice(**bits, **_form(changed)))
     return parts
 
 
+def _form(changed: dict[str, Any]) -> dict[str, Any]:
+    """The structural form a unit's bit widths are timed on: its rank or block, not its pruning."""
+    return {k: v for k, v in changed.items() if k in ("rank", "block")}
+
+
 def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
-    """Every distinct (unit, part) a policy of `space` can contain: each prune/rank/block choice, each int8 form."""
+    """Every distinct (unit, part) a policy of `space` can contain: each prune/rank/block choice, and each int8
+    form on each rank and block."""
     entries: list[tuple[str, LayerChoice]] = []
     for unit in space.units:
         forms = [LayerChoice(**{knob: v}) for knob in ("prune", "rank", "block") for v in space.choices(unit, knob)]
-        forms += [LayerChoice(w_bits=w, a_bits=a) for w in space.choices(unit, "w_bits") or (FLOAT_BITS,)
+        shapes = [{}] + [f.changed() for f in forms if set(f.changed()) & {"rank", "block"}]
+        forms += [LayerChoice(w_bits=w, a_bits=a, **shape) for shape in shapes
+                  for w in space.choices(unit, "w_bits") or (FLOAT_BITS,)
                   for a in space.choices(unit, "a_bits") or (FLOAT_BITS,)]
         entries += [(unit, part) for part in dict.fromkeys(p for form in forms for p in choice_parts(form))]
     return entries
@@ -271,7 +282,7 @@ def _is_bits_knob(key: str) -> bool:
 
 
 MIN_POINTS = 4  # whole policies timed before the sums are corrected
-SUMS_VERSION = 2  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
+SUMS_VERSION = 3  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
 
 
 def _touched_units(space: Any) -> dict[str, set[str]]:
@@ -284,32 +295,23 @@ def _touched_units(space: Any) -> dict[str, set[str]]:
     return {name: members.get(unit.out_group, {name}) for name, unit in space.units.items()}
 
 
-def fit_slopes(points: list[list[float]]) -> tuple[float, float]:
-    """Least-squares slopes (a, b) >= 0 of measured = 1 + a x parts + b x bits over timed whole policies
-    ([parts, bits, measured] each: the sums of a policy's structural and bit-width deltas); (1, 1), the plain sum,
-    until there are MIN_POINTS.
+def fit_bits_slope(points: list[list[float]]) -> float:
+    """Least-squares slope b >= 0 of measured = 1 + parts + b x bits over timed whole policies ([parts, bits,
+    measured] each: the sums of a policy's structural and bit-width deltas); 1, the plain sum, until there are
+    MIN_POINTS.
 
-    Why two slopes through the base: the sums err by different factors for different knobs (ResNet-20 / digits, one
-    thread: alone, pruned channels saved ~0.6 of their summed deltas and bit widths cost ~0.8 of theirs), and the
-    unchanged model is exactly 1. On the same timings of random prune + bit-width policies (four runs of
-    benchmarks/eval_latency.py), separate slopes erred 5.4-5.8% where one line through the whole sum (with an
-    offset) erred 6.3-9.8%. Non-negative, because a knob that removes work does not add latency: where the free fit
-    gave pruning a slope below 0 the clamped one predicted as well."""
+    Why only the bit widths get a slope: int8 units share quantize/dequantize steps, so their deltas do not add up,
+    while the structural sum, once pruning that reaches an int8 unit is left out of it, already errs least as it is.
+    A structural slope fitted beside this one (ResNet-20 / digits, 16 calibration policies, 300 random draws of them)
+    came out anywhere from 0.35 to 1.41 with every knob, and predicted float-only policies worse than the plain sum
+    (11.4% against 7.4%; prune + w_bits only: 2.3% against 2.1%), with int8 policies no better (8.8% against 8.2%)."""
     if len(points) < MIN_POINTS:
-        return 1.0, 1.0
-    x = np.array([p[:2] for p in points], dtype=float)
-    y = np.array([p[2] - 1.0 for p in points], dtype=float)
-    best: tuple[float, float] = (0.0, 0.0)
-    best_err = float(y @ y)
-    for columns in ((0, 1), (0,), (1,)):  # the constrained optimum is the free fit or one with a slope at 0
-        coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
-        if np.all(coef >= 0):
-            slopes = np.zeros(2)
-            slopes[list(columns)] = coef
-            err = float(np.sum((x @ slopes - y) ** 2))
-            if err < best_err - 1e-12:
-                best, best_err = (float(slopes[0]), float(slopes[1])), err
-    return best
+        return 1.0
+    bits = np.array([p[1] for p in points], dtype=float)
+    rest = np.array([p[2] - 1.0 - p[0] for p in points], dtype=float)
+    if not bits @ bits:
+        return 1.0
+    return max(0.0, float(bits @ rest / (bits @ bits)))
 
 
 def is_bits(part: LayerChoice) -> bool:
@@ -330,14 +332,14 @@ class LatencyTable:
     def __init__(self, meter: LatencyMeter, build: Callable[[Policy], bytes], *, key: str, fingerprint: str = "",
                  cache_dir: str | Path | None = None, space: Any = None) -> None:
         self.meter, self.build, self.fingerprint, self.space = meter, build, fingerprint, space
-        self._base_macs = {u: m for u, (m, _) in space.unit_costs({}).items()} if space is not None else {}
+        self._macs: dict[tuple[str, tuple], int] = {}  # (unit, form) -> its unpruned MACs
         hw = meter.hardware()
         name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": [],
                                      "sums": SUMS_VERSION}
         self._touches = _touched_units(space) if space is not None else {}
-        self._fitted: tuple[int, tuple[float, float]] | None = None  # (points fitted on, the slopes)
+        self._fitted: tuple[int, float] | None = None  # (points fitted on, the bit widths' slope)
         self._load()
 
     def _load(self) -> None:
@@ -408,45 +410,51 @@ class LatencyTable:
     def sums(self, policy: Policy) -> tuple[float, float]:
         """(structural, bit-width) sums of the policy's per-unit deltas.
 
-        With a space, a bit-width delta (timed on the unpruned unit) is scaled by the share of the unit's MACs its
-        pruning or rank leaves, and a structural delta that reaches an int8 unit is left out of the structural sum:
-        what it saves there is already in that scaled bit-width delta, and counting it twice made the fit give
-        pruning no slope at all."""
-        share: dict[str, float] = {}
+        A bit-width part counts what int8 adds to the unit's form (its rank or block: the two were timed together),
+        and with a space it is scaled by the share of that form's MACs the pruning leaves. A pruned group whose
+        layers include an int8 one is left out of the structural sum: what it saves there is already in that scaled
+        bit-width delta, and counting it twice made the fit give pruning no slope at all."""
+        costs: dict[str, tuple[int, int]] = {}
         int8: set[str] = set()
         if self.space is not None:
-            share = {u: m / max(1, self._base_macs[u]) for u, (m, _) in self.space.unit_costs(policy.layers).items()}
+            costs = self.space.unit_costs(policy.layers)
             int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in _parts(c))}
         parts = bits = 0.0
         for unit, choice in sorted(policy.layers.items()):
             for part in _parts(choice):
                 if is_bits(part):
-                    bits += self.delta(unit, part) * share.get(unit, 1.0)
-                elif not (int8 and self._reaches(unit, part) & int8):
+                    form = _form(part.changed())
+                    extra = self.delta(unit, part) - (self.delta(unit, LayerChoice(**form)) if form else 0.0)
+                    share = costs[unit][0] / max(1, self._form_macs(unit, form)) if costs else 1.0
+                    bits += extra * share
+                elif not (part.prune and self._touches.get(unit, {unit}) & int8):
                     parts += self.delta(unit, part)
         return parts, bits
 
-    def _reaches(self, unit: str, part: LayerChoice) -> set[str]:
-        """The units whose work `part` of `unit` changes: a pruned group's producers and consumers, else the unit."""
-        return self._touches.get(unit, {unit}) if part.prune else {unit}
+    def _form_macs(self, unit: str, form: dict[str, Any]) -> int:
+        """MACs of `unit` in `form` (its rank or block) with nothing pruned: what a bit-width delta was timed on."""
+        key = (unit, tuple(sorted(form.items())))
+        if key not in self._macs:
+            self._macs[key] = self.space.unit_costs({unit: LayerChoice(**form)} if form else {})[unit][0]
+        return self._macs[key]
 
     def record(self, policy: Policy, measured_rel: float) -> None:
         """Add a timed whole policy to the points the sums' correction is fitted to."""
         self.data["calibration"].append([*self.sums(policy), float(measured_rel)])
         self._save()
 
-    def slopes(self) -> tuple[float, float]:
-        """`fit_slopes` of the timed whole policies (refitted when points are added)."""
+    def bits_slope(self) -> float:
+        """`fit_bits_slope` of the timed whole policies (refitted when points are added)."""
         points = self.data["calibration"]
         if self._fitted is None or self._fitted[0] != len(points):
-            self._fitted = (len(points), fit_slopes(points))
+            self._fitted = (len(points), fit_bits_slope(points))
         return self._fitted[1]
 
     def predict_rel(self, policy: Policy) -> float:
-        """Predicted latency relative to the base model (floored at 5% of it): 1 + each sum of deltas times its
-        fitted slope."""
-        (a, b), (parts, bits) = self.slopes(), self.sums(policy)
-        return max(0.05, 1.0 + a * parts + b * bits)
+        """Predicted latency relative to the base model (floored at 5% of it): 1 + the structural deltas + the
+        bit-width deltas times their fitted slope."""
+        parts, bits = self.sums(policy)
+        return max(0.05, 1.0 + parts + self.bits_slope() * bits)
 
     def predict_us(self, policy: Policy) -> float:
         """Predicted latency in microseconds: base latency x `predict_rel` (the corrected sum of deltas)."""

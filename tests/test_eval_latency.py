@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
-                                         fit_slopes, hardware_fingerprint, table_entries, timing_threads)
+                                         fit_bits_slope, hardware_fingerprint, table_entries, timing_threads)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -93,7 +93,8 @@ def test_lookup_table_caches_on_disk(vgg, tmp_path) -> None:
 
 def test_choice_parts_keep_bit_widths_together() -> None:
     parts = choice_parts(LayerChoice(prune=0.5, rank=0.5, w_bits=8, a_bits=8))
-    assert [p.changed() for p in parts] == [{"prune": 0.5}, {"rank": 0.5}, {"w_bits": 8, "a_bits": 8}]
+    # bit widths are timed on the unit's rank or block (not its pruning): int8 costs per convolution quantized
+    assert [p.changed() for p in parts] == [{"prune": 0.5}, {"rank": 0.5}, {"rank": 0.5, "w_bits": 8, "a_bits": 8}]
     assert choice_parts(LayerChoice()) == []
     # every width up to 8 bits is exported as int8, so it is timed as int8
     assert choice_parts(LayerChoice(w_bits=4, a_bits=6)) == [LayerChoice(w_bits=8, a_bits=8)]
@@ -125,15 +126,15 @@ def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
     assert again.fill(entries, calibration=whole) == 0 and len(built) == count  # all of it came from disk
 
 
-def test_slopes_correct_the_sums_once_there_are_enough_points() -> None:
-    assert fit_slopes([[-0.2, 0.5, 1.2]]) == (1.0, 1.0)  # too few points: the sums are taken as they are
+def test_the_bit_widths_slope_corrects_their_sum_once_there_are_enough_points() -> None:
+    assert fit_bits_slope([[-0.2, 0.5, 1.2]]) == 1.0  # too few points: the sums are taken as they are
     grid = [(-0.1 * i, 0.3 * j) for i in range(4) for j in range(4) if (i, j) != (0, 0)]
-    # pruning's sums count 0.6 of what it saves, bit widths' 0.8: the fit finds both
-    a, b = fit_slopes([[p, q, 1 + 0.6 * p + 0.8 * q] for p, q in grid])
-    assert a == pytest.approx(0.6) and b == pytest.approx(0.8)
-    # timings where pruning seems to add latency: its slope stays at 0, the bits' is fitted alone
-    a, b = fit_slopes([[p, q, 1 - 0.2 * p + 0.8 * q] for p, q in grid])
-    assert a == 0.0 and 0.7 < b < 0.9
+    # bit widths cost 0.8 of their summed deltas, the structure what its deltas say: the fit finds the 0.8
+    assert fit_bits_slope([[p, q, 1 + p + 0.8 * q] for p, q in grid]) == pytest.approx(0.8)
+    # float-only points (no bit-width sum) say nothing about the slope
+    assert fit_bits_slope([[-0.1 * i, 0.0, 0.9] for i in range(8)]) == 1.0
+    # timings where bit widths seem to save latency: the slope stays at 0
+    assert fit_bits_slope([[p, q, 1 + p - 0.5 * q] for p, q in grid]) == 0.0
 
 
 def test_calibration_alternates_float_only_policies(vgg) -> None:
@@ -174,6 +175,21 @@ def test_sums_leave_out_structure_that_reaches_an_int8_unit(vgg) -> None:
     inside = sorted(reached - {group})[0]  # a layer of the group other than the one the choice is keyed by
     parts, bits = sums({group: LayerChoice(prune=prune), inside: LayerChoice(w_bits=8, a_bits=8)})
     assert parts == 0.0 and 0 < bits < 0.5  # the group reaches the int8 layer, whose delta shrinks with its MACs
+
+
+def test_int8_on_a_decomposed_or_separable_unit_counts_what_int8_adds_to_that_form(vgg) -> None:
+    """A dwsep unit in int8 quantizes two small convolutions: its bit-width part is timed on the dwsep form and
+    counts only what int8 adds there, scaled by the share of the form's MACs that pruning leaves."""
+    _, _, space, _ = vgg
+    unit = next(u for u in space.units if "dwsep" in space.choices(u, "block"))
+    dwsep, int8 = LayerChoice(block="dwsep"), LayerChoice(block="dwsep", w_bits=8, a_bits=8)
+    assert (unit, int8) in table_entries(space)
+    table = LatencyTable(_NoMeter(), lambda p: b"", key="k", space=space)  # type: ignore[arg-type]
+    table.data["deltas"][table.entry_key(unit, dwsep)] = -0.01
+    table.data["deltas"][table.entry_key(unit, int8)] = 0.09
+    parts, bits = table.sums(Policy(layers={unit: LayerChoice(block="dwsep", w_bits=4, a_bits=8)},
+                                    fingerprint=space.fingerprint))
+    assert parts == -0.01 and bits == pytest.approx(0.10)  # the form counts, and int8 adds 0.10 to it
 
 
 def test_calibration_summed_another_way_is_timed_again(vgg, tmp_path) -> None:
