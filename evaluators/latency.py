@@ -25,8 +25,9 @@ choice is split into parts that are timed separately and summed (prune, rank, bl
 since int8 kernels need both weights and activations quantized), so the table is finite and can be built up front,
 with progress, instead of one entry per combination of knobs. Sums of per-unit deltas are biased where units
 interact (int8 units share the quantize/dequantize steps between them, benchmarks/latency_additivity.py), so the
-table also times a few whole random policies (half of them float only) and corrects the bit-width sum by what they
-measured (`fit_bits_slope`); in "hybrid" mode every timed candidate adds a point to that fit. A bit-width delta is
+table also times a few whole random policies (a third of them float only, a third with a few int8 units) and
+corrects the bit-width sums by what they measured (`fit_bits_slopes`); in "hybrid" mode every timed candidate adds
+a point to that fit. A bit-width delta is
 timed on the unit's rank or block and scaled by the share of that form's MACs that pruning leaves, so pruning that
 reaches an int8 unit is counted there and not again among the structural deltas (`sums`).
 """
@@ -52,7 +53,7 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
-           "calibration_policies", "fit_bits_slope", "hardware_fingerprint", "make_session", "time_session",
+           "calibration_policies", "fit_bits_slopes", "hardware_fingerprint", "make_session", "time_session",
            "timing_threads"]
 
 
@@ -258,21 +259,33 @@ def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
 
 
 def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
-    """`n` random policies of `space`, from barely to heavily changed (each changes a random share of its knobs);
-    every second one leaves bit widths alone.
+    """`n` random policies of `space`, from barely to heavily changed (each changes a random share of its knobs), of
+    three kinds in turn: any knob drawn, bit widths left alone, and bit widths drawn on only one to four units.
 
-    Why float-only policies: random bit widths make nearly every policy int8-heavy (6 of a unit's 7 widths are int8
-    forms), and fitted only to those the structural slope fell to 0.14, so a pruned float model was predicted 14.5%
-    off (ResNet-20 / digits, 24 such policies). With half the points float-only: 2.3%, int8-heavy ones unchanged.
+    Why the kinds: random bit widths make nearly every policy int8-heavy (6 of a unit's 7 widths are int8 forms),
+    and fitted only to those, a pruned float model was predicted 14.5% off (ResNet-20 / digits). A few int8 units in
+    a pruned float model is what repair makes of a latency limit, and there int8 costs what its unscaled deltas say:
+    quantize steps around each int8 unit, whatever its MACs (36 repaired policies of three searches: measured 1.35-1.5
+    of the base where the MAC-scaled deltas predicted 0.8-0.9).
     """
     rng = random.Random(seed)
     dists = space.distributions()
+    bits_units = sorted({k.rpartition("/")[0] for k in dists if _is_bits_knob(k)})
     out = []
     for i in range(n):
         share = rng.random()
-        float_only = i % 2 == 1
-        params = {k: (rng.choice(c) if rng.random() < share and not (float_only and _is_bits_knob(k)) else c[0])
-                  for k, c in dists.items()}
+        kind = i % 3  # 0: any knob, 1: float only, 2: a few int8 units
+        few = set(rng.sample(bits_units, min(len(bits_units), rng.randint(1, 4)))) if kind == 2 else set()
+        params = {}
+        for k, c in dists.items():
+            if _is_bits_knob(k) and kind:
+                params[k] = rng.choice(c[1:]) if k.rpartition("/")[0] in few and rng.random() < 0.5 else c[0]
+            else:
+                params[k] = rng.choice(c) if rng.random() < share else c[0]
+        if kind == 2 and not any(params[k] != dists[k][0] for k in dists if _is_bits_knob(k)):
+            for unit in few:  # at least one unit's weights in int8
+                key = f"{unit}/{W_BITS}" if f"{unit}/{W_BITS}" in dists else f"{unit}/{A_BITS}"
+                params[key] = dists[key][1]
         out.append(Policy.from_params(params, space))
     return out
 
@@ -282,7 +295,8 @@ def _is_bits_knob(key: str) -> bool:
 
 
 MIN_POINTS = 4  # whole policies timed before the sums are corrected
-SUMS_VERSION = 3  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
+FIT_WINDOW = 16  # the latest timed whole policies the correction is fitted to
+SUMS_VERSION = 4  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
 
 
 def _touched_units(space: Any) -> dict[str, set[str]]:
@@ -295,23 +309,32 @@ def _touched_units(space: Any) -> dict[str, set[str]]:
     return {name: members.get(unit.out_group, {name}) for name, unit in space.units.items()}
 
 
-def fit_bits_slope(points: list[list[float]]) -> float:
-    """Least-squares slope b >= 0 of measured = 1 + parts + b x bits over timed whole policies ([parts, bits,
-    measured] each: the sums of a policy's structural and bit-width deltas); 1, the plain sum, until there are
+def fit_bits_slopes(points: list[list[float]]) -> tuple[float, float]:
+    """Least-squares slopes (b, c) >= 0 of measured = 1 + parts + b x bits + c x bits_unscaled over timed whole
+    policies ([parts, bits, bits_unscaled, measured] each: a policy's sums of structural deltas, of bit-width deltas
+    scaled by the MACs pruning leaves, and of the same unscaled); (1, 0), the plain scaled sum, until there are
     MIN_POINTS.
 
-    Why only the bit widths get a slope: int8 units share quantize/dequantize steps, so their deltas do not add up,
-    while the structural sum, once pruning that reaches an int8 unit is left out of it, already errs least as it is.
-    A structural slope fitted beside this one (ResNet-20 / digits, 16 calibration policies, 300 random draws of them)
-    came out anywhere from 0.35 to 1.41 with every knob, and predicted float-only policies worse than the plain sum
-    (11.4% against 7.4%; prune + w_bits only: 2.3% against 2.1%), with int8 policies no better (8.8% against 8.2%)."""
+    Why two slopes for the bit widths: int8 costs partly per MAC (int8-heavy policies follow the scaled sum) and
+    partly per quantize step around an int8 unit, whatever its MACs (a few int8 units in a pruned float model follow
+    the unscaled one). Why none for the structure: the structural sum, once pruning that reaches an int8 unit is left
+    out of it, errs least as it is. A structural slope fitted as well (ResNet-20 / digits, every knob, 300 random
+    draws of 16 calibration policies) came out anywhere from 0.35 to 1.41 and predicted float-only policies worse than
+    the plain sum (11.4% against 7.4%; prune + w_bits only: 2.3% against 2.1%)."""
     if len(points) < MIN_POINTS:
-        return 1.0
-    bits = np.array([p[1] for p in points], dtype=float)
-    rest = np.array([p[2] - 1.0 - p[0] for p in points], dtype=float)
-    if not bits @ bits:
-        return 1.0
-    return max(0.0, float(bits @ rest / (bits @ bits)))
+        return 1.0, 0.0
+    x = np.array([p[1:3] for p in points], dtype=float)
+    y = np.array([p[3] - 1.0 - p[0] for p in points], dtype=float)
+    best, best_err = (0.0, 0.0), float(y @ y)
+    for columns in ((0, 1), (0,), (1,)):  # the constrained optimum is the free fit or one with a slope at 0
+        coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
+        if np.all(coef >= 0):
+            slopes = np.zeros(2)
+            slopes[list(columns)] = coef
+            err = float(np.sum((x @ slopes - y) ** 2))
+            if err < best_err - 1e-12:
+                best, best_err = (float(slopes[0]), float(slopes[1])), err
+    return best
 
 
 def is_bits(part: LayerChoice) -> bool:
@@ -339,7 +362,7 @@ class LatencyTable:
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": [],
                                      "sums": SUMS_VERSION}
         self._touches = _touched_units(space) if space is not None else {}
-        self._fitted: tuple[int, float] | None = None  # (points fitted on, the bit widths' slope)
+        self._fitted: tuple[int, tuple[float, float]] | None = None  # (points fitted on, the bits' slopes)
         self._load()
 
     def _load(self) -> None:
@@ -351,7 +374,7 @@ class LatencyTable:
                 # [parts, bits, measured]; points summed another way (older tables) are timed again
                 points = (disk.get("calibration", []) if disk.get("sums") == SUMS_VERSION else [])
                 points += self.data["calibration"]
-                self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 3]
+                self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 4]
                 if self.data.get("base_us") is None:
                     self.data["base_us"] = disk.get("base_us")
 
@@ -407,19 +430,19 @@ class LatencyTable:
                 progress(done, len(steps))
         return len(steps)
 
-    def sums(self, policy: Policy) -> tuple[float, float]:
-        """(structural, bit-width) sums of the policy's per-unit deltas.
+    def sums(self, policy: Policy) -> tuple[float, float, float]:
+        """(structural, bit-width, unscaled bit-width) sums of the policy's per-unit deltas.
 
         A bit-width part counts what int8 adds to the unit's form (its rank or block: the two were timed together),
-        and with a space it is scaled by the share of that form's MACs the pruning leaves. A pruned group whose
-        layers include an int8 one is left out of the structural sum: what it saves there is already in that scaled
-        bit-width delta, and counting it twice made the fit give pruning no slope at all."""
+        and with a space it is also summed scaled by the share of that form's MACs the pruning leaves. A pruned
+        group whose layers include an int8 one is left out of the structural sum: what it saves there is already
+        in that scaled bit-width delta, and counting it twice made the fit give pruning no slope at all."""
         costs: dict[str, tuple[int, int]] = {}
         int8: set[str] = set()
         if self.space is not None:
             costs = self.space.unit_costs(policy.layers)
             int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in _parts(c))}
-        parts = bits = 0.0
+        parts = bits = unscaled = 0.0
         for unit, choice in sorted(policy.layers.items()):
             for part in _parts(choice):
                 if is_bits(part):
@@ -427,9 +450,10 @@ class LatencyTable:
                     extra = self.delta(unit, part) - (self.delta(unit, LayerChoice(**form)) if form else 0.0)
                     share = costs[unit][0] / max(1, self._form_macs(unit, form)) if costs else 1.0
                     bits += extra * share
+                    unscaled += extra
                 elif not (part.prune and self._touches.get(unit, {unit}) & int8):
                     parts += self.delta(unit, part)
-        return parts, bits
+        return parts, bits, unscaled
 
     def _form_macs(self, unit: str, form: dict[str, Any]) -> int:
         """MACs of `unit` in `form` (its rank or block) with nothing pruned: what a bit-width delta was timed on."""
@@ -443,18 +467,23 @@ class LatencyTable:
         self.data["calibration"].append([*self.sums(policy), float(measured_rel)])
         self._save()
 
-    def bits_slope(self) -> float:
-        """`fit_bits_slope` of the timed whole policies (refitted when points are added)."""
+    def bits_slopes(self) -> tuple[float, float]:
+        """`fit_bits_slopes` of the FIT_WINDOW latest timed whole policies (refitted when points are added).
+
+        Latest, because a search's own timed candidates (handed back by `record`) are the policies it will ask
+        about next, and the machine drifts: in a repaired latency search on digits the fit to the latest 16 points
+        predicted each next candidate within 13.3% (median), the fit to all of them within 20.7%."""
         points = self.data["calibration"]
         if self._fitted is None or self._fitted[0] != len(points):
-            self._fitted = (len(points), fit_bits_slope(points))
+            self._fitted = (len(points), fit_bits_slopes(points[-FIT_WINDOW:]))
         return self._fitted[1]
 
     def predict_rel(self, policy: Policy) -> float:
         """Predicted latency relative to the base model (floored at 5% of it): 1 + the structural deltas + the
-        bit-width deltas times their fitted slope."""
-        parts, bits = self.sums(policy)
-        return max(0.05, 1.0 + parts + self.bits_slope() * bits)
+        bit-width deltas, scaled and unscaled, times their fitted slopes."""
+        parts, bits, unscaled = self.sums(policy)
+        b, c = self.bits_slopes()
+        return max(0.05, 1.0 + parts + b * bits + c * unscaled)
 
     def predict_us(self, policy: Policy) -> float:
         """Predicted latency in microseconds: base latency x `predict_rel` (the corrected sum of deltas)."""

@@ -208,7 +208,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
         repairs_latency = repair and "latency" in parsed.metrics
         if (latency in ("predict", "hybrid") or repairs_latency) and latency_on is None:
             table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
-            latency_model = table.predict_rel if repairs_latency else None
+            latency_model = table if repairs_latency else None
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None

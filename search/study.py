@@ -129,8 +129,8 @@ def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objecti
                   repair: bool = False, latency_model: LatencyModel | None = None) -> Searcher:
     """The searcher called `name`: an Optuna sampler (see SAMPLERS) or 'ddpg' (the AMC-style agent).
 
-    `latency_model` (policy -> predicted latency relative to the base) lets repair judge a latency limit by it
-    instead of by MACs; the agent's action wall still uses MACs."""
+    `latency_model` (predicts a policy's latency relative to the base, and learns from timed ones) lets repair
+    judge a latency limit by it instead of by MACs; the agent's action wall still uses MACs."""
     if name == "ddpg":
         from squeezer.search.amc_agent import AmcAgent
 
@@ -187,8 +187,8 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
 
     `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
     search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
-    The caller owns `pool` and closes it. `latency_model` (e.g. `LatencyTable.predict_rel`) is what repair
-    predicts a latency limit with; without one, latency is judged by its MACs proxy.
+    The caller owns `pool` and closes it. `latency_model` (e.g. a `LatencyTable`) is what repair predicts a
+    latency limit with, and it learns from every timed candidate; without one, latency is judged by its MACs proxy.
     """
     out = Path(out)
     budget = Budget.parse(budget) if isinstance(budget, str) else budget

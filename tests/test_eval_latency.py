@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
-                                         fit_bits_slope, hardware_fingerprint, table_entries, timing_threads)
+                                         fit_bits_slopes, hardware_fingerprint, table_entries, timing_threads)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -126,24 +126,27 @@ def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
     assert again.fill(entries, calibration=whole) == 0 and len(built) == count  # all of it came from disk
 
 
-def test_the_bit_widths_slope_corrects_their_sum_once_there_are_enough_points() -> None:
-    assert fit_bits_slope([[-0.2, 0.5, 1.2]]) == 1.0  # too few points: the sums are taken as they are
-    grid = [(-0.1 * i, 0.3 * j) for i in range(4) for j in range(4) if (i, j) != (0, 0)]
-    # bit widths cost 0.8 of their summed deltas, the structure what its deltas say: the fit finds the 0.8
-    assert fit_bits_slope([[p, q, 1 + p + 0.8 * q] for p, q in grid]) == pytest.approx(0.8)
-    # float-only points (no bit-width sum) say nothing about the slope
-    assert fit_bits_slope([[-0.1 * i, 0.0, 0.9] for i in range(8)]) == 1.0
-    # timings where bit widths seem to save latency: the slope stays at 0
-    assert fit_bits_slope([[p, q, 1 + p - 0.5 * q] for p, q in grid]) == 0.0
+def test_the_bit_widths_slopes_correct_their_sums_once_there_are_enough_points() -> None:
+    assert fit_bits_slopes([[-0.2, 0.5, 0.6, 1.2]]) == (1.0, 0.0)  # too few points: the scaled sum as it is
+    grid = [(-0.1 * i, 0.3 * j, 0.2 * (j + k)) for i in range(3) for j in range(3) for k in range(3) if i + j + k]
+    # int8 costs 0.5 of its MAC-scaled sum and 0.3 of its unscaled one, the structure what its deltas say
+    b, c = fit_bits_slopes([[p, q, u, 1 + p + 0.5 * q + 0.3 * u] for p, q, u in grid])
+    assert b == pytest.approx(0.5) and c == pytest.approx(0.3)
+    # float-only points (no bit-width sums) say nothing about the slopes
+    assert fit_bits_slopes([[-0.1 * i, 0.0, 0.0, 0.9] for i in range(8)]) == (0.0, 0.0)
+    # timings where bit widths seem to save latency: both slopes stay at 0
+    assert fit_bits_slopes([[p, q, u, 1 + p - 0.5 * q] for p, q, u in grid]) == (0.0, 0.0)
 
 
-def test_calibration_alternates_float_only_policies(vgg) -> None:
-    """Half the table's calibration policies leave bit widths alone, so the structural slope is fitted on them."""
+def test_calibration_takes_turns_at_any_knob_float_only_and_a_few_int8_units(vgg) -> None:
+    """A third of the table's calibration policies leave bit widths alone, a third quantize one to four units (what
+    repair makes of a latency limit), the rest draw every knob."""
     _, _, space, _ = vgg
-    policies = calibration_policies(space, 8, seed=3)
-    float_only = [not any(c.w_bits < 32 or c.a_bits < 32 for c in p.layers.values()) for p in policies]
-    assert float_only[1::2] == [True] * 4
-    assert not all(float_only[0::2])  # the others draw bit widths too
+    policies = calibration_policies(space, 12, seed=3)
+    int8 = [sum(c.w_bits < 32 or c.a_bits < 32 for c in p.layers.values()) for p in policies]
+    assert int8[1::3] == [0] * 4
+    assert all(1 <= n <= 4 for n in int8[2::3])
+    assert max(int8[0::3]) > 4  # the others draw bit widths anywhere
 
 
 class _NoMeter:
@@ -167,7 +170,7 @@ def test_sums_leave_out_structure_that_reaches_an_int8_unit(vgg) -> None:
             table.data["deltas"][table.entry_key(unit, part)] = -0.2 if part.prune else 0.5
 
     def sums(layers: dict) -> tuple[float, float]:
-        return table.sums(Policy(layers=layers, fingerprint=space.fingerprint))
+        return table.sums(Policy(layers=layers, fingerprint=space.fingerprint))[:2]
 
     assert sums({group: LayerChoice(prune=prune)}) == (-0.2, 0.0)
     parts, bits = sums({group: LayerChoice(prune=prune), elsewhere: LayerChoice(w_bits=8, a_bits=8)})
@@ -187,9 +190,9 @@ def test_int8_on_a_decomposed_or_separable_unit_counts_what_int8_adds_to_that_fo
     table = LatencyTable(_NoMeter(), lambda p: b"", key="k", space=space)  # type: ignore[arg-type]
     table.data["deltas"][table.entry_key(unit, dwsep)] = -0.01
     table.data["deltas"][table.entry_key(unit, int8)] = 0.09
-    parts, bits = table.sums(Policy(layers={unit: LayerChoice(block="dwsep", w_bits=4, a_bits=8)},
-                                    fingerprint=space.fingerprint))
-    assert parts == -0.01 and bits == pytest.approx(0.10)  # the form counts, and int8 adds 0.10 to it
+    parts, bits, unscaled = table.sums(Policy(layers={unit: LayerChoice(block="dwsep", w_bits=4, a_bits=8)},
+                                              fingerprint=space.fingerprint))
+    assert parts == -0.01 and bits == pytest.approx(0.10) == unscaled  # the form counts, int8 adds 0.10 to it
 
 
 def test_calibration_summed_another_way_is_timed_again(vgg, tmp_path) -> None:
@@ -199,7 +202,7 @@ def test_calibration_summed_another_way_is_timed_again(vgg, tmp_path) -> None:
     table.data["deltas"]["conv|{}"] = 0.1
     table.record(Policy(fingerprint=space.fingerprint), 1.0)
     assert LatencyTable(_NoMeter(), lambda p: b"", key="k", cache_dir=tmp_path,  # type: ignore[arg-type]
-                        space=space).data["calibration"] == [[0.0, 0.0, 1.0]]
+                        space=space).data["calibration"] == [[0.0, 0.0, 0.0, 1.0]]
     stored = json.loads(table.path.read_text())
     stored["sums"] = 1  # as tables written before the current sums
     table.path.write_text(json.dumps(stored))

@@ -1,6 +1,7 @@
 """The shared contract every searcher passes: budget respected, seeded, failures recorded, fronts sound."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -155,18 +156,43 @@ def test_driver_never_asks_beside_a_timing_run(space: SearchSpace, tmp_path: Pat
     assert asked and asked[0] >= released[0]
 
 
-def test_repair_judges_latency_by_the_latency_model(space: SearchSpace, tmp_path: Path) -> None:
-    """Given a latency model, repaired proposals meet a latency limit by it, bit widths dropped where it says so."""
-    bl = space.baseline()
-    calls: list[int] = []
+class _LatencyModel:
+    """int8 units slow the model down, as on small inputs on a CPU; remembers what it was taught."""
 
-    def model(p: Policy) -> float:  # int8 units slow the model down, as on small inputs on a CPU
-        calls.append(1)
-        return space.predict(p.layers).macs / bl.macs + 0.1 * sum(c.w_bits < 32 for c in p.layers.values())
+    def __init__(self, space: SearchSpace) -> None:
+        self.space, self.bl = space, space.baseline()
+        self.calls, self.timed = 0, []
 
+    def predict_rel(self, p: Policy) -> float:
+        self.calls += 1
+        return self.space.predict(p.layers).macs / self.bl.macs + 0.1 * sum(c.w_bits < 32 for c in p.layers.values())
+
+    def record(self, p: Policy, measured_rel: float) -> None:
+        self.timed.append((p.to_json(), measured_rel))
+
+
+def test_repair_judges_latency_by_the_latency_model_and_teaches_it_each_timing(space: SearchSpace,
+                                                                                tmp_path: Path) -> None:
+    """Given a latency model, repaired proposals meet a latency limit by it, bit widths dropped where it says so,
+    and every candidate whose latency was timed is handed back to the model to learn from."""
+    import dataclasses
+
+    from squeezer.evaluators.measurement import Measurement
+
+    model = _LatencyModel(space)
     ev = FakeEvaluator(space)
-    result = run_search(space, InlinePool(ev), "latency<=80%", ev.base(), out=tmp_path, sampler="random", trials=6,
-                        storage=optuna.storages.InMemoryStorage(), repair=True, latency_model=model)
-    assert calls
+
+    def timed(p: Policy):  # the fake's latency as if measured, at half the base
+        m = ev(p)
+        return dataclasses.replace(m, latency_source="measured", latency_rel=0.5) if isinstance(m, Measurement) else m
+
+    result = run_search(space, InlinePool(timed), "latency<=80%", ev.base(), out=tmp_path, sampler="random",
+                        trials=6, storage=optuna.storages.InMemoryStorage(), repair=True, latency_model=model)
+    assert model.calls
     for row in result.completed():
-        assert model(Policy.from_json(row["policy"])) <= 0.8 + 1e-9
+        assert model.predict_rel(Policy.from_json(row["policy"])) <= 0.8 + 1e-9
+    def key(policy: dict) -> str:
+        return json.dumps(policy, sort_keys=True)
+
+    taught = sorted((key(p), rel) for p, rel in model.timed)
+    assert taught == sorted((key(r["policy"]), 0.5) for r in result.completed())
