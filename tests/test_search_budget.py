@@ -88,54 +88,51 @@ def test_repair_brings_a_policy_into_the_budget(space: SearchSpace) -> None:
     fixed.validate(space)
 
 
-def test_repair_drops_bit_widths_that_a_latency_model_says_are_slow(space: SearchSpace) -> None:
-    """Where int8 units run slower than float ones, a latency limit is met by dropping bit widths, which MACs
-    cannot see: repair follows the latency model it is given, and leaves bit widths alone without one."""
+def _slow_int8(space: SearchSpace, limit: str, per_unit: float):
+    """(latency model, violation of `limit` by it): MACs left, plus `per_unit` of the base for every int8 unit, as
+    for small inputs on a CPU; and a policy with every unit's weights in int8."""
     from squeezer.policies.policy import Policy
-    from squeezer.spaces.knobs import A_BITS, W_BITS
 
     base = FakeEvaluator(space).base()
-    budget = Budget.parse("latency<=90%")
+    budget = Budget.parse(limit)
     bl = space.baseline()
 
-    def model(p: Policy) -> float:  # latency: MACs left, plus 0.1 of the base for every int8 unit
-        return space.predict(p.layers).macs / bl.macs + 0.1 * sum(c.w_bits < 32 for c in p.layers.values())
+    def model(p: Policy) -> float:
+        return space.predict(p.layers).macs / bl.macs + per_unit * sum(c.w_bits < 32 for c in p.layers.values())
 
     def violation(p: Policy) -> list[float]:
         return budget.predicted_constraints(space, base, space.predict(p.layers), baseline=bl, latency_rel=model(p))
 
-    int8 = {k: 8 for k in space.distributions() if k.endswith("/w_bits")}
-    policy = Policy.from_params(int8, space)
+    int8 = Policy.from_params({k: 8 for k in space.distributions() if k.endswith("/w_bits")}, space)
+    return model, violation, int8
+
+
+def test_repair_drops_bit_widths_that_a_latency_model_says_are_slow(space: SearchSpace) -> None:
+    """Where int8 units run slower than float ones, a latency limit is met by dropping bit widths, which MACs
+    cannot see: repair follows the latency model it is given, and leaves bit widths alone without one."""
+    from squeezer.spaces.knobs import A_BITS, W_BITS
+
+    model, violation, policy = _slow_int8(space, "latency<=90%", 0.1)
     assert model(policy) > 2
-    fixed = repair(policy, space, violation, metrics=budget.metrics, undo=(W_BITS, A_BITS))
+    fixed = repair(policy, space, violation, metrics=("latency",), undo=(W_BITS, A_BITS))
     assert model(fixed) <= 0.9 and fixed.meta["repaired"] is True
-    assert sum(c.w_bits < 32 for c in fixed.layers.values()) < len(int8)
+    quantized = set(policy.layers)
+    assert sum(c.w_bits < 32 for c in fixed.layers.values()) < len(quantized)
     fixed.validate(space)
-    stuck = repair(policy, space, violation, metrics=budget.metrics)  # no undo: only structure may move
-    assert model(stuck) > 0.9 and all(c.w_bits == 8 for u, c in stuck.layers.items() if f"{u}/w_bits" in int8)
+    stuck = repair(policy, space, violation, metrics=("latency",))  # no undo: only structure may move
+    assert model(stuck) > 0.9 and all(stuck.layers[u].w_bits == 8 for u in quantized)
 
 
 def test_repair_drops_slow_bit_widths_before_it_compresses_structure(space: SearchSpace) -> None:
     """Undoing a slow int8 unit costs no accuracy, pruning does: when undoing is enough, nothing else moves, even
     where one pruning notch would save more than one undo."""
-    from squeezer.policies.policy import Policy
     from squeezer.spaces.knobs import A_BITS, W_BITS
 
-    base = FakeEvaluator(space).base()
-    budget = Budget.parse("latency<=100%")
-    bl = space.baseline()
-
-    def model(p: Policy) -> float:  # latency: MACs left, plus 0.02 of the base for every int8 unit
-        return space.predict(p.layers).macs / bl.macs + 0.02 * sum(c.w_bits < 32 for c in p.layers.values())
-
-    def violation(p: Policy) -> list[float]:
-        return budget.predicted_constraints(space, base, space.predict(p.layers), baseline=bl, latency_rel=model(p))
-
-    int8 = {k: 8 for k in space.distributions() if k.endswith("/w_bits")}
-    assert len(int8) >= 3
-    fixed = repair(Policy.from_params(int8, space), space, violation, metrics=budget.metrics, undo=(W_BITS, A_BITS))
+    model, violation, policy = _slow_int8(space, "latency<=100%", 0.02)
+    assert len(policy.layers) >= 3
+    fixed = repair(policy, space, violation, metrics=("latency",), undo=(W_BITS, A_BITS))
     assert model(fixed) <= 1.0
-    assert space.predict(fixed.layers).macs == bl.macs  # no structure moved
+    assert space.predict(fixed.layers).macs == space.baseline().macs  # no structure moved
 
 
 def test_relative_latency_limit_reads_the_ratio_timed_against_the_base() -> None:
