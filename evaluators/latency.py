@@ -27,9 +27,9 @@ with progress, instead of one entry per combination of knobs. Sums of per-unit d
 interact (int8 units share the quantize/dequantize steps between them, benchmarks/latency_additivity.py), so the
 table also times a few whole random policies (a third of them float only, a third with a few int8 units) and
 corrects the bit-width sums by what they measured (`fit_bits_slopes`); in "hybrid" mode every timed candidate adds
-a point to that fit. A bit-width delta is
-timed on the unit's rank or block and scaled by the share of that form's MACs that pruning leaves, so pruning that
-reaches an int8 unit is counted there and not again among the structural deltas (`sums`).
+a point to that fit, as does every candidate a repaired search times. A bit-width delta is timed on the unit's rank
+or block and scaled by the share of that form's MACs that pruning leaves, so pruning that reaches an int8 unit is
+counted there and not again among the structural deltas (`sums`).
 """
 from __future__ import annotations
 
@@ -371,7 +371,7 @@ class LatencyTable:
             with contextlib.suppress(ValueError, OSError):
                 disk = json.loads(self.path.read_text())
                 self.data["deltas"] = {**disk.get("deltas", {}), **self.data["deltas"]}
-                # [parts, bits, measured]; points summed another way (older tables) are timed again
+                # [parts, bits, bits unscaled, measured]; points summed another way (older tables) are timed again
                 points = (disk.get("calibration", []) if disk.get("sums") == SUMS_VERSION else [])
                 points += self.data["calibration"]
                 self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 4]
@@ -436,7 +436,7 @@ class LatencyTable:
         A bit-width part counts what int8 adds to the unit's form (its rank or block: the two were timed together),
         and with a space it is also summed scaled by the share of that form's MACs the pruning leaves. A pruned
         group whose layers include an int8 one is left out of the structural sum: what it saves there is already
-        in that scaled bit-width delta, and counting it twice made the fit give pruning no slope at all."""
+        in that scaled bit-width delta, and counted twice it made pruned int8 models look far too fast."""
         costs: dict[str, tuple[int, int]] = {}
         int8: set[str] = set()
         if self.space is not None:
