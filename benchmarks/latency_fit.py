@@ -1,0 +1,114 @@
+"""Which correction of the latency table's sums predicts best: the one the table uses against the alternatives.
+
+Times the table for a space, then a pool of whole random policies of the three calibration kinds (any knob, float
+only, a few int8 units), each once. Offline, on those same timings, it draws `--draws` sets of 16 calibration
+policies (as the table does: the kinds in turn), fits each correction to them and predicts the other policies:
+
+- now: the structural sum as it is, slopes for the MAC-scaled and the unscaled bit-width sums (`fit_bits_slopes`);
+- one bits slope: the structural sum as it is, a slope for the MAC-scaled bit-width sum only;
+- structure slope too: a slope for each of the three sums;
+- uncorrected: 1 + the structural and MAC-scaled bit-width sums (what the table predicts before it has points).
+
+Run: python benchmarks/latency_fit.py [--knobs prune w_bits a_bits rank block] [--per-kind 32] [--draws 300]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_bits_slopes, is_bits,
+                                         table_entries)
+from squeezer.spaces.knobs import SpaceConfig
+from squeezer.spaces.space import SearchSpace
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best of the free fits over every subset of columns."""
+    best, best_err = np.zeros(x.shape[1]), float(y @ y)
+    for r in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), r):
+            coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.all(coef >= 0):
+                full = np.zeros(x.shape[1])
+                full[list(cols)] = coef
+                err = float(np.sum((x @ full - y) ** 2))
+                if err < best_err - 1e-12:
+                    best, best_err = full, err
+    return best
+
+
+Fit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], float]]  # (sums, measured) -> sums -> predicted
+
+
+def _now(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
+    b, c = fit_bits_slopes([[*row, mv] for row, mv in zip(s, m)])
+    return lambda row: 1 + row[0] + b * row[1] + c * row[2]
+
+
+def _one_bits_slope(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
+    (b,) = _nnls(s[:, 1:2], m - 1 - s[:, 0])
+    return lambda row: 1 + row[0] + b * row[1]
+
+
+def _structure_too(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
+    coef = _nnls(s, m - 1)
+    return lambda row: 1 + float(row @ coef)
+
+
+FITS: dict[str, Fit] = {"now": _now, "one bits slope": _one_bits_slope, "structure slope too": _structure_too,
+                        "uncorrected": lambda s, m: (lambda row: 1 + row[0] + row[1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--knobs", nargs="+", default=["prune", "w_bits", "a_bits", "rank", "block"])
+    ap.add_argument("--per-kind", type=int, default=32, help="timed policies of each kind (half to calibrate)")
+    ap.add_argument("--draws", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_threads=args.threads))
+    assert ev.meter is not None
+    space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as lut_dir:
+        table = LatencyTable(ev.meter, ev._onnx_of, key=ev.space.fingerprint, fingerprint=ev.space.fingerprint,
+                             cache_dir=lut_dir, space=ev.space)
+        table.fill(table_entries(space))
+        policies = calibration_policies(space, 3 * args.per_kind, seed=11)
+        sums = np.array([table.sums(p) for p in policies])
+        measured = np.array([ev.meter.measure(ev._onnx_of(p)).rel for p in policies])
+    print(f"knobs {','.join(args.knobs)}: table and {len(policies)} policies timed in "
+          f"{time.perf_counter() - start:.0f} s")
+    kind = np.arange(len(policies)) % 3
+    int8 = np.array([any(is_bits(part) for c in p.layers.values() for part in choice_parts(c)) for p in policies])
+    rng = np.random.default_rng(0)
+    errors: dict[str, dict[str, list[float]]] = {name: {"with int8 units": [], "float only": [], "all": []}
+                                                 for name in FITS}
+    for _ in range(args.draws):
+        calib = np.concatenate([rng.choice(np.flatnonzero(kind == k), n, replace=False)
+                                for k, n in zip(range(3), (6, 5, 5))])  # 16, the kinds in turn as the table has them
+        test = np.setdiff1d(np.arange(len(policies)), calib)
+        for name, fit in FITS.items():
+            predict = fit(sums[calib], measured[calib])
+            err = {i: abs(max(0.05, predict(sums[i])) - measured[i]) / measured[i] for i in test}
+            errors[name]["with int8 units"].append(statistics.median(err[i] for i in test if int8[i]))
+            errors[name]["float only"].append(statistics.median(err[i] for i in test if not int8[i]))
+            errors[name]["all"].append(statistics.median(err.values()))
+    print(f"median relative error over {args.draws} draws of 16 calibration policies "
+          f"({int(int8.sum())} policies with int8 units, {int((~int8).sum())} float only):")
+    print(f"{'correction':<22} {'with int8 units':>16} {'float only':>11} {'all':>6}")
+    for name, by in errors.items():
+        print(f"{name:<22} " + " ".join(f"{statistics.median(by[k]):{w}.3f}"
+                                        for k, w in (("with int8 units", 16), ("float only", 11), ("all", 6))))
+
+
+if __name__ == "__main__":
+    main()
