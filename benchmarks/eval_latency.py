@@ -5,7 +5,8 @@ policy is timed `--repeat` times (the error is reported against the first timing
 far the first two lie apart), and at the end the table's calibration policies are timed again, to show how far the
 machine drifted between building the table and testing it.
 
-Run: python benchmarks/eval_latency.py [--policies 15] [--batch 1] [--threads 1] [--knobs prune w_bits] [--repeat 2]
+Run: python benchmarks/eval_latency.py [--data digits|mnist] [--policies 15] [--batch 1] [--threads 1]
+     [--knobs prune w_bits] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=15)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime and torch threads")
+    ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
     ap.add_argument("--calibration", type=int, default=16, help="whole random policies timed for the correction")
     ap.add_argument("--knobs", nargs="+", default=["prune"], help="knobs of the space the random policies use")
     ap.add_argument("--repeat", type=int, default=2,
                     help="timings of each test policy: two or more also report how well a timing repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_batch=args.batch,
+    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_batch=args.batch,
                                                      latency_threads=args.threads))
     meter = ev.meter
     assert meter is not None

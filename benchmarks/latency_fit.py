@@ -9,7 +9,8 @@ policies (as the table does: the kinds in turn), fits each correction to them an
 - structure slope too: a slope for each of the three sums;
 - uncorrected: 1 + the structural and MAC-scaled bit-width sums (what the table predicts before it has points).
 
-Run: python benchmarks/latency_fit.py [--knobs prune w_bits a_bits rank block] [--per-kind 32] [--draws 300]
+Run: python benchmarks/latency_fit.py [--data digits|mnist] [--knobs prune w_bits a_bits rank block] [--per-kind 32]
+     [--draws 300]
 """
 from __future__ import annotations
 
@@ -72,9 +73,10 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=32, help="timed policies of each kind (half to calibrate)")
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_threads=args.threads))
+    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_threads=args.threads))
     assert ev.meter is not None
     space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
     start = time.perf_counter()
