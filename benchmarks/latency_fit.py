@@ -15,7 +15,6 @@ Run: python benchmarks/latency_fit.py [--data digits|mnist] [--knobs prune w_bit
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import tempfile
 import time
@@ -26,24 +25,9 @@ import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_bits_slopes, is_bits,
-                                         table_entries)
+                                         nonneg_lstsq, table_entries)
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
-
-def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0: the best of the free fits over every subset of columns."""
-    best, best_err = np.zeros(x.shape[1]), float(y @ y)
-    for r in range(1, x.shape[1] + 1):
-        for cols in itertools.combinations(range(x.shape[1]), r):
-            coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-            if np.all(coef >= 0):
-                full = np.zeros(x.shape[1])
-                full[list(cols)] = coef
-                err = float(np.sum((x @ full - y) ** 2))
-                if err < best_err - 1e-12:
-                    best, best_err = full, err
-    return best
-
 
 Fit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], float]]  # (sums, measured) -> sums -> predicted
 
@@ -54,12 +38,12 @@ def _now(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
 
 
 def _one_bits_slope(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
-    (b,) = _nnls(s[:, 1:2], m - 1 - s[:, 0])
+    (b,) = nonneg_lstsq(s[:, 1:2], m - 1 - s[:, 0])
     return lambda row: 1 + row[0] + b * row[1]
 
 
 def _structure_too(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
-    coef = _nnls(s, m - 1)
+    coef = nonneg_lstsq(s, m - 1)
     return lambda row: 1 + float(row @ coef)
 
 
@@ -75,6 +59,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
     args = ap.parse_args()
+    if not {"w_bits", "a_bits"} & set(args.knobs):
+        ap.error("give w_bits or a_bits among --knobs: the corrections differ only in how they treat bit widths")
+    if args.per_kind < 8:
+        ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")
     torch.set_num_threads(args.threads)
     ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_threads=args.threads))
     assert ev.meter is not None

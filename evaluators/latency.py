@@ -37,6 +37,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -53,8 +54,8 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
-           "calibration_policies", "fit_bits_slopes", "hardware_fingerprint", "make_session", "time_session",
-           "timing_threads"]
+           "calibration_policies", "fit_bits_slopes", "nonneg_lstsq", "hardware_fingerprint", "make_session",
+           "time_session", "timing_threads"]
 
 
 def timing_threads(threads: int | None = None) -> int:
@@ -325,15 +326,25 @@ def fit_bits_slopes(points: list[list[float]]) -> tuple[float, float]:
         return 1.0, 0.0
     x = np.array([p[1:3] for p in points], dtype=float)
     y = np.array([p[3] - 1.0 - p[0] for p in points], dtype=float)
-    best, best_err = (0.0, 0.0), float(y @ y)
-    for columns in ((0, 1), (0,), (1,)):  # the constrained optimum is the free fit or one with a slope at 0
-        coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
-        if np.all(coef >= 0):
-            slopes = np.zeros(2)
-            slopes[list(columns)] = coef
-            err = float(np.sum((x @ slopes - y) ** 2))
-            if err < best_err - 1e-12:
-                best, best_err = (float(slopes[0]), float(slopes[1])), err
+    b, c = nonneg_lstsq(x, y)
+    return float(b), float(c)
+
+
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of y ~ x, each >= 0 (all 0 where no fit beats that).
+
+    The constrained optimum is the free fit on some subset of the columns with the rest at 0, so with the two or
+    three columns a latency fit has, trying every subset is exact and cheap."""
+    best, best_err = np.zeros(x.shape[1]), float(y @ y)
+    for r in range(1, x.shape[1] + 1):
+        for columns in itertools.combinations(range(x.shape[1]), r):
+            coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
+            if np.all(coef >= 0):
+                full = np.zeros(x.shape[1])
+                full[list(columns)] = coef
+                err = float(np.sum((x @ full - y) ** 2))
+                if err < best_err - 1e-12:
+                    best, best_err = full, err
     return best
 
 
