@@ -13,7 +13,6 @@ import argparse
 import collections
 import statistics
 import time
-from typing import Any
 
 import torch
 
@@ -22,21 +21,10 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.policy import Policy
 
+from _timing import time_calls  # benchmarks/_timing.py
+
 PHASES = {"apply_policy": "apply", "recover": "recovery", "measure_cost": "MAC count", "score": "scoring"}
 SPENT: dict[str, list[float]] = collections.defaultdict(list)
-
-
-def _timed(name: str) -> None:
-    inner = getattr(evaluate_module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            SPENT[PHASES[name]].append(time.perf_counter() - start)
-
-    setattr(evaluate_module, name, wrapper)
 
 
 def main() -> None:
@@ -50,8 +38,8 @@ def main() -> None:
     ev = Evaluator("resnet20", args.data, settings)
     policies = [Policy.uniform(ev.space, prune=r) for r in (0.125, 0.25, 0.375, 0.5, 0.625)][:args.repeats]
     ev.measure(ev.compress(policies[0]), policies[0])  # warm-up: first-call costs are not per-policy costs
-    for name in PHASES:
-        _timed(name)
+    for name, label in PHASES.items():
+        time_calls(evaluate_module, name, SPENT[label])
 
     def bare(model: torch.nn.Module) -> float:
         start = time.perf_counter()

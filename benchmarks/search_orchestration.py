@@ -17,7 +17,6 @@ import collections
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,20 +28,9 @@ from squeezer.search.study import run_search
 from squeezer.search.working_copy import WorkingCopy
 from squeezer.spaces.space import SearchSpace
 
-PHASES: dict[str, float] = collections.defaultdict(float)
+from _timing import time_calls  # benchmarks/_timing.py
 
-
-def _timed(cls: Any, name: str, label: str) -> None:
-    inner = getattr(cls, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            PHASES[label] += time.perf_counter() - start
-
-    setattr(cls, name, wrapper)
+PHASES: dict[str, list[float]] = collections.defaultdict(list)
 
 
 def main() -> None:
@@ -59,9 +47,9 @@ def main() -> None:
     if args.phases:
         from squeezer.search.optuna_searcher import OptunaSearcher
 
-        _timed(OptunaSearcher, "ask", "sampler ask")
-        _timed(WorkingCopy, "begin", "storage when asked")
-        _timed(WorkingCopy, "finish", "storage when told")
+        time_calls(OptunaSearcher, "ask", PHASES["sampler ask"])
+        time_calls(WorkingCopy, "begin", PHASES["storage when asked"])
+        time_calls(WorkingCopy, "finish", PHASES["storage when told"])
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "r20.pt"
@@ -95,7 +83,7 @@ def main() -> None:
           f"{1000 * (seen[-1] - busy) / args.trials:.0f} ms a trial (sampler, storage, pool): "
           f"{100 * (seen[-1] - busy) / busy:.1f}% without the one-time part")
     if PHASES:
-        print("per trial: " + ", ".join(f"{k} {1000 * v / args.trials:.0f} ms" for k, v in PHASES.items()))
+        print("per trial: " + ", ".join(f"{k} {1000 * sum(v) / args.trials:.0f} ms" for k, v in PHASES.items()))
 
 
 if __name__ == "__main__":
