@@ -118,8 +118,9 @@ class Budget:
         """
         out = []
         for lim in self.limits:
-            if lim.metric == "latency" and lim.relative and measurement.latency_rel is not None:
-                out.append((measurement.latency_rel - lim.value) / lim.value)  # timed against the base itself
+            timed = _timed_rel(measurement, lim.metric)
+            if lim.relative and timed is not None:
+                out.append((timed - lim.value) / lim.value)
                 continue
             value = metric_value(measurement, lim.metric)
             if value is None:
@@ -200,14 +201,21 @@ def predicted_fraction(metric: str, cost: Cost, baseline: Cost) -> float:
 def cost_fraction(measurement: Measurement, base: Measurement, metric: str) -> float:
     """Measured metric / base's. Latency is `latency_rel` where timed (against the base itself, see
     `constraint_values`), and falls back to the MACs ratio when either side lacks latency."""
-    if metric == "latency" and measurement.latency_rel is not None:
-        return float(measurement.latency_rel)
+    timed = _timed_rel(measurement, metric)
+    if timed is not None:
+        return timed
     value, ref = metric_value(measurement, metric), metric_value(base, metric)
     if metric == "latency" and (value is None or not ref):
         value, ref = float(measurement.macs), float(base.macs)
     if value is None or not ref:
         return 1.0
     return value / ref
+
+
+def _timed_rel(m: Measurement, metric: str) -> float | None:
+    """Latency as timed interleaved with the base model itself (`latency_rel`), where there is one: machine drift
+    does not move it, where it moves medians taken minutes apart."""
+    return float(m.latency_rel) if metric == "latency" and m.latency_rel is not None else None
 
 
 def _latency_proxy(m: Measurement, base: Measurement | None) -> float | None:
