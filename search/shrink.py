@@ -107,9 +107,8 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
             moves += [order[0]] if knob in undo and i > 0 else []
             for move in moves:
                 trial = {**params, key: move}
-                if knob == BLOCK:
-                    trial[f"{unit}/{RANK}"] = NEUTRAL[RANK] if f"{unit}/{RANK}" in trial else None
-                    trial = {k: v for k, v in trial.items() if v is not None}
+                if knob == BLOCK and f"{unit}/{RANK}" in trial:  # the swapped-in block has no rank
+                    trial[f"{unit}/{RANK}"] = NEUTRAL[RANK]
                 score = excess(trial)
                 if score < best:
                     best_key, best_val, best = key, trial, score
