@@ -1,4 +1,5 @@
-"""Measured cost of an applied model: MACs traced by fvcore, parameters and bit-weighted size/BOPs.
+"""Measured cost of an applied model: MACs counted by fvcore (or mac_count's pass that matches it), parameters and
+bit-weighted size/BOPs.
 
 `SearchSpace.predict` estimates the same numbers from shapes; measuring them on the model that was actually built
 catches an applier that removed less (or more) than the space promised, so the search is scored on what exists.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -70,15 +71,18 @@ def _unit_of(name: str, units: list[str]) -> str | None:
     return best
 
 
-def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy, space: SearchSpace) -> dict[str, Any]:
+def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy, space: SearchSpace,
+                 count: Callable[[nn.Module, torch.Tensor], tuple[int, dict[str, int]]] = count_macs) -> dict[str, Any]:
     """macs, params, bops and size_mb of an applied model, per sample.
+
+    `count` is fvcore's traced count unless the caller holds a cheaper one that agrees with it (mac_count.mac_counter).
 
     A unit's MACs are everything traced under its module name (a decomposed unit is an nn.Sequential there, a
     quantized one a QuantizedLayer wrapping the original), weighted by its w_bits x a_bits for BOPs; MACs outside
     every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at its w_bits, all else at 32 bits.
     """
     example_inputs = example_inputs[:1].to(next(model.parameters()).device)
-    total, per_module = count_macs(model, example_inputs)
+    total, per_module = count(model, example_inputs)
     units = list(space.units)
     bits = {u: (c.w_bits, c.a_bits) for u, c in policy.layers.items()}
     bops, in_units = 0.0, 0

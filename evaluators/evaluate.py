@@ -23,6 +23,7 @@ from torch import nn
 
 from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
+from squeezer.evaluators.mac_count import mac_counter
 from squeezer.evaluators.data import DataBundle, load_data
 from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, calibration_policies,
                                          hardware_fingerprint, table_entries)
@@ -105,6 +106,7 @@ class Evaluator:
         self.base = copy.deepcopy(base).eval()
         self.example = self.data.example_inputs(1)
         self.space = SearchSpace.from_model(self.base, self.example)
+        self.count_macs = mac_counter(self.base, self.example)  # fvcore's count, or a forward pass that matches it
         self.calibration = self.data.calibration()
         self.lock = lock or MachineLock()
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -229,7 +231,7 @@ class Evaluator:
                                                  and (self.count - 1) % max(1, s.measure_every) == 0)
         measure = latency and (self.meter is not None or self._latency_fn is not None)
         with self.lock.compute():
-            cost = measure_cost(model, self.example, policy, self.space)
+            cost = measure_cost(model, self.example, policy, self.space, self.count_macs)
             accuracy, loss = score(model, self.data, device=self.device)
             if not (math.isfinite(accuracy) and math.isfinite(loss)):
                 return EvalFailure(f"non-finite score (accuracy {accuracy}, loss {loss})", time.perf_counter() - start)

@@ -1,0 +1,111 @@
+"""MACs counted in one plain forward pass with fvcore's formulas, trusted once they match fvcore's traced count.
+
+fvcore counts by tracing the whole model with torch.jit: ~80 ms for ResNet-20 on one 8x8 digit, as long as half a
+digits evaluation's forward passes. Applying a policy changes the shapes a model's ops run on, and swaps units for
+the convolutions and linears squeezer builds, but not which other ops the model runs. So `mac_counter` compares the
+two counts once, on the base model; where they agree, each applied model is counted by `forward_macs`, which records
+the shapes of every conv/linear/matmul a batch-1 forward runs and prices them as fvcore's handles do (a few ms).
+Where they do not (an einsum, or attention fvcore does not count as this pass does), fvcore counts every model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from fvcore.nn.jit_handles import conv_flop_count
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from squeezer.evaluators.cost import count_macs
+
+__all__ = ["forward_macs", "mac_counter", "MacCount"]
+
+MacCount = Callable[[nn.Module, torch.Tensor], "tuple[int, dict[str, int]]"]
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+def _shape(t: Any) -> list[int]:
+    return list(t.shape)
+
+
+def _conv(args: tuple, out: torch.Tensor) -> int:
+    x, w, transposed = args[0], args[1], bool(args[6])
+    return int(conv_flop_count(_shape(x), _shape(w), _shape(out), transposed=transposed))
+
+
+def _addmm(args: tuple, out: torch.Tensor) -> int:
+    (batch, inner), outer = _shape(args[1]), _shape(args[2])[1]
+    return batch * inner * outer
+
+
+def _mm(args: tuple, out: torch.Tensor) -> int:
+    return math.prod(_shape(args[0])) * _shape(args[1])[-1]
+
+
+def _bmm(args: tuple, out: torch.Tensor) -> int:
+    n, c, t = _shape(args[0])
+    return n * c * t * _shape(args[1])[-1]
+
+
+# fvcore's counted ops (cost._analysis) as a forward reaches the dispatcher: linear, matmul and einsum arrive as
+# mm/addmm/bmm, priced as fvcore prices linear and matmul (an einsum fvcore prices by its best contraction path,
+# which mac_counter's comparison catches).
+RULES: dict[Any, Callable[[tuple, torch.Tensor], int]] = {
+    aten.convolution.default: _conv, aten._convolution.default: _conv,
+    aten.addmm.default: _addmm, aten.mm.default: _mm, aten.bmm.default: _bmm,
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Prices each counted op as it runs and books it to every module on the call stack (fvcore's by_module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.total = 0
+        self.per_module: Counter[str] = Counter()
+
+    def leave(self) -> None:  # a forward hook: returning the popped name would replace the module's output
+        self.stack.pop()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        rule = RULES.get(func)
+        if rule is not None:
+            macs = rule(args, out)
+            self.total += macs
+            for name in self.stack:
+                self.per_module[name] += macs
+        return out
+
+
+def forward_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """(total MACs per sample, MACs per module name) from one forward of one sample."""
+    recorder = _Recorder()
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: recorder.stack.append(name)))
+        handles.append(module.register_forward_hook(lambda m, a, o: recorder.leave()))
+    x = example_inputs[:1]
+    try:
+        with torch.no_grad(), recorder:
+            model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.total, dict(recorder.per_module)
+
+
+def mac_counter(base: nn.Module, example_inputs: torch.Tensor) -> MacCount:
+    """The counter to use for models applied from `base`: `forward_macs` if it matches fvcore there, else fvcore."""
+    traced = count_macs(base, example_inputs)
+    forward = forward_macs(base, example_inputs)
+    if forward[0] == traced[0] and all(forward[1].get(name, 0) == macs for name, macs in traced[1].items()):
+        return forward_macs
+    log.info("MACs are counted by fvcore's trace: a forward pass counts %d on the base model, fvcore %d",
+             forward[0], traced[0])
+    return count_macs
