@@ -74,6 +74,10 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
 def _sqlite_wal(url: str) -> BaseStorage:
     import sqlalchemy
 
+    from squeezer.search.sqlite_template import seed_from_template
+
+    if url.startswith("sqlite:///") and "?" not in url:
+        seed_from_template(Path(url[len("sqlite:///"):]))
     try:
         rdb = optuna.storages.RDBStorage(url)
     except sqlalchemy.exc.IntegrityError:

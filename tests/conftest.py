@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import pytest
@@ -11,6 +12,18 @@ from squeezer.evaluators.data import DataBundle, load_data
 from squeezer.evaluators.zoo import mobilenetv2_small, resnet20
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def squeezer_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's own cache (the empty study database new SQLite studies copy), not the user's."""
+    previous = os.environ.get("SQUEEZER_CACHE")
+    os.environ["SQUEEZER_CACHE"] = str(tmp_path_factory.mktemp("squeezer-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SQUEEZER_CACHE", None)
+    else:
+        os.environ["SQUEEZER_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
