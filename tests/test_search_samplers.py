@@ -182,9 +182,10 @@ def test_repair_judges_latency_by_the_latency_model_and_teaches_it_each_timing(s
     model = _LatencyModel(space)
     ev = FakeEvaluator(space)
 
-    def timed(p: Policy):  # the fake's latency as if measured, at half the base
+    def timed(p: Policy):  # the fake's latency as if measured, as the model predicts it (so repair keeps no margin)
         m = ev(p)
-        return dataclasses.replace(m, latency_source="measured", latency_rel=0.5) if isinstance(m, Measurement) else m
+        rel = model.predict_rel(p)
+        return dataclasses.replace(m, latency_source="measured", latency_rel=rel) if isinstance(m, Measurement) else m
 
     result = run_search(space, InlinePool(timed), "latency<=80%", ev.base(), out=tmp_path, sampler="random",
                         trials=6, storage=optuna.storages.InMemoryStorage(), repair=True, latency_model=model)
@@ -195,4 +196,51 @@ def test_repair_judges_latency_by_the_latency_model_and_teaches_it_each_timing(s
         return json.dumps(policy, sort_keys=True)
 
     taught = sorted((key(p), rel) for p, rel in model.timed)
-    assert taught == sorted((key(r["policy"]), 0.5) for r in result.completed())
+    assert taught == sorted((key(r["policy"]), r["latency_rel"]) for r in result.completed())
+    assert all(r["latency_margin"] == pytest.approx(1.0) for r in result.completed())
+
+
+class _FastTable:
+    """Predicts latency as the share of MACs left; the 'measured' latency below is a quarter slower."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space, self.bl = space, space.baseline()
+
+    def predict_rel(self, p: Policy) -> float:
+        return self.space.predict(p.layers).macs / self.bl.macs
+
+    def record(self, p: Policy, measured_rel: float) -> None:
+        pass
+
+
+def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(space: SearchSpace,
+                                                                             tmp_path: Path) -> None:
+    """A latency model that predicts 25% fast: the first candidates, within the limit by its word, measure over
+    it; once three were timed, repair aims at limit / 1.25 and the measured candidates are within the limit,
+    and a searcher reopened on the study starts from the same margin."""
+    import dataclasses
+
+    from squeezer.evaluators.measurement import Measurement
+    from squeezer.search.budget import Budget
+    from squeezer.search.objectives import make_objective
+    from squeezer.search.optuna_searcher import OptunaSearcher
+    from squeezer.search.study import resolve_storage
+
+    table, ev = _FastTable(space), FakeEvaluator(space)
+
+    def timed(p: Policy):
+        m = ev(p)
+        return dataclasses.replace(m, latency_source="measured", latency_rel=1.25 * table.predict_rel(p))
+
+    result = run_search(space, InlinePool(timed), "latency<=25%", ev.base(), out=tmp_path, sampler="random",
+                        trials=8, repair=True, latency_model=table)
+    rows = sorted(result.completed(), key=lambda r: r["number"])
+    assert [r["latency_margin"] for r in rows[:3]] == [1.0, 1.0, 1.0]
+    assert not any(r["feasible"] for r in rows[:3])  # predicted within the limit, measured a quarter slower
+    for row in rows[3:]:
+        assert row["latency_margin"] == pytest.approx(1.25)
+        assert row["feasible"] and row["latency_rel"] <= 0.25 + 1e-9
+    study = optuna.load_study(study_name="squeezer", storage=resolve_storage("sqlite", tmp_path))
+    objective = make_objective(budget=Budget.parse("latency<=25%"), base=ev.base())
+    reopened = OptunaSearcher(study, space, objective, name="random", repair=True, latency_model=table)
+    assert reopened.latency_margin() == pytest.approx(1.25)
