@@ -8,8 +8,7 @@ deterministic, so the same params give the same policy.
 """
 from __future__ import annotations
 
-import statistics
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
@@ -17,7 +16,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective, constraints_func
-from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel
+from squeezer.search.searcher import Proposal, StudySearcher
 from squeezer.search.shrink import repair as repair_policy
 from squeezer.spaces.knobs import A_BITS, W_BITS
 from squeezer.spaces.space import SearchSpace
@@ -29,15 +29,6 @@ __all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS", "La
 _CONSTRAINTS: dict[str, Any] = ({} if hasattr(optuna.trial.Trial, "set_constraint")
                                 else {"constraints_func": constraints_func})
 SamplerFactory = Callable[[Objective, int, int], optuna.samplers.BaseSampler]
-
-
-class LatencyModel(Protocol):
-    """Predicts a policy's latency relative to the base model's, and learns from the ones the search timed
-    (`evaluators.latency.LatencyTable` is one)."""
-
-    def predict_rel(self, policy: Policy) -> float: ...
-
-    def record(self, policy: Policy, measured_rel: float) -> None: ...
 
 
 def _tpe(objective: Objective, seed: int, trials: int) -> optuna.samplers.BaseSampler:
@@ -76,8 +67,6 @@ SAMPLERS: dict[str, SamplerFactory] = {
                                                        warn_independent_sampling=False),
 }
 ORDINAL_SAMPLERS = frozenset({"cmaes", "qmc"})  # samplers that only handle numbers get choice indices
-MARGIN_WINDOW = 16  # the latest timed candidates whose measured / predicted latency sets repair's margin
-MARGIN_MIN_POINTS = 3
 
 
 def make_sampler(name: str, *, objective: Objective, seed: int = 0,
@@ -98,10 +87,7 @@ class OptunaSearcher(StudySearcher):
         self.name = name
         self.repair = repair
         self.latency_model = latency_model if "latency" in objective.budget.metrics else None
-        self.latency_ratios: list[float] = []  # measured / predicted latency of the timed candidates, oldest first
-        if self.latency_model is not None:
-            for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                self._note_latency(trial_attrs(ft))
+        self.margin = LatencyMargin(study if self.latency_model is not None else None)
         self.choices = space.distributions()
         self.ordinal = name in ORDINAL_SAMPLERS
         self.distributions: dict[str, BaseDistribution] = {
@@ -133,7 +119,7 @@ class OptunaSearcher(StudySearcher):
             # A latency-only budget with a latency model needs no shape costs (half of each prediction's time).
             shapes = model is None or any(m != "latency" for m in budget.metrics)
 
-            margin = self.latency_margin()
+            margin = self.margin.value()
 
             def violation(p: Policy) -> list[float]:
                 cost = self.space.predict(p.layers) if shapes else baseline
@@ -156,21 +142,5 @@ class OptunaSearcher(StudySearcher):
         if (self.latency_model is not None and isinstance(outcome, Measurement)
                 and outcome.latency_source == "measured" and outcome.latency_rel):
             self.latency_model.record(proposal.policy, outcome.latency_rel)
-            self._note_latency({**proposal.attrs, **outcome.metrics()})
+            self.margin.note({**proposal.attrs, **outcome.metrics()})
 
-    def _note_latency(self, record: dict[str, Any]) -> None:
-        predicted, measured = record.get("latency_predicted"), record.get("latency_rel")
-        if predicted and measured and record.get("latency_source") == "measured":
-            self.latency_ratios = [*self.latency_ratios, measured / predicted][-MARGIN_WINDOW:]
-
-    def latency_margin(self) -> float:
-        """What repair multiplies the latency model's prediction by: the upper quartile of measured / predicted
-        over the latest timed candidates (1 until three were timed), within [0.5, 2].
-
-        Why: the table's sums miss what a policy's units cost together; on ResNet-20 / digits, every knob, it
-        predicted repaired policies 10-50% fast, so a search that aimed repair at the limit itself found 2 of 20
-        candidates within it. Aiming at limit / margin puts about three in four inside once the error is steady;
-        where the table predicts slow, the margin falls below 1 and repair compresses less."""
-        if len(self.latency_ratios) < MARGIN_MIN_POINTS:
-            return 1.0
-        return float(min(2.0, max(0.5, statistics.quantiles(self.latency_ratios, n=4, method="inclusive")[2])))

@@ -243,4 +243,4 @@ def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(spa
     study = optuna.load_study(study_name="squeezer", storage=resolve_storage("sqlite", tmp_path))
     objective = make_objective(budget=Budget.parse("latency<=25%"), base=ev.base())
     reopened = OptunaSearcher(study, space, objective, name="random", repair=True, latency_model=table)
-    assert reopened.latency_margin() == pytest.approx(1.25)
+    assert reopened.margin.value() == pytest.approx(1.25)
