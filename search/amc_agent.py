@@ -1,16 +1,27 @@
 """An AMC-style DDPG agent (He et al., "AMC: AutoML for Model Compression", ECCV 2018) as a searcher.
 
 The agent walks the units in forward order. At unit t it sees a normalised embedding (index, layer type, shape,
-its MACs and params, cost already removed, cost left, previous action) and emits one continuous action a in [0, 1]:
-a compression level mapped to every knob the unit offers (choice index round(a * (n - 1)) along the knob's choices
-ordered from untouched to most compressed; with only the prune knob this is AMC's pruning ratio). An action wall,
-as in AMC, raises a_t to the smallest level at which the remaining units, compressed to the maximum, can still
-meet the budget (predicted by `SearchSpace.predict`), so every episode is within budget by construction.
+its MACs and params, cost already removed, cost left, the episode's cost target, previous action) and emits a
+continuous action in [0, 1]: a structure level for the unit's prune, rank and block knobs and, where the space has
+bit widths, a separate bits level for them (as HAQ gives bit widths their own action). A level picks choice index
+round(a * (n - 1)) along each knob's choices ordered from untouched to most compressed; with only the prune knob
+this is AMC's pruning ratio. With one level for every knob, pruning a unit would also quantize it, which a MACs
+budget does not ask for and a CPU's latency can punish.
 
-Exploration is a truncated normal around the actor's output with a decaying sigma, after warm-up episodes of
-random actions. The whole episode gets one reward (accuracy; minus `cost_weight` x cost fraction in multi-objective
-mode), less a moving-average baseline, with discount 1 as in AMC. Episodes are Optuna trials (enqueued with fixed
-params) carrying their actions in user attrs, so a resumed agent rebuilds its replay buffer from storage.
+An action wall, as in AMC, raises the structure level (then, failing that, the bits level) to the smallest at
+which the remaining units, compressed to the maximum, can still meet the budget (predicted by
+`SearchSpace.predict`), so every episode is within budget by construction. A latency limit is predicted by the
+latency model when the search has one (the lookup table), aimed below the limit by the margin its timed candidates
+taught (latency_margin.py); the wall then also tries the unit's bit widths at float, and the remaining units at
+their fastest levels, since on a CPU an int8 unit can be slower than a float one.
+
+In multi-objective mode each episode draws its own target for the cost (a fraction of the base, between the most
+compressed policy and the budget) and the wall holds the episode to it, so the agent's episodes spread along the
+front instead of all pressing against the budget. Exploration is a truncated normal around the actor's output with
+a decaying sigma, after warm-up episodes of random actions. The whole episode gets one reward (accuracy; minus
+`cost_weight` x cost fraction in multi-objective mode), less a moving-average baseline, with discount 1 as in AMC.
+Episodes are Optuna trials (enqueued with fixed params) carrying their actions and target in user attrs, so a
+resumed agent rebuilds its replay buffer from storage.
 """
 from __future__ import annotations
 
@@ -26,22 +37,27 @@ from torch import nn
 
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
+from squeezer.search.budget import METRICS, metric_value
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel
 from squeezer.search.objectives import Objective
 from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
 from squeezer.search.shrink import compression_order, full_params
-from squeezer.spaces.knobs import BLOCK, KEEP, RANK
-from squeezer.spaces.space import SearchSpace
+from squeezer.spaces.knobs import A_BITS, BLOCK, KEEP, RANK, W_BITS
+from squeezer.spaces.space import Cost, SearchSpace
 
 __all__ = ["AmcAgent"]
 
 _KINDS = {"conv": 0.0, "dwconv": 1.0, "gconv": 0.5, "linear": 0.25}
 _WALL_GRID = np.linspace(0.0, 1.0, 21)
+_FAST_GRID = np.linspace(0.0, 1.0, 5)  # levels tried per action for each unit's fastest action
+_BITS = (W_BITS, A_BITS)
+Action = tuple[float, ...]  # (structure level,) or (structure level, bits level)
 
 
-def _mlp(inp: int, hidden: int, out: nn.Module | None = None) -> nn.Sequential:
+def _mlp(inp: int, hidden: int, outputs: int = 1, out: nn.Module | None = None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                               nn.Linear(hidden, 1)]
-    return nn.Sequential(*layers, *( [out] if out is not None else []))
+                               nn.Linear(hidden, outputs)]
+    return nn.Sequential(*layers, *([out] if out is not None else []))
 
 
 class AmcAgent(StudySearcher):
@@ -51,7 +67,7 @@ class AmcAgent(StudySearcher):
                  warmup: int = 10, hidden: int = 300, lr_actor: float = 1e-4, lr_critic: float = 1e-3,
                  tau: float = 0.01, batch_size: int = 64, sigma: float = 0.5, sigma_decay: float = 0.95,
                  discount: float = 1.0, buffer_size: int = 4000, cost_weight: float = 0.1,
-                 moving_alpha: float = 0.5) -> None:
+                 moving_alpha: float = 0.5, latency_model: LatencyModel | None = None) -> None:
         super().__init__(study, objective)
         self.space = space
         self.rng = np.random.default_rng(seed)
@@ -60,20 +76,27 @@ class AmcAgent(StudySearcher):
         self.cost_weight = cost_weight if objective.kind == "multi" else 0.0
         self.moving_alpha, self.baseline = moving_alpha, None
         self.buffer_size = buffer_size
-        self.buffer: list[tuple[np.ndarray, float, float, np.ndarray, float]] = []
+        self.buffer: list[tuple[np.ndarray, np.ndarray, float, np.ndarray, float]] = []
         self.episodes = 0
-        self.ladders = {u: [(k, compression_order(space, u, k)) for k in _knob_names(space, u)]
-                        for u in space.units}
+        self.latency_model = latency_model if "latency" in objective.budget.metrics else None
+        self.margin = LatencyMargin(study if self.latency_model is not None else None)
+        self._fastest: list[Action] | None = None
+        # Each knob follows action 0 (structure) or, for bit widths when the space has them, action 1 (bits).
+        knobs = {u: _knob_names(space, u) for u in space.units}
+        self.dims = 2 if any(k in _BITS for ks in knobs.values() for k in ks) else 1
+        self.ladders = {u: [(k, compression_order(space, u, k), int(self.dims == 2 and k in _BITS)) for k in ks]
+                        for u, ks in knobs.items()}
         self.units = [u for u, ladder in self.ladders.items() if ladder]
         self.dists = {k: CategoricalDistribution(list(c)) for k, c in space.distributions().items()}
         self.base_cost = space.baseline()
         self.field = {"size": "size_bytes", "params": "params", "bops": "bops"}.get(objective.cost_metric, "macs")
+        self.target_range = self._target_range()
         self.static = self._static_features()
-        dim = self.static.shape[1] + 3
+        dim = self.static.shape[1] + 3 + self.dims
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.actor = _mlp(dim, hidden, nn.Sigmoid())
-            self.critic = _mlp(dim + 1, hidden)
+            self.actor = _mlp(dim, hidden, self.dims, nn.Sigmoid())
+            self.critic = _mlp(dim + self.dims, hidden)
         self.actor_target, self.critic_target = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
         self.opt_actor = torch.optim.Adam(self.actor.parameters(), lr=lr_actor)
         self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=lr_critic)
@@ -92,15 +115,40 @@ class AmcAgent(StudySearcher):
         lo, hi = x.min(0), x.max(0)
         return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
 
-    def _params(self, actions: Sequence[float], upto: int | None = None, rest: float | None = None) -> dict:
-        """Params for the first `upto` actions (all by default), the remaining units at level `rest`."""
+    def _frac(self, cost: Cost) -> float:
+        return float(getattr(cost, self.field)) / (float(getattr(self.base_cost, self.field)) or 1.0)
+
+    def _target_range(self) -> tuple[float, float]:
+        """Cost fractions an episode's target is drawn from: the most compressed policy's, up to the tightest
+        limit the budget sets on the agent's cost (1 when it sets none)."""
+        lo = self._frac(self.space.predict(Policy.from_params(self._params([(1.0,) * self.dims] * len(self.units)),
+                                                              self.space).layers))
+        hi = 1.0
+        for lim in self.objective.budget.limits:
+            if (METRICS[lim.metric][1] or "macs") != self.field or lim.metric == "latency":
+                continue
+            ref = 1.0 if lim.relative else metric_value(self.objective.base, lim.metric)
+            if ref:
+                hi = min(hi, lim.value / ref)
+        return lo, max(lo, hi)
+
+    def draw_target(self) -> float:
+        """The cost target of a new episode: the budget itself (every episode for one best policy, half of them
+        for a front, where the most accurate policies are), else anywhere in the range."""
+        lo, hi = self.target_range
+        if self.objective.kind != "multi" or self.rng.uniform() < 0.5:
+            return hi
+        return float(self.rng.uniform(lo, hi))
+
+    def _params(self, actions: Sequence[Sequence[float] | None], upto: int | None = None) -> dict:
+        """Params for the first `upto` actions (all by default); units without an action stay untouched."""
         params: dict[str, Any] = {}
         for t, unit in enumerate(self.units):
-            a = actions[t] if (upto is None or t < upto) else rest
+            a = actions[t] if (upto is None or t < upto) and t < len(actions) else None
             if a is None:
                 continue
-            for knob, order in self.ladders[unit]:
-                params[f"{unit}/{knob}"] = order[int(round(float(a) * (len(order) - 1)))]
+            for knob, order, dim in self.ladders[unit]:
+                params[f"{unit}/{knob}"] = order[int(round(float(a[dim]) * (len(order) - 1)))]
             if params.get(f"{unit}/{BLOCK}", KEEP) != KEEP and f"{unit}/{RANK}" in params:
                 params[f"{unit}/{RANK}"] = 1.0
         return params
@@ -108,45 +156,82 @@ class AmcAgent(StudySearcher):
     def _cost(self, params: dict) -> Any:
         return self.space.predict(Policy.from_params(params, self.space).layers)
 
-    def _fits(self, params: dict) -> bool:
-        b = self.objective.budget
-        return all(v <= 0 for v in b.predicted_constraints(self.space, self.objective.base, self._cost(params),
-                                                           baseline=self.base_cost))
+    def _fits(self, params: dict, target: float = 1.0, margin: float = 1.0) -> bool:
+        b, policy = self.objective.budget, Policy.from_params(params, self.space)
+        cost = self.space.predict(policy.layers)
+        if self._frac(cost) > target + 1e-9:
+            return False
+        latency_rel = margin * self.latency_model.predict_rel(policy) if self.latency_model else None
+        return all(v <= 0 for v in b.predicted_constraints(self.space, self.objective.base, cost,
+                                                           baseline=self.base_cost, latency_rel=latency_rel))
 
-    def wall(self, actions: list[float], t: int, a: float) -> float:
-        """Raise a_t to the smallest level at which the remaining units at maximum compression meet the budget."""
-        if not self.objective.budget.limits:
+    def fastest_actions(self) -> list[Action]:
+        """Each unit's action of least predicted latency, the other units untouched (the latency model's view)."""
+        if self._fastest is None:
+            assert self.latency_model is not None
+            model, n = self.latency_model, len(self.units)
+            grid = ([(float(s),) for s in _FAST_GRID] if self.dims == 1
+                    else [(float(s), float(b)) for s in _FAST_GRID for b in _FAST_GRID])
+
+            def rel(t: int, a: Action) -> float:
+                alone: list[Action | None] = [None] * n
+                alone[t] = a
+                return model.predict_rel(Policy.from_params(self._params(alone), self.space))
+
+            self._fastest = [min(grid, key=lambda a: (rel(t, a), a)) for t in range(n)]
+        return self._fastest
+
+    def _wall_candidates(self, a: Action) -> list[Action]:
+        """Actions at or above `a`, least changed first: structure raised; under a latency model, the same with the
+        unit's bit widths at float; then bits raised with structure at the maximum (size and BOPs need bits)."""
+        ups = [a[0], *[float(g) for g in _WALL_GRID if g > a[0]]]
+        if self.dims == 1:
+            return [(s,) for s in ups]
+        out = [(s, a[1]) for s in ups]
+        if self.latency_model is not None and a[1] > 0:
+            out += [(s, 0.0) for s in ups]
+        return out + [(1.0, float(g)) for g in _WALL_GRID if g > a[1]]
+
+    def wall(self, actions: list[Action], t: int, a: Action, target: float = 1.0) -> Action:
+        """The least raised action at unit t with which the remaining units, compressed to the maximum (or, under
+        a latency model, each at its fastest action), meet the budget and the episode's target."""
+        if not self.objective.budget.limits and target >= 1.0:
             return a
-        for level in [a, *[g for g in _WALL_GRID if g > a]]:
-            trial = self._params([*actions[:t], level] + [1.0] * (len(self.units) - t - 1))
-            if self._fits(trial):
-                return float(level)
-        return 1.0
+        n, margin = len(self.units), self.margin.value()
+        rests = [[(1.0,) * self.dims] * (n - t - 1)]
+        if self.latency_model is not None:
+            rests.append(self.fastest_actions()[t + 1:])
+        for candidate in self._wall_candidates(a):
+            if any(self._fits(self._params([*actions[:t], candidate, *rest]), target, margin) for rest in rests):
+                return candidate
+        return (1.0,) * self.dims
 
-    def _state(self, t: int, actions: Sequence[float]) -> np.ndarray:
-        total = float(getattr(self.base_cost, self.field)) or 1.0
-        done = float(getattr(self._cost(self._params(actions, upto=t)), self.field))
+    def _state(self, t: int, actions: Sequence[Action], target: float) -> np.ndarray:
+        done = self._frac(self._cost(self._params(actions, upto=t)))
         rest = float(self.static[t + 1:, 7].sum() / max(1e-9, self.static[:, 7].sum())) if t + 1 < len(
             self.units) else 0.0
-        prev = actions[t - 1] if t > 0 else 0.0
-        return np.concatenate([self.static[t], [1.0 - done / total, rest, prev]]).astype(np.float32)
+        prev = actions[t - 1] if t > 0 else (0.0,) * self.dims
+        return np.concatenate([self.static[t], [1.0 - done, rest, target], prev]).astype(np.float32)
 
-    def rollout(self, actions: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[float]]:
-        """Play one episode (or replay given actions): the states seen and the (walled) actions taken."""
-        states, taken = [], []
+    def rollout(self, actions: Sequence[Action] | None = None,
+                target: float = 1.0) -> tuple[list[np.ndarray], list[Action]]:
+        """Play one episode aiming at `target` (or replay given actions): the states seen and the (walled)
+        actions taken."""
+        states: list[np.ndarray] = []
+        taken: list[Action] = []
         explore = actions is None
         sigma = self.sigma0 * self.sigma_decay ** max(0, self.episodes - self.warmup)
         for t in range(len(self.units)):
-            s = self._state(t, taken)
+            s = self._state(t, taken, target)
             states.append(s)
             if not explore:
-                a = float(actions[t])
+                a = tuple(float(x) for x in actions[t])  # type: ignore[index]
             elif self.episodes < self.warmup:
-                a = self.wall(taken, t, float(self.rng.uniform()))
+                a = self.wall(taken, t, tuple(float(x) for x in self.rng.uniform(size=self.dims)), target)
             else:
                 with torch.no_grad():
-                    mu = float(self.actor(torch.from_numpy(s)[None])[0, 0])
-                a = self.wall(taken, t, _truncnorm(self.rng, mu, sigma))
+                    mu = self.actor(torch.from_numpy(s)[None])[0].tolist()
+                a = self.wall(taken, t, tuple(_truncnorm(self.rng, m, sigma) for m in mu), target)
             taken.append(a)
         return states, taken
 
@@ -154,24 +239,33 @@ class AmcAgent(StudySearcher):
     def ask(self) -> Proposal:
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:  # our own episode; otherwise serve the re-queued one first (FIFO), as the study will
-            _, actions = self.rollout()
+            target = self.draw_target()
+            _, actions = self.rollout(target=target)
             params = full_params(self._params(actions), self.space)
-            self.study.enqueue_trial(params, user_attrs={"ddpg_actions": actions}, skip_if_exists=False)
+            self.study.enqueue_trial(params, user_attrs={"ddpg_actions": [list(a) for a in actions],
+                                                         "ddpg_target": target}, skip_if_exists=False)
         trial = self.study.ask(self.dists)
         policy = Policy.from_params(trial.params, self.space, sampler="ddpg", trial=trial.number)
         self.episodes += 1
-        return Proposal(trial.number, policy, trial, {"actions": trial.user_attrs.get("ddpg_actions")},
-                        attrs={"policy": policy.to_json(), "searcher": "ddpg"})
+        attrs: dict[str, Any] = {"policy": policy.to_json(), "searcher": "ddpg"}
+        if self.latency_model is not None:
+            attrs.update(latency_predicted=self.latency_model.predict_rel(policy), latency_margin=self.margin.value())
+        info = {"actions": trial.user_attrs.get("ddpg_actions"), "target": trial.user_attrs.get("ddpg_target")}
+        return Proposal(trial.number, policy, trial, info, attrs=attrs)
 
     def reward(self, m: Measurement) -> float:
         feasible = self.objective.budget.is_feasible(m, self.objective.base)
         return float(m.accuracy) - self.cost_weight * self.objective.cost(m) - (0.0 if feasible else 1.0)
 
     def learn(self, proposal: Proposal, outcome: Outcome) -> None:
+        if (self.latency_model is not None and isinstance(outcome, Measurement)
+                and outcome.latency_source == "measured" and outcome.latency_rel):
+            self.latency_model.record(proposal.policy, outcome.latency_rel)
+            self.margin.note({**proposal.attrs, **outcome.metrics()})
         actions = proposal.info.get("actions")
         if not isinstance(outcome, Measurement) or not actions:
             return
-        self._remember(actions, self.reward(outcome))
+        self._remember(actions, self.reward(outcome), proposal.info.get("target"))
         if self.episodes > self.warmup:
             self.train(len(self.units))
 
@@ -185,15 +279,19 @@ class AmcAgent(StudySearcher):
         finally:
             torch.set_num_threads(threads)
 
-    def _remember(self, actions: Sequence[float], reward: float) -> None:
+    def _remember(self, stored: Sequence[Any], reward: float, target: float | None) -> None:
+        """Add an episode's transitions. `stored` is its actions as the trial holds them (a level per unit in
+        studies written before bit widths had their own action: the same level for both)."""
+        actions = [tuple(float(x) for x in a) if isinstance(a, (list, tuple)) else (float(a),) * self.dims
+                   for a in stored]
         self.baseline = reward if self.baseline is None else (
             self.baseline + self.moving_alpha * (reward - self.baseline))
         r = reward - self.baseline
-        states, _ = self.rollout(actions)
+        states, _ = self.rollout(actions, target=self.target_range[1] if target is None else float(target))
         for t, s in enumerate(states):
             last = t == len(states) - 1
             nxt = states[t] if last else states[t + 1]
-            self.buffer.append((s, float(actions[t]), r, nxt, 1.0 if last else 0.0))
+            self.buffer.append((s, np.asarray(actions[t], dtype=np.float32), r, nxt, 1.0 if last else 0.0))
         del self.buffer[:-self.buffer_size]
 
     def update(self) -> None:
@@ -203,7 +301,7 @@ class AmcAgent(StudySearcher):
         idx = self.rng.choice(len(self.buffer), self.batch_size, replace=False)
         s, a, r, s2, d = (torch.as_tensor(np.asarray(col), dtype=torch.float32)
                           for col in zip(*(self.buffer[i] for i in idx)))
-        a, r, d = a[:, None], r[:, None], d[:, None]
+        r, d = r[:, None], d[:, None]
         with torch.no_grad():
             target = r + self.discount * (1 - d) * self.critic_target(torch.cat([s2, self.actor_target(s2)], 1))
         loss = nn.functional.mse_loss(self.critic(torch.cat([s, a], 1)), target)
@@ -223,7 +321,8 @@ class AmcAgent(StudySearcher):
         finished = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         done = [attrs for attrs in map(trial_attrs, finished) if attrs.get("ddpg_actions") and "accuracy" in attrs]
         for attrs in done:
-            self._remember(attrs["ddpg_actions"], self.reward(Measurement.from_metrics(attrs)))
+            self._remember(attrs["ddpg_actions"], self.reward(Measurement.from_metrics(attrs)),
+                           attrs.get("ddpg_target"))
         self.episodes = len(done)
         if self.episodes > self.warmup:
             self.train(len(self.units) * min(10, self.episodes))

@@ -202,13 +202,13 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
         base = _base_measurement(pool, space_.fingerprint)
         parsed.check_reachable(space_, base)
         _write_run(out, run_settings)
-        # Repair judges a latency limit by the lookup table (int8 units can be slower than float ones, which MACs
-        # cannot see), so a repaired latency search builds the table even when every candidate is timed.
+        # Repair and the agent's action wall judge a latency limit by the lookup table (int8 units can be slower than
+        # float ones, which MACs cannot see), so such a search builds the table even when every candidate is timed.
         latency_model = None
-        repairs_latency = repair and "latency" in parsed.metrics
-        if (latency in ("predict", "hybrid") or repairs_latency) and latency_on is None:
+        judges_latency = (repair or sampler == "ddpg") and "latency" in parsed.metrics
+        if (latency in ("predict", "hybrid") or judges_latency) and latency_on is None:
             table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
-            latency_model = table if repairs_latency else None
+            latency_model = table if judges_latency else None
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None

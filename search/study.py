@@ -134,11 +134,11 @@ def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objecti
     """The searcher called `name`: an Optuna sampler (see SAMPLERS) or 'ddpg' (the AMC-style agent).
 
     `latency_model` (predicts a policy's latency relative to the base, and learns from timed ones) lets repair
-    judge a latency limit by it instead of by MACs; the agent's action wall still uses MACs."""
+    and the agent's action wall judge a latency limit by it instead of by MACs."""
     if name == "ddpg":
         from squeezer.search.amc_agent import AmcAgent
 
-        return AmcAgent(study, space, objective, seed=seed)
+        return AmcAgent(study, space, objective, seed=seed, latency_model=latency_model)
     if name not in SAMPLERS:
         raise SearchError(f"unknown sampler {name!r}: choose from {', '.join([*SAMPLERS, 'ddpg'])}")
     return OptunaSearcher(study, space, objective, name=name, repair=repair, latency_model=latency_model)
@@ -152,7 +152,7 @@ def requeue_stale(study: optuna.Study) -> list[int]:
         owner = trial_attrs(ft).get("driver", {})
         if owner.get("host") == host and _alive(owner.get("pid")):
             continue
-        keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions",)}
+        keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions", "ddpg_target")}
         # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
         params = {**ft.system_attrs.get("fixed_params", {}), **ft.params}
         study.enqueue_trial(params, user_attrs={**keep, "requeued_from": ft.number}, skip_if_exists=False)

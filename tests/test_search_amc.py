@@ -33,7 +33,7 @@ def test_action_wall_keeps_every_episode_within_the_macs_budget(space: SearchSpa
         proposal = agent.ask()
         assert space.predict(proposal.policy.layers).macs <= limit * bl
         assert len(proposal.info["actions"]) == len(agent.units)
-        assert all(0.0 <= a <= 1.0 for a in proposal.info["actions"])
+        assert all(len(a) == agent.dims == 2 and all(0.0 <= x <= 1.0 for x in a) for a in proposal.info["actions"])
         agent.tell(proposal, ev(proposal.policy))
     assert len(study.trials) == 8 and all(trial_attrs(t)["feasible"] for t in study.trials)
     assert all(trial_attrs(t)["searcher"] == "ddpg" for t in study.trials)
@@ -43,9 +43,16 @@ def test_actions_map_to_each_units_choices(space: SearchSpace) -> None:
     ev = FakeEvaluator(space)
     agent = AmcAgent(optuna.create_study(direction="maximize"), space,
                      make_objective("single", budget=Budget.parse(""), base=ev.base()), seed=0)
-    assert Policy.from_params(agent._params([0.0] * len(agent.units)), space).layers == {}
-    most = Policy.from_params(agent._params([1.0] * len(agent.units)), space).validate(space)
+    n = len(agent.units)
+    assert Policy.from_params(agent._params([(0.0, 0.0)] * n), space).layers == {}
+    most = Policy.from_params(agent._params([(1.0, 1.0)] * n), space).validate(space)
     assert space.predict(most.layers).macs < 0.3 * space.baseline().macs
+    assert all(c.w_bits == 2 for c in most.layers.values())
+    pruned = Policy.from_params(agent._params([(1.0, 0.0)] * n), space).layers  # structure without bit widths
+    assert space.predict(pruned).macs == space.predict(most.layers).macs
+    assert all(c.w_bits == c.a_bits == 32 for c in pruned.values()) and any(c.prune > 0 for c in pruned.values())
+    quantized = Policy.from_params(agent._params([(0.0, 1.0)] * n), space).layers  # bit widths alone
+    assert all(c.prune == 0 and c.w_bits == 2 for c in quantized.values())
 
 
 def test_uniform_baseline(space: SearchSpace) -> None:

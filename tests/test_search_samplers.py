@@ -244,3 +244,27 @@ def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(spa
     objective = make_objective(budget=Budget.parse("latency<=25%"), base=ev.base())
     reopened = OptunaSearcher(study, space, objective, name="random", repair=True, latency_model=table)
     assert reopened.margin.value() == pytest.approx(1.25)
+
+
+def test_agent_wall_judges_latency_by_the_latency_model(space: SearchSpace, tmp_path: Path) -> None:
+    """Under a latency model in which int8 units cost time, every DDPG episode is within a latency limit by the
+    model (the wall tries the remaining units at their fastest levels, not at 2-bit weights), and the agent teaches
+    the model what it timed. Judged by MACs, as before, most episodes are not."""
+    import dataclasses
+
+    def timed(p: Policy):
+        m = ev(p)
+        return dataclasses.replace(m, latency_source="measured", latency_rel=model.predict_rel(p))
+
+    ev = FakeEvaluator(space)
+    by_macs = run_search(space, InlinePool(ev), "latency<=50%", ev.base(), out=tmp_path / "macs", sampler="ddpg",
+                         trials=12, storage=optuna.storages.InMemoryStorage())
+    model = _LatencyModel(space)
+    assert sum(model.predict_rel(Policy.from_json(r["policy"])) > 0.5 for r in by_macs.completed()) >= 6
+    result = run_search(space, InlinePool(timed), "latency<=50%", ev.base(), out=tmp_path / "lut", sampler="ddpg",
+                        trials=12, storage=optuna.storages.InMemoryStorage(), latency_model=model)
+    rows = result.completed()
+    assert len(rows) == 12 and len(model.timed) == 12
+    for row in rows:
+        assert row["latency_predicted"] == pytest.approx(model.predict_rel(Policy.from_json(row["policy"])))
+        assert row["latency_predicted"] <= 0.5 + 1e-9 and row["feasible"]
