@@ -90,6 +90,8 @@ class AmcAgent(StudySearcher):
         self.dists = {k: CategoricalDistribution(list(c)) for k, c in space.distributions().items()}
         self.base_cost = space.baseline()
         self.field = {"size": "size_bytes", "params": "params", "bops": "bops"}.get(objective.cost_metric, "macs")
+        # An episode's cost target is on predicted latency when that is the cost and there is a latency model.
+        self.latency_target = self.latency_model is not None and objective.cost_metric == "latency"
         self.target_range = self._target_range()
         self.static = self._static_features()
         dim = self.static.shape[1] + 3 + self.dims
@@ -119,16 +121,20 @@ class AmcAgent(StudySearcher):
         return float(getattr(cost, self.field)) / (float(getattr(self.base_cost, self.field)) or 1.0)
 
     def _target_range(self) -> tuple[float, float]:
-        """Cost fractions an episode's target is drawn from: the most compressed policy's, up to the tightest
-        limit the budget sets on the agent's cost (1 when it sets none)."""
-        lo = self._frac(self.space.predict(Policy.from_params(self._params([(1.0,) * self.dims] * len(self.units)),
-                                                              self.space).layers))
+        """Cost fractions an episode's target is drawn from: the most compressed policy's (the fastest one's, for
+        a latency target), up to the tightest limit the budget sets on the agent's cost (1 when it sets none)."""
+        if self.latency_target:
+            assert self.latency_model is not None
+            lo = self.latency_model.predict_rel(Policy.from_params(self._params(self.fastest_actions()), self.space))
+        else:
+            lo = self._frac(self.space.predict(Policy.from_params(
+                self._params([(1.0,) * self.dims] * len(self.units)), self.space).layers))
         hi = 1.0
         for lim in self.objective.budget.limits:
-            if (METRICS[lim.metric][1] or "macs") != self.field or lim.metric == "latency":
-                continue
+            on_cost = (lim.metric == "latency" if self.latency_target
+                       else lim.metric != "latency" and (METRICS[lim.metric][1] or "macs") == self.field)
             ref = 1.0 if lim.relative else metric_value(self.objective.base, lim.metric)
-            if ref:
+            if on_cost and ref:
                 hi = min(hi, lim.value / ref)
         return lo, max(lo, hi)
 
@@ -159,9 +165,9 @@ class AmcAgent(StudySearcher):
     def _fits(self, params: dict, target: float = 1.0, margin: float = 1.0) -> bool:
         b, policy = self.objective.budget, Policy.from_params(params, self.space)
         cost = self.space.predict(policy.layers)
-        if self._frac(cost) > target + 1e-9:
-            return False
         latency_rel = margin * self.latency_model.predict_rel(policy) if self.latency_model else None
+        if (latency_rel if self.latency_target else self._frac(cost)) > target + 1e-9:  # type: ignore[operator]
+            return False
         return all(v <= 0 for v in b.predicted_constraints(self.space, self.objective.base, cost,
                                                            baseline=self.base_cost, latency_rel=latency_rel))
 
@@ -199,12 +205,12 @@ class AmcAgent(StudySearcher):
             return a
         n, margin = len(self.units), self.margin.value()
         rests = [[(1.0,) * self.dims] * (n - t - 1)]
-        if self.latency_model is not None:
-            rests.append(self.fastest_actions()[t + 1:])
+        if self.latency_model is not None:  # the fastest units, and the smallest in float
+            rests += [self.fastest_actions()[t + 1:]] + ([[(1.0, 0.0)] * (n - t - 1)] if self.dims == 2 else [])
         for candidate in self._wall_candidates(a):
             if any(self._fits(self._params([*actions[:t], candidate, *rest]), target, margin) for rest in rests):
                 return candidate
-        return (1.0,) * self.dims
+        return self.fastest_actions()[t] if self.latency_model is not None else (1.0,) * self.dims
 
     def _state(self, t: int, actions: Sequence[Action], target: float) -> np.ndarray:
         done = self._frac(self._cost(self._params(actions, upto=t)))
