@@ -32,8 +32,9 @@ step machine
 nproc; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 python3 -c "import torch, onnxruntime, optuna, squeezer; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| onnxruntime', onnxruntime.__version__, '| optuna', optuna.__version__)" || exit 1
 
-step "CUDA tests (tests/test_eval_evaluate.py::test_cuda_matches_cpu and the CLI's device checks)"
-python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_eval_evaluate.py" "$REPO/tests/test_cli_errors.py" -k "cuda" || status=1
+step "CUDA tests (tests/test_eval_evaluate.py::test_cuda_matches_cpu, the forward-pass MAC count, the CLI's device checks)"
+python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_eval_evaluate.py" "$REPO/tests/test_mac_count.py" \
+  "$REPO/tests/test_cli_errors.py" -k "cuda" || status=1
 
 step "scaling: 1 vs 8 local workers (target: 8 give >= 5x)"
 timeout 240 python3 "$REPO/benchmarks/eval_scaling.py" --n 48 --workers 1 8 --backends local || status=1
