@@ -57,6 +57,12 @@ def test_counter_falls_back_to_fvcore_where_the_counts_differ(resnet, monkeypatc
     monkeypatch.setattr(mac_count, "forward_macs", lambda model, inputs: (1, {"": 1}))
     assert mac_counter(resnet, x) is count_macs
 
+    def fails(model: nn.Module, inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
+        raise RuntimeError("an op the dispatch mode cannot run")
+
+    monkeypatch.setattr(mac_count, "forward_macs", fails)
+    assert mac_counter(resnet, x) is count_macs
+
 
 def test_forward_count_leaves_the_model_as_it_was(resnet) -> None:
     x = torch.randn(2, 1, 8, 8)
