@@ -23,10 +23,10 @@ from torch import nn
 
 from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
-from squeezer.evaluators.mac_count import mac_counter
 from squeezer.evaluators.data import DataBundle, load_data
 from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, calibration_policies,
                                          hardware_fingerprint, table_entries)
+from squeezer.evaluators.mac_count import mac_counter
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx

@@ -38,7 +38,7 @@ from torch import nn
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import METRICS, metric_value
-from squeezer.search.latency_margin import LatencyMargin, LatencyModel
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
 from squeezer.search.objectives import Objective
 from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
 from squeezer.search.shrink import compression_order, full_params
@@ -264,10 +264,7 @@ class AmcAgent(StudySearcher):
         return float(m.accuracy) - self.cost_weight * self.objective.cost(m) - (0.0 if feasible else 1.0)
 
     def learn(self, proposal: Proposal, outcome: Outcome) -> None:
-        if (self.latency_model is not None and isinstance(outcome, Measurement)
-                and outcome.latency_source == "measured" and outcome.latency_rel):
-            self.latency_model.record(proposal.policy, outcome.latency_rel)
-            self.margin.note({**proposal.attrs, **outcome.metrics()})
+        teach(self.latency_model, self.margin, proposal, outcome)
         actions = proposal.info.get("actions")
         if not isinstance(outcome, Measurement) or not actions:
             return

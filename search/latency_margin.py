@@ -18,10 +18,11 @@ from typing import Any, Mapping, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
-from squeezer.search.searcher import trial_attrs
+from squeezer.search.searcher import Proposal, trial_attrs
 
-__all__ = ["LatencyModel", "LatencyMargin", "WINDOW", "MIN_POINTS"]
+__all__ = ["LatencyModel", "LatencyMargin", "teach", "WINDOW", "MIN_POINTS"]
 
 WINDOW = 16  # the latest timed candidates whose measured / predicted latency sets the margin
 MIN_POINTS = 3  # timed candidates before the margin moves from 1
@@ -56,3 +57,11 @@ class LatencyMargin:
         if len(self.ratios) < MIN_POINTS:
             return 1.0
         return float(min(2.0, max(0.5, statistics.quantiles(self.ratios, n=4, method="inclusive")[2])))
+
+
+def teach(model: LatencyModel | None, margin: LatencyMargin, proposal: Proposal, outcome: Outcome) -> None:
+    """Hand a candidate whose latency was timed to the latency model (which refits) and to the margin."""
+    if (model is not None and isinstance(outcome, Measurement) and outcome.latency_source == "measured"
+            and outcome.latency_rel):
+        model.record(proposal.policy, outcome.latency_rel)
+        margin.note({**proposal.attrs, **outcome.metrics()})

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from squeezer.evaluators.measurement import Measurement, Outcome
+from squeezer.evaluators.measurement import Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective, constraints_func
-from squeezer.search.latency_margin import LatencyMargin, LatencyModel
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
 from squeezer.search.searcher import Proposal, StudySearcher
 from squeezer.search.shrink import repair as repair_policy
 from squeezer.spaces.knobs import A_BITS, W_BITS
@@ -139,8 +139,4 @@ class OptunaSearcher(StudySearcher):
         """A timed candidate teaches the latency model what repair's policies cost: its calibration policies are
         random, and a few int8 units in a heavily pruned model, which repair makes of a latency limit, cost more
         than those predict (ResNet-20 / digits: measured up to 1.5 of the base where 0.8-0.9 was predicted)."""
-        if (self.latency_model is not None and isinstance(outcome, Measurement)
-                and outcome.latency_source == "measured" and outcome.latency_rel):
-            self.latency_model.record(proposal.policy, outcome.latency_rel)
-            self.margin.note({**proposal.attrs, **outcome.metrics()})
-
+        teach(self.latency_model, self.margin, proposal, outcome)
