@@ -255,7 +255,7 @@ class AmcAgent(StudySearcher):
         self.episodes += 1
         attrs: dict[str, Any] = {"policy": policy.to_json(), "searcher": "ddpg"}
         if self.latency_model is not None:
-            attrs.update(latency_predicted=self.latency_model.predict_rel(policy), latency_margin=self.margin.value())
+            attrs.update(self.margin.attrs(self.latency_model, policy))
         info = {"actions": trial.user_attrs.get("ddpg_actions"), "target": trial.user_attrs.get("ddpg_target")}
         return Proposal(trial.number, policy, trial, info, attrs=attrs)
 

@@ -52,6 +52,10 @@ class LatencyMargin:
         if predicted and measured and record.get("latency_source") == "measured":
             self.ratios = [*self.ratios, measured / predicted][-WINDOW:]
 
+    def attrs(self, model: LatencyModel, policy: Policy) -> dict[str, float]:
+        """What a proposal records for `note` to read back: the policy's predicted latency and the margin aimed by."""
+        return {"latency_predicted": model.predict_rel(policy), "latency_margin": self.value()}
+
     def value(self) -> float:
         """The upper quartile of measured / predicted over the latest timed candidates, within [0.5, 2]."""
         if len(self.ratios) < MIN_POINTS:

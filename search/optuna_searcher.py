@@ -131,7 +131,7 @@ class OptunaSearcher(StudySearcher):
                                    undo=(W_BITS, A_BITS) if model else ())
             attrs["repaired"] = bool(policy.meta.get("repaired"))
             if model is not None:
-                attrs.update(latency_predicted=model.predict_rel(policy), latency_margin=margin)
+                attrs.update(self.margin.attrs(model, policy))
         attrs["policy"] = policy.to_json()
         return Proposal(trial.number, policy, trial, attrs=attrs)
 
