@@ -29,6 +29,7 @@ from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTab
 from squeezer.evaluators.mac_count import mac_counter
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.apply import apply_policy
+from squeezer.policies.clone import clone_module
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
@@ -106,7 +107,8 @@ class Evaluator:
         self.base = copy.deepcopy(base).eval()
         self.example = self.data.example_inputs(1)
         self.space = SearchSpace.from_model(self.base, self.example)
-        self.count_macs = mac_counter(self.base, self.example)  # fvcore's count, or a forward pass that matches it
+        # fvcore's count, or a forward pass that matches it (watching the units, whose MACs BOPs weigh)
+        self.count_macs = mac_counter(self.base, self.example, watch=self.space.units)
         self.calibration = self.data.calibration()
         self.lock = lock or MachineLock()
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -131,6 +133,7 @@ class Evaluator:
                                           fingerprint=self.space.fingerprint, cache_dir=lut_dir or cache_dir,
                                           space=self.space)
         self.base_model = self.base.to(self.device)
+        self._apply_memo: dict[str, Any] = {}  # what applying policies derives from base_model alone
         self.hardware = hardware or hardware_fingerprint(settings.latency_threads)  # of the timing machine
 
     # ---- cache ------------------------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ class Evaluator:
     def _apply(self, policy: Policy) -> nn.Module:
         s = self.settings
         return apply_policy(self.base_model, policy, self.calibration, example_inputs=self.example, space=self.space,
-                            distill_steps=s.distill_steps, seed=s.seed)
+                            distill_steps=s.distill_steps, seed=s.seed, memo=self._apply_memo)
 
     def build_latency_table(self, space: SearchSpace | None = None,
                             progress: Callable[[int, int], None] | None = None, calibration: int = 16) -> int:
@@ -235,7 +238,7 @@ class Evaluator:
             accuracy, loss = score(model, self.data, device=self.device)
             if not (math.isfinite(accuracy) and math.isfinite(loss)):
                 return EvalFailure(f"non-finite score (accuracy {accuracy}, loss {loss})", time.perf_counter() - start)
-            onnx = export_onnx(copy.deepcopy(model).cpu(), self.example) if measure else None
+            onnx = export_onnx(clone_module(model).cpu(), self.example) if measure else None
         latency_fields: dict[str, Any] = {}
         if onnx is not None:
             result = (self._latency_fn or self.meter.measure)(onnx)  # type: ignore[union-attr]

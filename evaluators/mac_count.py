@@ -9,10 +9,11 @@ Where they do not (an einsum, or attention fvcore does not count as this pass do
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from fvcore.nn.jit_handles import conv_flop_count
@@ -83,11 +84,18 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def forward_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """(total MACs per sample, MACs per module name) from one forward of one sample."""
+def forward_macs(model: nn.Module, example_inputs: torch.Tensor,
+                 names: Collection[str] | None = None) -> tuple[int, dict[str, int]]:
+    """(total MACs per sample, MACs per module name) from one forward of one sample.
+
+    `names`: the modules whose own MACs the caller needs (default: every module). Each watched module costs two
+    Python hooks in the pass, which can double its time; the total is counted either way.
+    """
     recorder = _Recorder()
     handles = []
     for name, module in model.named_modules():
+        if names is not None and name not in names:
+            continue
         handles.append(module.register_forward_pre_hook(lambda m, a, name=name: recorder.stack.append(name)))
         handles.append(module.register_forward_hook(lambda m, a, o: recorder.leave()))
     x = example_inputs[:1]
@@ -100,8 +108,12 @@ def forward_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, d
     return recorder.total, dict(recorder.per_module)
 
 
-def mac_counter(base: nn.Module, example_inputs: torch.Tensor) -> MacCount:
-    """The counter to use for models applied from `base`: `forward_macs` if it matches fvcore there, else fvcore."""
+def mac_counter(base: nn.Module, example_inputs: torch.Tensor, watch: Collection[str] | None = None) -> MacCount:
+    """The counter to use for models applied from `base`: `forward_macs` if it matches fvcore there, else fvcore.
+
+    `watch`: the only modules whose own MACs the caller reads (the space's units, for BOPs); the forward pass then
+    hooks just those, and the total is still every op's.
+    """
     traced = count_macs(base, example_inputs)
     try:
         forward = forward_macs(base, example_inputs)
@@ -109,7 +121,7 @@ def mac_counter(base: nn.Module, example_inputs: torch.Tensor) -> MacCount:
         log.info("MACs are counted by fvcore's trace: a forward pass under the counter failed (%s)", exc)
         return count_macs
     if forward[0] == traced[0] and all(forward[1].get(name, 0) == macs for name, macs in traced[1].items()):
-        return forward_macs
+        return forward_macs if watch is None else functools.partial(forward_macs, names=frozenset(watch))
     log.info("MACs are counted by fvcore's trace: a forward pass counts %d on the base model, fvcore %d",
              forward[0], traced[0])
     return count_macs

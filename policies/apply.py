@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from squeezer.policies.blocks import apply_blocks
+from squeezer.policies.clone import clone_module
 from squeezer.policies.context import ApplyContext
 from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
@@ -39,8 +40,12 @@ def register_applier(name: str, applier: Applier, *, before: str | None = None) 
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.Tensor] | None = None, *,
                  example_inputs: torch.Tensor | None = None, space: SearchSpace | None = None,
-                 importance: str = "l2", distill_steps: int = 0, seed: int = 0) -> nn.Module:
+                 importance: str = "l2", distill_steps: int = 0, seed: int = 0,
+                 memo: dict[str, Any] | None = None) -> nn.Module:
     """A new model with `policy` applied; `model` itself is left untouched.
+
+    `memo`: pass one dictionary to every call for one `model` and what the appliers derive from the model alone
+    (the pruning's channel ranking) is computed once (see ApplyContext).
 
     `calibration` is an iterable of input batches (or (inputs, labels) pairs). The example input shape comes from
     `example_inputs`, else the first calibration batch, else the policy's recorded input shape.
@@ -56,17 +61,17 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
     device = next(model.parameters()).device
     example_inputs = example_inputs[:1].to(device)
     reference = model  # read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation)
-    work = copy.deepcopy(model).eval()
+    work = clone_module(model).eval()
     space = space or SearchSpace.from_model(copy.deepcopy(model), example_inputs)  # from_model sets eval mode
     policy.validate(space)
-    # Forward order, whatever order the policy was written in: pruning one group changes the importance of the
-    # next, so a policy read back from JSON (sorted names) must prune in the order the search applied it.
+    # Forward order, whatever order the policy was written in (JSON sorts names): appliers meet units as the
+    # search applied them.
     rank = {name: i for i, name in enumerate(space.units)}
     policy = dataclasses.replace(policy, layers=dict(sorted(policy.layers.items(),
                                                             key=lambda item: rank.get(item[0], len(rank)))))
     ctx = ApplyContext(space=space, example_inputs=example_inputs, reference=reference,
                        calibration=[b.to(device) for b in batches], importance=importance,
-                       distill_steps=distill_steps, seed=seed)
+                       distill_steps=distill_steps, seed=seed, memo={} if memo is None else memo)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         for applier in APPLIERS.values():

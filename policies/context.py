@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ class ApplyContext:
     `reference` is the untouched model (block distillation reproduces its activations); `calibration` is a few
     input batches (activation ranges, BN, distillation); `importance` ranks channels for pruning: "l1", "l2"
     (magnitude) or "bn" (BatchNorm scale); `distill_steps` adds Adam steps after the closed-form fit of each swapped
-    block (0, the default: the fit alone, see policies/blocks.py).
+    block (0, the default: the fit alone, see policies/blocks.py). `memo` keeps what appliers derive from
+    `reference` alone (the pruning's channel ranking): a caller applying many policies to one model passes the same
+    dictionary each time, and must pass a new one for another model.
     """
 
     space: SearchSpace
@@ -26,3 +29,4 @@ class ApplyContext:
     importance: str = "l2"
     distill_steps: int = 0
     seed: int = 0
+    memo: dict[str, Any] = field(default_factory=dict)

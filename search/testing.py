@@ -9,7 +9,7 @@ import hashlib
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable
+from typing import Any, Callable
 
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.policy import Policy
@@ -160,6 +160,7 @@ class CheapEvaluator:
         self.space = SearchSpace.from_model(self.model, self.data.example_inputs(), knobs=knobs)
         self.calibration = self.data.calibration(batches=2)
         self.bn_batches, self.seed = bn_batches, seed
+        self._memo: dict[str, Any] = {}  # apply_policy's channel ranking of self.model, kept across policies
         self._evaluate = evaluate
         self.accuracy, _ = evaluate(self.model, self.data.val)
 
@@ -169,7 +170,8 @@ class CheapEvaluator:
 
         start = time.perf_counter()
         try:
-            net = apply_policy(self.model, policy, self.calibration, space=self.space, seed=self.seed)
+            net = apply_policy(self.model, policy, self.calibration, space=self.space, seed=self.seed,
+                               memo=self._memo)
             recalibrate_bn(net, self.data.train, batches=self.bn_batches, seed=self.seed)
             accuracy, loss = self._evaluate(net, self.data.val)
         except Exception as exc:  # a policy that cannot be applied is a recorded failure, not a crash

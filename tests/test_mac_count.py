@@ -64,6 +64,16 @@ def test_counter_falls_back_to_fvcore_where_the_counts_differ(resnet, monkeypatc
     assert mac_counter(resnet, x) is count_macs
 
 
+def test_a_counter_watching_the_units_counts_them_and_the_total_as_fvcore(resnet) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    space = SearchSpace.from_model(resnet, x)
+    count = mac_counter(resnet, x, watch=space.units)
+    total, per_module = count(resnet, x)
+    traced_total, traced = count_macs(resnet, x)
+    assert total == traced_total and set(per_module) <= set(space.units)
+    assert all(per_module.get(unit, 0) == traced.get(unit, 0) for unit in space.units)
+
+
 def test_forward_count_leaves_the_model_as_it_was(resnet) -> None:
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

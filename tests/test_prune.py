@@ -100,3 +100,37 @@ def test_layer_order_of_a_policy_does_not_change_the_result(resnet) -> None:
     b = apply_policy(resnet, backward, example_inputs=x, space=space)
     for (name, wa), (_, wb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(wa, wb, msg=name)
+
+
+def test_a_group_loses_the_same_channels_whatever_else_is_pruned(resnet) -> None:
+    """Channels are ranked on the untouched model: pruning the stage that feeds a block does not change which of
+    the block's inner channels go (ranked after the stage's pruning, the block's conv would be scored on fewer
+    input channels)."""
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():  # the block's first conv alone ranks its group (Torch-Pruning normalises each layer)
+        resnet.layer2[0].conv2.weight.fill_(0.01)
+        resnet.layer2[0].bn1.weight.fill_(1.0)
+        resnet.layer2[0].bn1.bias.copy_(torch.arange(32.0))  # names the channels (not part of the ranking)
+    space = SearchSpace.from_model(resnet, x)
+    alone = apply_policy(resnet, Policy.from_params({"layer2.0.conv1/prune": 0.5}, space), example_inputs=x,
+                         space=space)
+    both = apply_policy(resnet, Policy.from_params({"conv1/prune": 0.5, "layer2.0.conv1/prune": 0.5}, space),
+                        example_inputs=x, space=space)
+    assert both.conv1.out_channels == 8 and both.layer2[0].conv1.out_channels == 16
+    assert torch.equal(alone.layer2[0].bn1.bias, both.layer2[0].bn1.bias)  # the same channels kept
+
+
+def test_a_memo_ranks_once_and_gives_the_same_model(resnet) -> None:
+    x = torch.randn(1, 1, 8, 8)
+    space = SearchSpace.from_model(resnet, x)
+    policy = Policy.uniform(space, prune=0.5)
+    memo: dict = {}
+    first = apply_policy(resnet, policy, example_inputs=x, space=space, memo=memo)
+    ranked = dict(memo["channel order l2"])
+    again = apply_policy(resnet, policy, example_inputs=x, space=space, memo=memo)
+    plain = apply_policy(resnet, policy, example_inputs=x, space=space)
+    assert set(ranked) == {g for g in space.groups if space.kept(g, 0.5) < space.groups[g].channels}
+    assert memo["channel order l2"] == ranked
+    for model in (again, plain):
+        for (name, a), (_, b) in zip(first.state_dict().items(), model.state_dict().items()):
+            assert torch.equal(a, b), name
