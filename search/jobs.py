@@ -175,7 +175,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     from squeezer.evaluators.pool import make_pool
     from squeezer.evaluators.zoo import save_checkpoint
     from squeezer.search.budget import Budget
-    from squeezer.search.study import run_search
+    from squeezer.search.study import preload_storage, run_search
 
     _check_device(device)
     parsed = Budget.parse(budget)
@@ -186,6 +186,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     chosen = _knob_list(knobs)
     eval_settings = EvalSettings(recovery=recovery, latency=latency, device=device, seed=seed, **(settings or {}))
     out = Path(out)
+    preload_storage(storage)  # the storage's imports overlap loading data, model and evaluators
     bundle = load_data(data)
     base_path = out / BASE_FILE
     net = resolve_model(str(base_path) if base_path.is_file() else model, bundle)

@@ -41,3 +41,20 @@ def test_without_a_usable_cache_optuna_creates_the_file_itself(tmp_path, monkeyp
     monkeypatch.setenv("SQUEEZER_CACHE", str(tmp_path / cache))  # an absolute `cache` stays as it is
     assert seed_from_template(tmp_path / "study.db") is False
     assert _write_and_read(tmp_path) == 2
+
+
+def test_storage_imports_are_preloaded_on_a_thread_that_waits_for_timing(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from squeezer.evaluators.latency import MachineLock
+    from squeezer.search.study import preload_storage
+
+    monkeypatch.setenv("SQUEEZER_LOCK_DIR", str(tmp_path))
+    assert preload_storage("journal") is None
+    with MachineLock().timing():  # a latency timing run holds the machine: the imports wait for it
+        thread = preload_storage("sqlite")
+        assert thread is not None
+        thread.join(0.3)
+        assert thread.is_alive()
+    thread.join(30)
+    assert not thread.is_alive() and "optuna.storages._rdb.models" in sys.modules
