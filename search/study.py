@@ -8,6 +8,7 @@ run left RUNNING.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import threading
@@ -86,9 +87,8 @@ def preload_storage(storage: str | BaseStorage | None = None) -> threading.Threa
     def load() -> None:
         try:
             with MachineLock().compute():
-                import alembic.migration  # noqa: F401
-                import optuna.storages._rdb.models  # noqa: F401
-                import sqlalchemy.orm  # noqa: F401
+                for module in ("sqlalchemy.orm", "alembic.migration", "optuna.storages._rdb.models"):
+                    importlib.import_module(module)
         except Exception:  # noqa: BLE001  (the storage's own import reports any real problem, in the caller's thread)
             pass
 
