@@ -6,7 +6,6 @@ distilled to mimic the original), then quantize (weights and activations of what
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Callable, Iterable
 
@@ -62,7 +61,7 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
     example_inputs = example_inputs[:1].to(device)
     reference = model  # read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation)
     work = clone_module(model).eval()
-    space = space or SearchSpace.from_model(copy.deepcopy(model), example_inputs)  # from_model sets eval mode
+    space = space or SearchSpace.from_model(clone_module(model), example_inputs)  # from_model sets eval mode
     policy.validate(space)
     # Forward order, whatever order the policy was written in (JSON sorts names): appliers meet units as the
     # search applied them.
