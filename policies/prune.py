@@ -1,14 +1,25 @@
 """Structured pruning: physically remove channels, coupled groups at a time, with Torch-Pruning.
 
 Channels are ranked on the untouched model, each group on its own: so which channels a group loses depends on that
-group's ratio alone, not on what other groups lost first or in which order a policy lists them. The ranking is the
-same for every policy of one model, so it is kept in the context's memo and an evaluator ranks once per group, not
-once per candidate (about 40% of Torch-Pruning's time in applying a pruning policy to ResNet-20).
+group's ratio alone, not on what other groups lost first or in which order a policy lists them.
+
+Everything about a group that does not depend on the policy is worked out once per model, on Torch-Pruning's
+dependency graph of the untouched model, and kept in the context's memo: the ranking, and which indices of which
+layer each of the group's channels is (its pruning group with every channel, whose items carry their root indices).
+A policy's cut then runs Torch-Pruning's own pruning function on each affected layer of the copy, once, with the
+indices of every group it prunes there: all in the untouched model's coordinates, so a layer that two groups reach
+(a concatenation's consumer) loses both sets at once, as pruning the groups in turn would leave it. That skips
+building a dependency graph of every copy (a traced forward pass) and two pruning groups per group: applying uniform
+pruning to ResNet-20 took 50 ms that way, 21 ms with the ranking kept, and takes ~10 ms now. Where a group cannot
+be replayed so (an item on a bare nn.Parameter, a customised pruner, or an index mapping without root indices) the
+copy gets its own graph and the groups are pruned in turn, as before.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
@@ -22,21 +33,64 @@ IMPORTANCE = {
     "bn": lambda: tp.importance.BNScaleImportance(),
 }
 
+# Torch-Pruning's stand-ins for tensor ops in its graph: pruning them only updates the graph's own bookkeeping.
+_GRAPH_ONLY_OPS = tuple(getattr(tp.ops, name) for name in ("_ConcatOp", "_ElementWiseOp", "_ExpandOp", "_OutputOp",
+                                                           "_ReshapeOp", "_SliceOp", "_SplitOp", "_UnbindOp")
+                        if hasattr(tp.ops, name))
+
+
+@dataclass(frozen=True)
+class LayerCut:
+    """One layer's part in a group: which of its indices each of the group's channels is."""
+
+    module: str  # the layer's name in the model
+    handler: Callable[[nn.Module, list[int]], Any]  # Torch-Pruning's pruning function for it
+    dim: int  # the pruning dimension Torch-Pruning sets on that function's pruner before calling it
+    indices: dict[int, tuple[int, ...]]  # group channel -> this layer's indices
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What pruning a group needs that no policy changes: its channels, least important first, and its layers
+    (None where the group cannot be replayed on a copy, see the module docstring)."""
+
+    order: list[int]
+    layers: list[LayerCut] | None
+
 
 def _out_channel_fn(leader: nn.Module) -> object:
     return tp.prune_linear_out_channels if isinstance(leader, nn.Linear) else tp.prune_conv_out_channels
 
 
-def channel_orders(ctx: ApplyContext, names: Iterable[str]) -> dict[str, list[int]]:
-    """Each group's channels, least important first, ranked on the untouched model (memoised in `ctx.memo`)."""
+def _layer_cuts(group: Any, names: dict[nn.Module, str]) -> list[LayerCut] | None:
+    """The group's items as LayerCuts, or None where one of them cannot be replayed on another copy."""
+    layers = []
+    for item in group.items:
+        dep, roots = item.dep, getattr(item, "root_idxs", None)
+        target = dep.target.module
+        if isinstance(target, _GRAPH_ONLY_OPS):
+            continue
+        if isinstance(target, torch.Tensor) or target not in names or roots is None or None in roots:
+            return None
+        indices: dict[int, list[int]] = {}
+        for index, root in zip(item.idxs, roots):
+            indices.setdefault(int(root), []).append(int(index))
+        layers.append(LayerCut(names[target], dep.handler, dep.target.pruning_dim,
+                               {root: tuple(found) for root, found in indices.items()}))
+    return layers
+
+
+def group_plans(ctx: ApplyContext, names: Iterable[str]) -> dict[str, GroupPlan]:
+    """Each group's plan, worked out on the untouched model (memoised in `ctx.memo`)."""
     if ctx.importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {ctx.importance!r}: choose from {', '.join(IMPORTANCE)}")
-    orders: dict[str, list[int]] = ctx.memo.setdefault(f"channel order {ctx.importance}", {})
-    missing = [name for name in names if name not in orders]
+    plans: dict[str, GroupPlan] = ctx.memo.setdefault(f"prune plans {ctx.importance}", {})
+    missing = [name for name in names if name not in plans]
     if missing:
         reference = clone_module(ctx.reference).eval()  # the graph's tracing must not touch the caller's model
         graph = tp.DependencyGraph().build_dependency(reference, example_inputs=ctx.example_inputs[:1],
                                                       verbose=False)
+        module_names = {module: name for name, module in reference.named_modules()}
         importance = IMPORTANCE[ctx.importance]()
         for name in missing:
             leader = reference.get_submodule(name)
@@ -46,8 +100,25 @@ def channel_orders(ctx: ApplyContext, names: Iterable[str]) -> dict[str, list[in
             if scores is None:  # e.g. BN-scale importance on a group with no BatchNorm: fall back to magnitude
                 scores = IMPORTANCE["l2"]()(full)
             # Stable order (ties broken by index) so applying a policy twice removes the same channels.
-            orders[name] = sorted(range(channels), key=lambda i: (float(scores[i]), i))
-    return orders
+            order = sorted(range(channels), key=lambda i: (float(scores[i]), i))
+            plans[name] = GroupPlan(order, _layer_cuts(full, module_names))
+    return plans
+
+
+def _replay(model: nn.Module, plans: dict[str, GroupPlan], cuts: dict[str, int]) -> None:
+    """Cut every affected layer of `model` once, with the indices of every group that reaches it."""
+    removed: dict[tuple[str, Any], tuple[int, set[int]]] = {}
+    for name, n_prune in cuts.items():
+        plan = plans[name]
+        gone = plan.order[:n_prune]
+        for layer in plan.layers or ():
+            _, indices = removed.setdefault((layer.module, layer.handler), (layer.dim, set()))
+            for channel in gone:
+                indices.update(layer.indices.get(channel, ()))
+    for (module, handler), (dim, indices) in removed.items():
+        if indices:
+            handler.__self__.pruning_dim = dim  # as Torch-Pruning's Dependency does before calling its handler
+            handler(model.get_submodule(module), sorted(indices))
 
 
 def apply_prune(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Module:
@@ -57,11 +128,14 @@ def apply_prune(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Modul
     cuts = {g: n for g, n in cuts.items() if n > 0}
     if not cuts:
         return model
-    orders = channel_orders(ctx, cuts)
+    plans = group_plans(ctx, cuts)
+    if all(plans[name].layers is not None for name in cuts):
+        _replay(model, plans, cuts)
+        return model
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_inputs[:1], verbose=False)
     for name, n_prune in cuts.items():
         leader = model.get_submodule(name)
-        graph.get_pruning_group(leader, _out_channel_fn(leader), idxs=sorted(orders[name][:n_prune])).prune()
+        graph.get_pruning_group(leader, _out_channel_fn(leader), idxs=sorted(plans[name].order[:n_prune])).prune()
     return model
 
 

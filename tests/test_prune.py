@@ -126,11 +126,45 @@ def test_a_memo_ranks_once_and_gives_the_same_model(resnet) -> None:
     policy = Policy.uniform(space, prune=0.5)
     memo: dict = {}
     first = apply_policy(resnet, policy, example_inputs=x, space=space, memo=memo)
-    ranked = dict(memo["channel order l2"])
+    plans = dict(memo["prune plans l2"])
     again = apply_policy(resnet, policy, example_inputs=x, space=space, memo=memo)
     plain = apply_policy(resnet, policy, example_inputs=x, space=space)
-    assert set(ranked) == {g for g in space.groups if space.kept(g, 0.5) < space.groups[g].channels}
-    assert memo["channel order l2"] == ranked
+    assert set(plans) == {g for g in space.groups if space.kept(g, 0.5) < space.groups[g].channels}
+    assert memo["prune plans l2"] == plans
     for model in (again, plain):
         for (name, a), (_, b) in zip(first.state_dict().items(), model.state_dict().items()):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "squeezenet"])
+def test_replaying_the_plans_cuts_as_a_graph_of_the_copy_does(name, request, monkeypatch) -> None:
+    """The cut each group's plan replays on the copy equals Torch-Pruning's groups pruned in turn on a graph of the
+    copy, also where groups meet in a concatenation (SqueezeNet's fire modules)."""
+    import random
+
+    import torchvision
+
+    import squeezer.policies.prune as prune
+
+    if name == "squeezenet":
+        torch.manual_seed(0)
+        model, x = torchvision.models.squeezenet1_1(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    else:
+        model, x = request.getfixturevalue(name), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():  # distinct BatchNorm statistics, so a wrongly kept channel changes the output
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    space = SearchSpace.from_model(model, x, knobs=("prune",))
+    rng = random.Random(0)
+    policy = Policy.from_params({k: rng.choice(c) for k, c in space.distributions().items()}, space)
+    memo: dict = {}
+    replayed = apply_policy(model, policy, example_inputs=x, space=space, memo=memo)
+    assert all(plan.layers is not None for plan in memo["prune plans l2"].values())
+    monkeypatch.setattr(prune, "_layer_cuts", lambda *args: None)  # every group pruned on a graph of the copy
+    in_turn = apply_policy(model, policy, example_inputs=x, space=space)
+    a, b = replayed.state_dict(), in_turn.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(replayed(x), in_turn(x))
