@@ -161,7 +161,8 @@ def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
 
 
 def search(*, model: str, data: str = "digits", budget: str, out: str | Path, trials: int = 50,
-           sampler: str = "tpe", workers: int = 1, storage: str | None = None, ray_address: str | None = None,
+           sampler: str = "tpe", workers: int | None = None, storage: str | None = None,
+           ray_address: str | None = None,
            device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
            knobs: tuple[str, ...] | None = None, repair: bool = False, promote: int = 0, seed: int = 0,
            backend: str = "auto", latency_on: str | None = None, progress: bool = False,
@@ -169,15 +170,17 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
-    custom Ray resource of the node that times latency (the target device).
+    custom Ray resource of the node that times latency (the target device). `workers` defaults to one per core
+    (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`).
     """
     from squeezer.evaluators.evaluate import EvalSettings
-    from squeezer.evaluators.pool import make_pool
+    from squeezer.evaluators.pool import default_workers, make_pool
     from squeezer.evaluators.zoo import save_checkpoint
     from squeezer.search.budget import Budget
     from squeezer.search.study import preload_storage, run_search
 
     _check_device(device)
+    workers = workers or default_workers(device)
     parsed = Budget.parse(budget)
     if not parsed.limits:
         raise ValueError("the budget is empty: pass a limit such as --budget 'macs<=50%'")
@@ -423,7 +426,7 @@ class DemoSummary:
     applied: ApplySummary | None
 
 
-def demo(*, out: str | Path = "runs/demo", trials: int = 24, workers: int = 1, sampler: str = "tpe",
+def demo(*, out: str | Path = "runs/demo", trials: int = 24, workers: int | None = None, sampler: str = "tpe",
          budget: str = DEMO_BUDGET, progress: bool = False, on_stage: Any = None) -> DemoSummary:
     """The whole story on bundled data in a few minutes: train ResNet-20 on digits (once), search pruning and
     weight bits under half the MACs, then apply the most accurate policy of the front and re-measure it."""

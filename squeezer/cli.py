@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "cmaes", "gp", "ddpg"], default="tpe",
                    help="how policies are proposed: tpe, nsga2 (genetic), random, qmc (Sobol), cmaes, gp "
                         "(Gaussian process), ddpg (AMC-style reinforcement-learning agent)")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations (Ray or local processes)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="parallel evaluations, in Ray or local processes (default: one per core; one per GPU with "
+                        "--device cuda)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
                         "URL such as postgresql://user@host/db shared by several machines (default: SQLite "
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "demo", "train the small model if needed, run a short budgeted search, print the front")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--trials", type=_positive_int, default=24, help="evaluations")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="parallel evaluations (default: one per core)")
     return parser
 
 

@@ -63,6 +63,33 @@ def test_unknown_backend_and_unreachable_address() -> None:
         make_pool("resnet20", "digits", FAST, workers=2, backend="ray", ray_address="127.0.0.1:1")
 
 
+def test_default_pool_size_is_one_worker_per_core_and_one_per_gpu() -> None:
+    import torch
+
+    from squeezer.evaluators.pool import default_workers
+
+    assert default_workers() == (os.cpu_count() or 1)
+    assert default_workers("cuda") == max(1, torch.cuda.device_count())
+
+
+def test_auto_pool_evaluates_locally_when_ray_cannot_start(digits, monkeypatch, caplog) -> None:
+    import squeezer.evaluators.pool as pool_module
+
+    pytest.importorskip("ray")
+    def broken(*args, **kwargs):
+        raise RuntimeError("raylet failed to start")
+
+    monkeypatch.setattr(pool_module, "RayPool", broken)
+    pool = make_pool("resnet20", digits, FAST, workers=2, backend="auto")
+    try:
+        assert isinstance(pool, LocalPool) and pool.workers == 2
+        assert "Ray did not start (RuntimeError: raylet failed to start)" in caplog.text
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError):  # asked for by name, Ray's failure is the user's to see
+        make_pool("resnet20", digits, FAST, workers=2, backend="ray")
+
+
 @pytest.mark.slow
 def test_ray_pool_retries_killed_actor(digits) -> None:
     pytest.importorskip("ray")

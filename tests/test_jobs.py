@@ -22,7 +22,7 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jobs")
     jobs.train(model="resnet20", data="digits", out=root / "base.pt", steps=60)
     summary = jobs.search(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
-                          trials=3, knobs=("prune",), settings=QUICK)
+                          trials=3, knobs=("prune",), settings=QUICK, workers=1)
     assert summary.completed == 3 and summary.front
     return root / "run"
 
@@ -95,8 +95,8 @@ def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str
 
 def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out",
-                       str(tmp_path / "t"), "--knobs", "prune", "--trials", "1", "--latency-threads", "2",
-                       "--latency-batch", "2")
+                       str(tmp_path / "t"), "--knobs", "prune", "--trials", "1", "--workers", "1",
+                       "--latency-threads", "2", "--latency-batch", "2")
     assert code == 0, err
     info = json.loads((tmp_path / "t" / "run.json").read_text())
     assert info["eval"]["latency_threads"] == 2 and info["eval"]["latency_batch"] == 2
@@ -106,7 +106,7 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
 
 def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
     summary = jobs.search(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
-                          trials=2, knobs=("prune",), latency="predict", settings=QUICK)
+                          trials=2, knobs=("prune",), latency="predict", settings=QUICK, workers=1)
     tables = list((tmp_path / "p" / "cache").glob("lut-*.json"))
     assert len(tables) == 1
     deltas = json.loads(tables[0].read_text())["deltas"]
@@ -167,7 +167,8 @@ def test_unreachable_ray_address(capsys, run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_end_to_end_in_subprocesses(tmp_path: Path) -> None:
-    """train -> search -> (resume) -> front -> apply, as a user types them; the applied model has the searched MACs."""
+    """train -> search -> (resume) -> front -> apply, as a user types them (the search in the default pool: a local
+    Ray, one worker per core); the applied model has the searched MACs."""
     import subprocess
     import sys
 
