@@ -51,8 +51,8 @@ def threads_per_worker(workers: int) -> int:
 
 def default_workers(device: str = "cpu") -> int:
     """How many workers a pool gets when the user names no number: one per core, each evaluating on one thread
-    (small models use cores better side by side than as one worker's intra-op threads: 2 one-thread workers gave
-    1.4-1.6x the evaluations per minute of one two-thread worker on 2 cores), or one per GPU with device 'cuda'."""
+    (small models use many cores better side by side than as one worker's intra-op threads; on 2 cores the gain is
+    small, see benchmarks/RESULTS.md), or one per GPU with device 'cuda'."""
     if device == "cuda":
         return max(1, torch.cuda.device_count())
     return max(1, os.cpu_count() or 1)

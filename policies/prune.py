@@ -70,7 +70,8 @@ def _layer_cuts(group: Any, names: dict[nn.Module, str]) -> list[LayerCut] | Non
         target = dep.target.module
         if isinstance(target, _GRAPH_ONLY_OPS):
             continue
-        if isinstance(target, torch.Tensor) or target not in names or roots is None or None in roots:
+        if (isinstance(target, torch.Tensor) or target not in names or roots is None or None in roots
+                or not hasattr(dep.handler, "__self__")):
             return None
         indices: dict[int, list[int]] = {}
         for index, root in zip(item.idxs, roots):
