@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random", "qmc", "cmaes", "gp", "ddpg"], default="tpe",
                    help="how policies are proposed: tpe, nsga2 (genetic), random, qmc (Sobol), cmaes, gp "
                         "(Gaussian process), ddpg (AMC-style reinforcement-learning agent)")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--workers", type=_positive_int, default=argparse.SUPPRESS,
                    help="parallel evaluations, in Ray or local processes (default: one per core; one per GPU with "
                         "--device cuda)")
     p.add_argument("--storage", default=None,
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "demo", "train the small model if needed, run a short budgeted search, print the front")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--trials", type=_positive_int, default=24, help="evaluations")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--workers", type=_positive_int, default=argparse.SUPPRESS,
                    help="parallel evaluations (default: one per core)")
     return parser
 
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         render.space(space)
     elif args.command == "search":
         summary = jobs.search(model=args.model, data=args.data, budget=args.budget, trials=args.trials,
-                              sampler=args.sampler, workers=args.workers, storage=args.storage,
+                              sampler=args.sampler, workers=getattr(args, "workers", None), storage=args.storage,
                               ray_address=args.ray_address, device=args.device, out=args.out,
                               objective=args.objective, recovery=args.recovery, latency=args.latency,
                               knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "report":
         render.report(jobs.report(args.run, trial=args.trial))
     elif args.command == "demo":
-        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=args.workers, progress=True,
+        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=getattr(args, "workers", None), progress=True,
                               on_stage=lambda text: render.console.print(f"[bold]squeezer demo:[/] {text}")))
     return 0
 
