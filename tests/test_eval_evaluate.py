@@ -58,3 +58,16 @@ def test_cuda_matches_cpu(resnet, digits) -> None:
     gpu = Evaluator(resnet, digits, EvalSettings(latency="none", bn_batches=2, device="cuda")).base_measurement()
     assert isinstance(gpu, Measurement)
     assert gpu.accuracy == pytest.approx(cpu.accuracy, abs=0.02) and gpu.macs == cpu.macs
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_a_pruned_and_quantized_policy_on_cuda_matches_cpu(resnet, digits, device) -> None:
+    """The copy, the replayed pruning plans and the quantized layers on the GPU give the CPU's model."""
+    cpu = Evaluator(resnet, digits, FAST)
+    other = Evaluator(resnet, digits, EvalSettings(latency="none", bn_batches=2, device=device))
+    policy = Policy.uniform(cpu.space, prune=0.5, w_bits=8)
+    a, b = cpu.evaluate(policy), other.evaluate(policy)
+    assert isinstance(a, Measurement) and isinstance(b, Measurement), (a, b)
+    assert (b.macs, b.params, b.size_mb) == (a.macs, a.params, a.size_mb)
+    assert b.accuracy == pytest.approx(a.accuracy, abs=0.02)
