@@ -160,7 +160,7 @@ class CheapEvaluator:
         self.space = SearchSpace.from_model(self.model, self.data.example_inputs(), knobs=knobs)
         self.calibration = self.data.calibration(batches=2)
         self.bn_batches, self.seed = bn_batches, seed
-        self._memo: dict[str, Any] = {}  # apply_policy's channel ranking of self.model, kept across policies
+        self._memo: dict[str, Any] = {}  # apply_policy's pruning plans for self.model, kept across policies
         self._evaluate = evaluate
         self.accuracy, _ = evaluate(self.model, self.data.val)
 
