@@ -68,6 +68,10 @@ def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, op
     _WORKER = Evaluator(model, data, settings, **options)
 
 
+def _worker_ready() -> int:
+    return os.getpid()
+
+
 def _evaluate_in_worker(policy: Policy) -> Outcome:
     assert _WORKER is not None, "worker initializer did not run"
     return _WORKER.evaluate(policy)
@@ -96,8 +100,19 @@ class LocalPool:
             self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                   initargs=self.init_args)
+        """A process pool whose workers start now, side by side, rather than one by one as evaluations arrive:
+        Python spawns a worker only when no started one is idle, so the second worker's start (importing torch,
+        loading model and data: seconds) used to fall inside the search, while the first worker waited idle."""
+        executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                       initargs=self.init_args)
+        for _ in range(self.workers):
+            executor.submit(_worker_ready)
+        return executor
+
+    @property
+    def in_process(self) -> bool:
+        """True when evaluations run in the calling process (inside `wait`), so queueing ahead gains nothing."""
+        return self._executor is None
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (for tests that kill one)."""

@@ -49,7 +49,8 @@ class Searcher(Protocol):
 
 
 class EvalPool(Protocol):
-    """The evaluator pool's face, as the search loop uses it."""
+    """The evaluator pool's face, as the search loop uses it. A pool that evaluates inside `wait`, in the calling
+    process, says so with `in_process = True` (the search then queues no policy beyond its workers)."""
 
     def submit(self, key: int, policy: Policy) -> None: ...
 

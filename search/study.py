@@ -238,11 +238,12 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
     done = finished_count(study)
     start, started_with = time.perf_counter(), done
     in_flight: dict[int, Any] = {}
-    # Worker processes get one policy queued ahead, so a worker that finishes starts the next one while the driver
-    # records the last and asks the sampler (otherwise each worker idles for that, ~50 ms a trial). A single worker
-    # evaluates in this process, where overlapping would need a thread, and torch ran ResNet-20 on digits slower off
-    # the main thread (0.64-0.81 s an evaluation against 0.44-0.56 s), far more than the 20 ms it would hide.
-    depth = workers + 1 if workers > 1 else workers
+    # Workers outside this process get one policy queued ahead, so a worker that finishes starts the next one while
+    # the driver records the last and asks the sampler (otherwise each worker idles for that, 20-30 ms a trial). A
+    # pool that evaluates in this process (one local worker) does so inside wait(): there is nothing to overlap, and
+    # a thread would not help (torch ran ResNet-20 on digits slower off the main thread, 0.64-0.81 s an evaluation
+    # against 0.44-0.56 s, far more than the 20 ms it would hide).
+    depth = workers if getattr(pool, "in_process", False) else workers + 1
     lock = MachineLock()  # the driver's own CPU work never runs beside a latency timing run on this machine
     try:
         while True:

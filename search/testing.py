@@ -65,6 +65,8 @@ class FakeEvaluator:
 class InlinePool:
     """Evaluates in the calling process, one submission per `wait` (first in, first out)."""
 
+    in_process = True  # the search keeps no more policies in flight than it has workers
+
     def __init__(self, evaluate: Callable[[Policy], Outcome]) -> None:
         self.evaluate = evaluate
         self.queue: deque[tuple[int, Policy]] = deque()

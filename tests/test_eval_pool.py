@@ -30,7 +30,7 @@ def _drain(pool, timeout=120.0):
 
 def test_inline_pool_returns_everything(digits) -> None:
     pool = make_pool("resnet20", digits, FAST, workers=1, backend="auto")
-    assert isinstance(pool, LocalPool)
+    assert isinstance(pool, LocalPool) and pool.in_process
     for i, p in enumerate(_policies()):
         pool.submit(i, p)
     out = _drain(pool)
@@ -41,6 +41,8 @@ def test_inline_pool_returns_everything(digits) -> None:
 def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
     pool = LocalPool("resnet20", digits, FAST, workers=2)
     try:
+        # both workers start with the pool, not the second one only once a search is under way
+        assert len(pool.worker_pids()) == 2 and not pool.in_process
         for i, p in enumerate(_policies()):
             pool.submit(i, p)
         out = _drain(pool)
@@ -50,7 +52,7 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
         for pid in pool.worker_pids():
             os.kill(pid, signal.SIGKILL)
         out = _drain(pool)
-        assert isinstance(out[10], Measurement) and pool.restarts == 1
+        assert isinstance(out[10], Measurement) and pool.restarts == 1 and len(pool.worker_pids()) == 2
     finally:
         pool.close()
 

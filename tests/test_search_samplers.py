@@ -79,6 +79,28 @@ def test_failures_are_recorded_and_parallel_workers(space: SearchSpace, tmp_path
         run_search(space, ThreadPool(ev), "macs<=30%", ev.base(), out=tmp_path, sampler="random", trials=12)
 
 
+class _CountingPool(InlinePool):
+    """An inline pool that remembers the most policies it ever held; `in_process` as a real pool would say."""
+
+    def __init__(self, evaluate, *, in_process: bool) -> None:
+        super().__init__(evaluate)
+        self.in_process, self.most = in_process, 0
+
+    def submit(self, key, policy) -> None:
+        super().submit(key, policy)
+        self.most = max(self.most, self.pending())
+
+
+@pytest.mark.parametrize("in_process, workers, most", [(True, 1, 1), (False, 1, 2), (False, 2, 3)])
+def test_workers_outside_the_process_get_a_policy_queued_ahead(space: SearchSpace, tmp_path: Path,
+                                                               in_process: bool, workers: int, most: int) -> None:
+    ev = FakeEvaluator(space)
+    pool = _CountingPool(ev, in_process=in_process)
+    result = run_search(space, pool, BUDGET, ev.base(), out=tmp_path, sampler="random", trials=6, workers=workers,
+                        repair=True, storage=optuna.storages.InMemoryStorage())
+    assert len(result.completed()) == 6 and pool.most == most
+
+
 def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> None:
     ev = FakeEvaluator(space)
     seen = []
