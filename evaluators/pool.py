@@ -191,7 +191,11 @@ def _check_address(address: str) -> None:
 class RayPool:
     """Ray actors each holding one Evaluator; a local Ray (num_cpus=workers) is started and stopped by the pool
     unless `address` names a running cluster. With `latency_resource`, latency is timed by one actor placed on a
-    node carrying that custom resource (e.g. "device:pi4"), and the Measurement carries that node's hardware."""
+    node carrying that custom resource (e.g. "device:pi4"), and the Measurement carries that node's hardware.
+
+    Each actor holds at most one evaluation; the rest wait in the pool's own queue and go to whichever actor falls
+    idle first (as a process pool's shared queue does). Sent ahead to a busy actor, a policy would wait for that actor
+    even while another sat idle."""
 
     def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
                  workers: int = 2, address: str | None = None, latency_resource: str | None = None,
@@ -227,21 +231,25 @@ class RayPool:
             model, data, settings, threads, options)
         self.actors = [self._make() for _ in range(self.workers)]
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
+        self._queue: deque[tuple[int, Policy, int]] = deque()  # (key, policy, attempts) waiting for an idle actor
         self.restarts = 0
 
-    def _load(self, index: int) -> int:
-        return sum(1 for v in self._inflight.values() if v[3] == index)
-
-    def _send(self, key: int, policy: Policy, attempts: int) -> None:
-        index = min(range(len(self.actors)), key=self._load)
-        actor = self.actors[index]
-        self._inflight[actor.evaluate.remote(policy)] = (key, policy, attempts, index, actor)
+    def _dispatch(self) -> None:
+        """Send queued policies to idle actors, first in first out."""
+        busy = {v[3] for v in self._inflight.values()}
+        for index, actor in enumerate(self.actors):
+            if not self._queue:
+                return
+            if index not in busy:
+                key, policy, attempts = self._queue.popleft()
+                self._inflight[actor.evaluate.remote(policy)] = (key, policy, attempts, index, actor)
 
     def submit(self, key: int, policy: Policy) -> None:
-        self._send(key, policy, 0)
+        self._queue.append((key, policy, 0))
+        self._dispatch()
 
     def pending(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._queue)
 
     def actor_pids(self) -> list[int]:
         return self.ray.get([a.pid.remote() for a in self.actors])
@@ -265,9 +273,10 @@ class RayPool:
                     if attempts >= RETRIES:
                         results.append((key, EvalFailure("Ray worker died twice while evaluating this policy")))
                     else:
-                        self._send(key, policy, attempts + 1)
+                        self._queue.appendleft((key, policy, attempts + 1))
                 except Exception as exc:
                     results.append((key, EvalFailure(f"Ray task failed: {type(exc).__name__}: {exc}"[:300])))
+            self._dispatch()  # before the caller records these results and asks for more
         return results
 
     def _replace(self, index: int, dead: Any) -> None:
@@ -289,6 +298,7 @@ class RayPool:
                 pass
         self.actors = []
         self._inflight.clear()
+        self._queue.clear()
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
 

@@ -99,6 +99,8 @@ def test_ray_pool_retries_killed_actor(digits) -> None:
     try:
         for i, p in enumerate(_policies()):
             pool.submit(i, p)
+        # one evaluation per actor; the third policy waits in the pool for whichever actor is idle first
+        assert pool.pending() == 3 and sorted(v[3] for v in pool._inflight.values()) == [0, 1]
         first = _drain(pool)
         assert sorted(first) == [0, 1, 2] and isinstance(first[2], EvalFailure)
         pid = pool.actor_pids()[0]
