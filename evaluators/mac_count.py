@@ -12,15 +12,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections import Counter
 from typing import Any, Callable, Collection
 
 import torch
-from fvcore.nn.jit_handles import conv_flop_count
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from squeezer.evaluators.cost import count_macs
+
+with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: torch's deprecation note on every run
+    warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+    from fvcore.nn.jit_handles import conv_flop_count
 
 __all__ = ["forward_macs", "mac_counter", "MacCount"]
 

@@ -1,6 +1,9 @@
 """The forward-pass MAC count gives fvcore's numbers on what squeezer builds, and fvcore counts where it would not."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -88,3 +91,10 @@ def test_forward_count_leaves_the_model_as_it_was(resnet) -> None:
 def test_forward_count_on_cuda(resnet) -> None:
     x = torch.randn(1, 1, 8, 8)
     assert forward_macs(resnet.cuda(), x.cuda())[0] == count_macs(resnet.cpu(), x)[0]
+
+
+def test_importing_the_counter_prints_no_deprecation_warning() -> None:
+    """fvcore.nn scripts a loss with torch.jit at import, and every squeezer command printed torch's FutureWarning."""
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import squeezer.evaluators.evaluate"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
