@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,12 @@ class LiveDisplay:
     """A rich live line: trials done/total, feasible, best accuracy within budget, front size, elapsed, ETA."""
 
     def __init__(self) -> None:
+        from rich.console import Console
         from rich.live import Live
 
-        self.live = Live("", refresh_per_second=4, transient=False)
+        # piped (a log, CI), rich would wrap the line at 80 columns: ETA and its value landed on two lines
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        self.live = Live("", console=console, refresh_per_second=4, transient=False)
         self.live.start()
         self.start = time.perf_counter()
 

@@ -11,7 +11,8 @@ import torch
 from squeezer.evaluators.zoo import resnet20
 from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult, hypervolume
-from squeezer.search.report import history_rows, points, write_front_html, write_front_png, write_report
+from squeezer.search.report import (LiveDisplay, history_rows, points, write_front_html, write_front_png,
+                                     write_report)
 from squeezer.search.study import SearchError, run_search
 from squeezer.search.testing import FakeEvaluator, InlinePool, ThreadPool
 from squeezer.spaces.space import SearchSpace
@@ -290,3 +291,12 @@ def test_agent_wall_judges_latency_by_the_latency_model(space: SearchSpace, tmp_
     for row in rows:
         assert row["latency_predicted"] == pytest.approx(model.predict_rel(Policy.from_json(row["policy"])))
         assert row["latency_predicted"] <= 0.5 + 1e-9 and row["feasible"]
+
+
+def test_the_progress_line_stays_one_line_when_piped(capsys) -> None:
+    display = LiveDisplay()
+    display({"done": 24, "total": 24, "feasible": 24, "best_accuracy": 0.9792, "front": 4, "elapsed": 45.0,
+             "eta": 0.0})
+    display.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == ["trials 24/24  feasible 24  best within budget 0.9792  front 4  elapsed 45s  ETA 0s"]
