@@ -243,7 +243,6 @@ def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(spa
     and a searcher reopened on the study starts from the same margin."""
     import dataclasses
 
-    from squeezer.evaluators.measurement import Measurement
     from squeezer.search.budget import Budget
     from squeezer.search.objectives import make_objective
     from squeezer.search.optuna_searcher import OptunaSearcher
