@@ -60,12 +60,18 @@ def default_workers(device: str = "cpu") -> int:
 
 # ---- local processes -------------------------------------------------------------------------------------------------
 _WORKER: Evaluator | None = None
+_INIT_ERROR = ""
 
 
 def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
-    global _WORKER
+    global _WORKER, _INIT_ERROR
     torch.set_num_threads(threads)
-    _WORKER = Evaluator(model, data, settings, **options)
+    try:
+        _WORKER = Evaluator(model, data, settings, **options)
+    except Exception as exc:  # noqa: BLE001
+        # Raised, it would break the whole pool with no reason given ("a child process terminated abruptly");
+        # kept, each evaluation handed to this worker fails with it.
+        _INIT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def _worker_ready() -> int:
@@ -73,7 +79,8 @@ def _worker_ready() -> int:
 
 
 def _evaluate_in_worker(policy: Policy) -> Outcome:
-    assert _WORKER is not None, "worker initializer did not run"
+    if _WORKER is None:
+        return EvalFailure(f"the worker could not build its evaluator: {_INIT_ERROR}"[:300])
     return _WORKER.evaluate(policy)
 
 
@@ -81,7 +88,8 @@ class LocalPool:
     """Worker processes (spawn context), each building its Evaluator once in the initializer.
 
     `workers=1` evaluates in the calling process (no start-up cost, same results). A broken process pool (a worker
-    killed) is rebuilt and the evaluations it held are retried once.
+    killed) is rebuilt and the evaluations it held are retried once. A worker that cannot build its Evaluator fails
+    each evaluation it is handed, with the reason.
     """
 
     def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
@@ -90,6 +98,7 @@ class LocalPool:
         self.init_args = (model, data, settings, threads_per_worker(self.workers), options)
         self._queue: deque[tuple[int, Policy]] = deque()
         self._futures: dict[Future, tuple[int, Policy, int]] = {}
+        self._failed: list[tuple[int, Outcome]] = []  # given up on while submitting, returned by the next wait
         self._executor: ProcessPoolExecutor | None = None
         self.evaluator: Evaluator | None = None
         self.restarts = 0
@@ -121,11 +130,16 @@ class LocalPool:
     def submit(self, key: int, policy: Policy) -> None:
         if self._executor is None:
             self._queue.append((key, policy))
-        else:
-            self._futures[self._executor.submit(_evaluate_in_worker, policy)] = (key, policy, 0)
+            return
+        try:
+            future = self._executor.submit(_evaluate_in_worker, policy)
+        except BrokenProcessPool:  # a worker died between evaluations: start the pool again
+            self._failed += self._restart([])
+            future = self._executor.submit(_evaluate_in_worker, policy)  # type: ignore[union-attr]
+        self._futures[future] = (key, policy, 0)
 
     def pending(self) -> int:
-        return len(self._queue) + len(self._futures)
+        return len(self._queue) + len(self._futures) + len(self._failed)
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]:
         """Finished (key, outcome) pairs: at least one unless nothing is pending or `timeout` passes."""
@@ -134,7 +148,7 @@ class LocalPool:
                 return []
             key, policy = self._queue.popleft()
             return [(key, self.evaluator.evaluate(policy))]  # type: ignore[union-attr]
-        results: list[tuple[int, Outcome]] = []
+        results, self._failed = self._failed, []
         while self._futures and not results:
             done, _ = wait_futures(list(self._futures), timeout=timeout, return_when=FIRST_COMPLETED)
             if not done:
@@ -146,7 +160,7 @@ class LocalPool:
                     results.append((key, future.result()))
                 except BrokenProcessPool:
                     retry.append((key, policy, attempts))
-                except Exception as exc:  # pickling or initializer errors: a value, not a crash
+                except Exception as exc:  # pickling errors and the like: a value, not a crash
                     results.append((key, EvalFailure(f"worker error {type(exc).__name__}: {exc}"[:300])))
             if retry:
                 results += self._restart(retry)
@@ -155,8 +169,11 @@ class LocalPool:
     def _restart(self, retry: list[tuple[int, Policy, int]]) -> list[tuple[int, Outcome]]:
         """Rebuild the broken pool and resubmit everything it held (each key retried at most RETRIES times)."""
         failed: list[tuple[int, Outcome]] = []
-        held = retry + [v for f, v in self._futures.items()]
-        self._futures.clear()
+        held = list(retry)
+        for future, value in list(self._futures.items()):
+            if not (future.done() and future.exception() is None):  # a finished one keeps its result to collect
+                held.append(value)
+                del self._futures[future]
         self._executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
         self._executor = self._new_executor()
         self.restarts += 1
@@ -172,6 +189,7 @@ class LocalPool:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self._queue.clear()
+        self._failed.clear()
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,29 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
         pool.close()
 
 
+def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) -> None:
+    pool = LocalPool("resnet20", digits, FAST, workers=2)
+    try:
+        pool.submit(0, Policy())
+        assert isinstance(_drain(pool)[0], Measurement)
+        for pid in pool.worker_pids():  # killed between evaluations: the next submit starts the pool again
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        pool.submit(1, Policy(layers={"layer1.0.conv1": LayerChoice(prune=0.5)}))
+        assert isinstance(_drain(pool)[1], Measurement) and pool.restarts == 1
+    finally:
+        pool.close()
+    missing = tmp_path / "gone.pt"
+    pool = LocalPool(str(missing), digits, FAST, workers=2)  # each worker fails to load it: a reason, not a crash
+    try:
+        pool.submit(0, Policy())
+        out = _drain(pool)
+        assert isinstance(out[0], EvalFailure) and "could not build its evaluator" in out[0].reason
+        assert "gone.pt" in out[0].reason and pool.restarts == 0
+    finally:
+        pool.close()
+
+
 def test_unknown_backend_and_unreachable_address() -> None:
     with pytest.raises(ValueError, match="unknown pool backend"):
         make_pool("resnet20", "digits", FAST, backend="dask")
