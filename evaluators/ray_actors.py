@@ -10,7 +10,7 @@ import torch
 from squeezer.evaluators.data import DataBundle, load_data
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.latency import LatencyMeter, LatencyResult
-from squeezer.evaluators.measurement import Outcome
+from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 
@@ -27,9 +27,18 @@ class EvalActor:
         if service is not None:
             options["latency_fn"] = lambda onnx: ray.get(service.measure.remote(onnx))
             options["hardware"] = ray.get(service.hardware.remote())
-        self.evaluator = Evaluator(model, data, settings, **options)
+        self.evaluator: Evaluator | None = None
+        self.error = ""
+        try:
+            self.evaluator = Evaluator(model, data, settings, **options)
+        except Exception as exc:  # noqa: BLE001
+            # Raised, it would kill the actor, and the pool would only see actors dying until it gave up; kept, each
+            # evaluation fails with it (as a local worker's does).
+            self.error = f"{type(exc).__name__}: {exc}"
 
     def evaluate(self, policy: Policy) -> Outcome:
+        if self.evaluator is None:
+            return EvalFailure(f"the worker could not build its evaluator: {self.error}"[:300])
         return self.evaluator.evaluate(policy)
 
     def pid(self) -> int:

@@ -80,6 +80,15 @@ def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) ->
         pool.close()
 
 
+def test_a_ray_actor_that_cannot_build_its_evaluator_fails_each_evaluation_with_the_reason(digits, tmp_path):
+    pytest.importorskip("ray")
+    from squeezer.evaluators.ray_actors import EvalActor
+
+    actor = EvalActor(str(tmp_path / "gone.pt"), digits, FAST, 1, {})  # the class itself, as Ray would build it
+    out = actor.evaluate(Policy())
+    assert isinstance(out, EvalFailure) and "could not build its evaluator" in out.reason and "gone.pt" in out.reason
+
+
 def test_unknown_backend_and_unreachable_address() -> None:
     with pytest.raises(ValueError, match="unknown pool backend"):
         make_pool("resnet20", "digits", FAST, backend="dask")
