@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ class SearchSummary:
     failed: int
     seconds: float
     files: list[Path] = field(default_factory=list)
+    failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
 
 
 def _knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -230,9 +232,10 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     metric_x = result.attrs.get("cost_metric", "macs")
     files = _write_front_files(result, out, metric_x)
     states = [r["state"] for r in result.rows]
+    reasons = Counter(r.get("fail_reason") or "no reason recorded" for r in result.rows if r["state"] == "FAIL")
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=result.front(metric_x),
                          completed=states.count("COMPLETE"), failed=states.count("FAIL"),
-                         seconds=time.perf_counter() - start, files=files)
+                         seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3))
 
 
 def _check_run(out: Path, settings: dict[str, Any]) -> None:

@@ -72,6 +72,8 @@ def search(summary: Any) -> None:
                 f"Pareto front: accuracy vs {summary.metric_x} (budget {summary.budget})")
     console.print(f"{summary.completed} trials completed, {summary.failed} failed, {summary.seconds:.0f}s; "
                   f"files: {', '.join(str(f) for f in summary.files)}")
+    for reason, count in summary.failures:
+        console.print(f"  {count} failed: {reason}", markup=False, highlight=False)
     if summary.front:
         best = max(summary.front, key=lambda r: r["accuracy"])
         console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")

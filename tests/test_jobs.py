@@ -195,3 +195,18 @@ def test_cli_end_to_end_in_subprocesses(tmp_path: Path) -> None:
     model, _ = load_checkpoint(tmp_path / "small.pt")
     assert count_macs(model, torch.randn(1, 1, 8, 8))[0] == best["macs"]
     assert (tmp_path / "small.onnx").stat().st_size > 0
+
+
+def test_a_search_summary_says_why_trials_failed(capsys) -> None:
+    from squeezer import render
+    from squeezer.evaluators.measurement import Measurement
+
+    base = Measurement(accuracy=0.9, loss=0.1, macs=1000, params=10, bops=1000 * 32 * 32, size_mb=0.1,
+                       latency_ms=None, recovery="bn", fingerprint="f", hardware={})
+    summary = jobs.SearchSummary(out=Path("runs/x"), base=base, budget="macs<=50%", metric_x="macs", front=[],
+                                 completed=3, failed=2, seconds=1.0,
+                                 failures=[("the worker could not build its evaluator: ModelError: [gone.pt]", 2)])
+    render.search(summary)
+    out = capsys.readouterr().out
+    assert "3 trials completed, 2 failed" in out
+    assert "  2 failed: the worker could not build its evaluator: ModelError: [gone.pt]" in out
