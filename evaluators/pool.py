@@ -29,7 +29,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.policy import Policy
 
-__all__ = ["EvalPool", "LocalPool", "RayPool", "default_workers", "make_pool"]
+__all__ = ["EvalPool", "LocalPool", "RayPool", "default_workers", "make_pool", "worker_evaluator"]
 
 RETRIES = 1
 log = logging.getLogger(__name__)
@@ -58,20 +58,26 @@ def default_workers(device: str = "cpu") -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def worker_evaluator(model: Any, data: Any, settings: EvalSettings,
+                     options: dict[str, Any]) -> Evaluator | EvalFailure:
+    """A worker's Evaluator, or the failure each evaluation handed to the worker reports.
+
+    Raised while a worker starts, the error would break a process pool with no reason given ("a child process
+    terminated abruptly"), or kill Ray actors until the pool gave up on them."""
+    try:
+        return Evaluator(model, data, settings, **options)
+    except Exception as exc:  # noqa: BLE001
+        return EvalFailure(f"the worker could not build its evaluator: {type(exc).__name__}: {exc}"[:300])
+
+
 # ---- local processes -------------------------------------------------------------------------------------------------
-_WORKER: Evaluator | None = None
-_INIT_ERROR = ""
+_WORKER: Evaluator | EvalFailure | None = None
 
 
 def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
-    global _WORKER, _INIT_ERROR
+    global _WORKER
     torch.set_num_threads(threads)
-    try:
-        _WORKER = Evaluator(model, data, settings, **options)
-    except Exception as exc:  # noqa: BLE001
-        # Raised, it would break the whole pool with no reason given ("a child process terminated abruptly");
-        # kept, each evaluation handed to this worker fails with it.
-        _INIT_ERROR = f"{type(exc).__name__}: {exc}"
+    _WORKER = worker_evaluator(model, data, settings, options)
 
 
 def _worker_ready() -> int:
@@ -79,9 +85,8 @@ def _worker_ready() -> int:
 
 
 def _evaluate_in_worker(policy: Policy) -> Outcome:
-    if _WORKER is None:
-        return EvalFailure(f"the worker could not build its evaluator: {_INIT_ERROR}"[:300])
-    return _WORKER.evaluate(policy)
+    assert _WORKER is not None, "worker initializer did not run"
+    return _WORKER if isinstance(_WORKER, EvalFailure) else _WORKER.evaluate(policy)
 
 
 class LocalPool:

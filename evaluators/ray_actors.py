@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.evaluate import EvalSettings
 from squeezer.evaluators.latency import LatencyMeter, LatencyResult
 from squeezer.evaluators.measurement import EvalFailure, Outcome
+from squeezer.evaluators.pool import worker_evaluator
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 
@@ -27,18 +28,11 @@ class EvalActor:
         if service is not None:
             options["latency_fn"] = lambda onnx: ray.get(service.measure.remote(onnx))
             options["hardware"] = ray.get(service.hardware.remote())
-        self.evaluator: Evaluator | None = None
-        self.error = ""
-        try:
-            self.evaluator = Evaluator(model, data, settings, **options)
-        except Exception as exc:  # noqa: BLE001
-            # Raised, it would kill the actor, and the pool would only see actors dying until it gave up; kept, each
-            # evaluation fails with it (as a local worker's does).
-            self.error = f"{type(exc).__name__}: {exc}"
+        self.evaluator = worker_evaluator(model, data, settings, options)
 
     def evaluate(self, policy: Policy) -> Outcome:
-        if self.evaluator is None:
-            return EvalFailure(f"the worker could not build its evaluator: {self.error}"[:300])
+        if isinstance(self.evaluator, EvalFailure):
+            return self.evaluator
         return self.evaluator.evaluate(policy)
 
     def pid(self) -> int:
