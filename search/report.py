@@ -154,16 +154,21 @@ def _level(knob: str, value: Any) -> float:
     return 0.0 if value == "keep" else 1.0
 
 
+def terminal_console() -> Any:
+    """A rich Console as wide as the terminal, or 160 columns when piped (logs, CI, tests), where rich would wrap
+    at 80: tables lost columns and the progress line broke before its ETA."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 class LiveDisplay:
     """A rich live line: trials done/total, feasible, best accuracy within budget, front size, elapsed, ETA."""
 
     def __init__(self) -> None:
-        from rich.console import Console
         from rich.live import Live
 
-        # piped (a log, CI), rich would wrap the line at 80 columns: ETA and its value landed on two lines
-        console = Console(width=None if sys.stdout.isatty() else 160)
-        self.live = Live("", console=console, refresh_per_second=4, transient=False)
+        self.live = Live("", console=terminal_console(), refresh_per_second=4, transient=False)
         self.live.start()
         self.start = time.perf_counter()
 

@@ -1,14 +1,13 @@
 """Terminal rendering of the jobs' results (rich tables). Data in, text out: no decisions are made here."""
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-# Wide when piped (logs, CI, tests), the terminal's own width when interactive.
-console = Console(width=None if sys.stdout.isatty() else 160)
+from squeezer.search.report import terminal_console
+
+console = terminal_console()
 
 
 def _fmt(value: Any) -> str:
