@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks CI's 2-core CPU machine cannot do, as one device call (issue 3): the CUDA tests, 1 vs 8 evaluation
-# workers on 16 cores (target: >= 5x the evaluations per minute), and train -> search -> apply with --device cuda.
+# workers on 16 cores (target: >= 5x the evaluations per minute), train -> search -> apply with --device cuda, and
+# what the search's driver adds when it feeds 8 workers (last: it is the step to lose if time runs short).
 #
 # The device machine has torch, onnxruntime and onnx but not optuna, tensorly, fvcore, torch-pruning, mlxtend,
 # plotly or Ray; the others travel as wheels for its Python 3.12 in .whl/ (ignored by git). Prepare them once,
@@ -48,5 +49,8 @@ best=$(python3 -c "import json; rows=json.load(open('run/front.json'))['rows']; 
 timeout 90 squeezer apply run --trial "$best" --device "$DEVICE" --out small.pt --onnx small.onnx \
   || status=1
 ls -la small.pt small.onnx 2>/dev/null
+
+step "orchestration with 8 local workers (target: <= 5%; one driver asks and records for all eight)"
+timeout 120 python3 "$REPO/benchmarks/search_orchestration.py" --trials 200 --workers 8 --phases || status=1
 step "done: status $status"
 exit $status
