@@ -14,10 +14,10 @@ from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import Budget, predicted_fraction
 from squeezer.search.shrink import compression_order
-from squeezer.spaces.knobs import BLOCK, KEEP, RANK
+from squeezer.spaces.knobs import BLOCK, KEEP, KNOBS, RANK
 from squeezer.spaces.space import SearchSpace
 
-__all__ = ["uniform_policy", "uniform_sweep", "evaluate_sweep", "uniform_at"]
+__all__ = ["uniform_policy", "uniform_sweep", "evaluate_sweep", "uniform_at", "budget_starts"]
 
 
 def uniform_policy(space: SearchSpace, level: float, *, knob: str | None = None) -> Policy:
@@ -76,3 +76,27 @@ def uniform_at(space: SearchSpace, fraction: float, *, metric: str = "macs", kno
         if predicted_fraction(metric, space.predict(policy.layers), baseline) <= fraction:
             return policy
     return uniform_policy(space, 1.0, knob=knob)
+
+
+def budget_starts(space: SearchSpace, budget: Budget, base: Measurement, *, most: int) -> list[Policy]:
+    """Where a budgeted search starts: for each knob, then for all at once, the least-compressed uniform policy
+    predicted within `budget` (at most `most` of them, none where the budget has no limits).
+
+    Uniform compression is the baseline a search must beat, and a short search does not find it by itself: drawn at
+    random, every knob of every unit compresses nearly everything. ResNet-20 on digits, every knob, `macs<=40%`, 16
+    TPE trials (3 seeds, scratch): best accuracy 0.45-0.62 at 12-32% of the MACs; started from these, 0.948, the
+    uniform depthwise-separable swap at 15% of the MACs (uniform rank: 0.944 at 37%, uniform pruning: 0.740 at 29%).
+    """
+    if not budget.limits or most < 1:
+        return []
+    offered = {knob for _, knob in space.param_names()}
+    out: list[Policy] = []
+    seen: set[tuple] = set()
+    for knob in [*(k for k in KNOBS if k in offered), None]:
+        sweep = [p for p in uniform_sweep(space, levels=21, knob=knob, budget=budget, base=base)
+                 if any(not c.is_neutral() for c in p.layers.values())]
+        key = tuple(sorted(sweep[0].to_params().items())) if sweep else None
+        if key is not None and key not in seen:
+            seen.add(key)
+            out.append(sweep[0])
+    return out[:most]

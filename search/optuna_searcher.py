@@ -14,7 +14,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 from squeezer.evaluators.measurement import Outcome
-from squeezer.policies.policy import Policy
+from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.search.objectives import Objective, constraints_func
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
 from squeezer.search.searcher import Proposal, StudySearcher
@@ -106,6 +106,18 @@ class OptunaSearcher(StudySearcher):
             unit, _, knob = key.rpartition("/")
             out[key] = compression_order(self.space, unit, knob)[int(index)]
         return out
+
+    def enqueue(self, policy: Policy) -> None:
+        """Make a coming ask return `policy` (each knob it leaves out at its neutral value), as Optuna's enqueued
+        trials are: the sampler learns from it like any other trial."""
+        from squeezer.search.shrink import compression_order
+
+        params: dict[str, Any] = {}
+        for key in self.distributions:
+            unit, _, knob = key.rpartition("/")
+            value = self.space.nearest(unit, knob, getattr(policy.layers.get(unit, LayerChoice()), knob))
+            params[key] = compression_order(self.space, unit, knob).index(value) if self.ordinal else value
+        self.study.enqueue_trial(params, skip_if_exists=True)
 
     def ask(self) -> Proposal:
         trial = self.study.ask(self.distributions)

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from squeezer.evaluators.latency import MachineLock
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
+from squeezer.search.baselines import budget_starts
 from squeezer.search.budget import Budget, BudgetError
 from squeezer.search.objectives import Objective, make_objective
 from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearcher, make_sampler
@@ -232,6 +233,9 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                               fingerprint=space.fingerprint, settings=settings)
     study = work.study  # in memory; `work` writes each trial through to `stored`
     searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair, latency_model=latency_model)
+    if isinstance(searcher, OptunaSearcher) and not study.get_trials(deepcopy=False):  # a new study
+        for policy in budget_starts(space, budget, base, most=trials // 4):
+            searcher.enqueue(policy)
     driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
     show = _display(progress)
     rows = [r for r in (row_from_trial(t) for t in study.get_trials(deepcopy=False)) if r["state"] == "COMPLETE"]

@@ -299,3 +299,25 @@ def test_the_progress_line_stays_one_line_when_piped(capsys) -> None:
     display.close()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines == ["trials 24/24  feasible 24  best within budget 0.9792  front 4  elapsed 45s  ETA 0s"]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "qmc"])
+def test_a_new_budgeted_study_starts_from_uniform_policies_within_the_budget(space: SearchSpace, tmp_path: Path,
+                                                                           sampler: str) -> None:
+    from squeezer.search.baselines import budget_starts
+    from squeezer.search.budget import Budget
+
+    ev = FakeEvaluator(space)
+    starts = budget_starts(space, Budget.parse(BUDGET), ev.base(), most=4)
+    assert starts and len(starts) <= 4
+    kinds = [p.meta.get("knob") for p in starts]
+    assert len(set(kinds)) == len(kinds)  # one per knob (and one of all knobs), each different
+    def search(trials: int):  # stored in tmp_path: the second call resumes the first
+        return run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler=sampler, trials=trials)
+
+    first = sorted(search(16).completed(), key=lambda r: r["number"])[:len(starts)]
+    assert [Policy.from_json(r["policy"]).to_params() for r in first] == [p.to_params() for p in starts]
+    assert all(r["feasible"] for r in first)
+    resumed = search(24).completed()  # asked for more, the study goes on from where it was, not from the start
+    assert len(resumed) == 24
+    assert sum(Policy.from_json(r["policy"]).to_params() == starts[0].to_params() for r in resumed) == 1
