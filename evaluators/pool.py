@@ -250,7 +250,10 @@ class RayPool:
             self.latency_actor = cls.remote(model, data, settings)
             options = {**options, "latency_actor": self.latency_actor}
         threads = threads_per_worker(self.workers)
-        self._make = lambda: ray.remote(ray_actors.EvalActor).options(num_cpus=1).remote(
+        # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
+        # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
+        events = {"enable_task_events": bool(address)}
+        self._make = lambda: ray.remote(ray_actors.EvalActor).options(num_cpus=1, **events).remote(
             model, data, settings, threads, options)
         self.actors = [self._make() for _ in range(self.workers)]
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor

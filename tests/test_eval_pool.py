@@ -141,6 +141,8 @@ def test_ray_pool_retries_killed_actor(digits) -> None:
         os.kill(pid, signal.SIGKILL)
         out = _drain(pool)
         assert isinstance(out[5], Measurement) and isinstance(out[6], Measurement) and pool.restarts == 1
+        # the private instance has no dashboard: its actors, the replacement too, report no task events to it
+        assert [getattr(a, "_ray_enable_task_events", None) for a in pool.actors] == [False, False]
     finally:
         pool.close()
 
