@@ -75,7 +75,7 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
            test: tuple[np.ndarray, np.ndarray] | None = None,
            val: tuple[np.ndarray, np.ndarray] | None = None) -> DataBundle:
     """Shuffled split; a `test` (and `val`) the source already holds apart is kept. The normalisation statistics
-    come from the training part only."""
+    (per channel) come from the training part only."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
@@ -86,7 +86,9 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
     if val is None:
         n_val = int(round(len(y) * val_frac))
         val, (x, y) = (x[:n_val], y[:n_val]), (x[n_val:], y[n_val:])
-    mean, std = float(x.mean()), float(x.std()) or 1.0
+    # per channel, as torchvision's models are normalised (one channel: the whole image's mean and deviation)
+    mean, std = x.mean(axis=(0, 2, 3), keepdims=True), x.std(axis=(0, 2, 3), keepdims=True)
+    std = np.where(std > 0, std, 1.0)
 
     def split(a: np.ndarray, b: np.ndarray) -> Split:
         return Split(torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64)))

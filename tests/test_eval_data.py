@@ -71,6 +71,8 @@ def test_images_of_different_sizes_and_modes_are_made_to_agree(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         data = load_data(str(tmp_path / "mixed"), val_frac=0.0, test_frac=0.0)
     assert data.input_shape == (1, 3, FALLBACK_SIZE, FALLBACK_SIZE) and len(data.train) == 6
+    per_channel = data.train.x.transpose(0, 1).reshape(3, -1)  # normalised per channel, as torchvision's models are
+    assert per_channel.mean(1).abs().max() < 1e-5 and (per_channel.std(1) - 1).abs().max() < 0.05
     assert "different sizes" in caplog.text
 
 
