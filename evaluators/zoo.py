@@ -232,6 +232,14 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str | None = No
     return path
 
 
+def _is_state_dict(payload: Any) -> bool:
+    """A plain state_dict, or one wrapped as training scripts save it ({'state_dict': ...} or {'model': ...})."""
+    if isinstance(payload, dict) and not payload.get("squeezer_checkpoint"):
+        inner = payload.get("state_dict", payload.get("model", payload))
+        return isinstance(inner, dict) and bool(inner) and all(isinstance(v, torch.Tensor) for v in inner.values())
+    return False
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A model and its info from a checkpoint written by `save_checkpoint` or a plain `torch.save(model)`."""
     path = Path(path)
@@ -244,6 +252,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                          "file?") from None
     if isinstance(payload, nn.Module):
         return payload, {}
+    if _is_state_dict(payload):
+        raise ModelError(f"checkpoint {str(path)!r} holds weights only (a state_dict), not the model: load them into "
+                         "your model and save the module itself, torch.save(model, 'model.pt')")
     if not isinstance(payload, dict) or "squeezer_checkpoint" not in payload:
         raise ModelError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a model: save the "
                          "nn.Module itself or use `squeezer train`")

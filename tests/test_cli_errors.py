@@ -53,6 +53,18 @@ def test_missing_checkpoint(capsys, tmp_path) -> None:
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 3}])
+def test_a_state_dict_is_refused_with_how_to_save_the_model(capsys, tmp_path, wrap) -> None:
+    import torch
+
+    from squeezer.evaluators.zoo import build_model
+
+    torch.save(wrap(build_model("resnet20").state_dict()), tmp_path / "weights.pt")
+    code, err = run_cli(capsys, "space", str(tmp_path / "weights.pt"))
+    assert code == 2 and "holds weights only (a state_dict)" in err and "torch.save(model, " in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_missing_data_path(capsys, tmp_path) -> None:
     code, err = run_cli(capsys, "space", "resnet20", "--data", str(tmp_path / "images"))
     assert code == 2 and "not found" in err
