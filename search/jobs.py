@@ -6,6 +6,7 @@ the space, the evaluator pool and the study) and return data that the face rende
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,8 @@ from squeezer.evaluators.data import load_data
 from squeezer.evaluators.measurement import Measurement
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
 
 __all__ = ["train", "space", "search", "front", "apply", "report", "demo", "SearchSummary", "FrontSummary",
            "ApplySummary", "DemoSummary"]
@@ -207,6 +210,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     try:
         base = _base_measurement(pool, space_.fingerprint)
         parsed.check_reachable(space_, base)
+        _warn_if_untrained(base, bundle, model, data)
         _write_run(out, run_settings)
         # Repair and the agent's action wall judge a latency limit by the lookup table (int8 units can be slower than
         # float ones, which MACs cannot see), so such a search builds the table even when every candidate is timed.
@@ -236,6 +240,19 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=result.front(metric_x),
                          completed=states.count("COMPLETE"), failed=states.count("FAIL"),
                          seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3))
+
+
+def _warn_if_untrained(base: Measurement, bundle: Any, model: str, data: str) -> None:
+    """Say so when the unchanged model is no better than always answering the commonest class: a model reference
+    that builds an architecture (a zoo, torchvision or module:function name) is untrained unless the function loads
+    weights, and every candidate of such a model scores at chance too."""
+    import torch
+
+    majority = float(torch.bincount(bundle.val.y).max()) / max(1, len(bundle.val))
+    if base.accuracy <= majority + 0.02:
+        log.warning("the unchanged model scores %.3f on the validation split of %s, no better than always answering "
+                    "its commonest class (%.3f): is it trained? Search a trained checkpoint, e.g. `squeezer train --model "
+                    "%s --data %s --out model.pt` first", base.accuracy, bundle.name, majority, model, data)
 
 
 def _check_run(out: Path, settings: dict[str, Any]) -> None:

@@ -3,8 +3,10 @@ must end in one clear line with exit code 2 while the finished trials stay in th
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -210,3 +212,20 @@ def test_a_search_summary_says_why_trials_failed(capsys) -> None:
     out = capsys.readouterr().out
     assert "3 trials completed, 2 failed" in out
     assert "  2 failed: the worker could not build its evaluator: ModelError: [gone.pt]" in out
+
+
+def test_an_untrained_model_is_searched_with_a_warning_that_says_so(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="squeezer.search.jobs"):
+        summary = jobs.search(model="resnet20", data="digits", budget="macs<=60%", out=tmp_path / "run", trials=1,
+                              knobs=("prune",), settings=QUICK, workers=1, latency="none")
+    assert summary.completed == 1
+    assert "no better than always answering its commonest class" in caplog.text
+    assert "squeezer train --model resnet20 --data digits" in caplog.text
+
+
+def test_a_model_better_than_the_commonest_class_gets_no_such_warning(digits, caplog) -> None:
+    from squeezer.search.jobs import _warn_if_untrained
+
+    with caplog.at_level(logging.WARNING, logger="squeezer.search.jobs"):
+        _warn_if_untrained(SimpleNamespace(accuracy=0.2), digits, "base.pt", "digits")
+    assert not caplog.text
