@@ -6,6 +6,8 @@ A model reference is one string accepted everywhere a model is: a zoo name (`res
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -179,13 +181,29 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
+def _import_from_cwd(module_name: str) -> Any:
+    """Import `module_name`, also from the current folder, as `uvicorn module:app` does: `squeezer` is a console
+    script, so the folder it is run from is not on sys.path. It goes on PYTHONPATH as well, for the worker processes
+    started later (local ones and a local Ray's), which unpickle the model's classes from that module."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.split(".")[0] or cwd in sys.path or not (
+                Path(cwd, exc.name).is_dir() or Path(cwd, exc.name + ".py").is_file()):
+            raise
+        sys.path.insert(0, cwd)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+        return importlib.import_module(module_name)
+
+
 def _import_builder(ref: str) -> Callable[..., nn.Module]:
     module_name, _, func_name = ref.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_cwd(module_name)
     except Exception as exc:  # any import-time failure is the user's module, not ours
         raise ModelError(f"cannot import {module_name!r} for model {ref!r} ({type(exc).__name__}: {exc}): "
-                         "check the module is on PYTHONPATH") from None
+                         "run from the folder that holds it, or put it on PYTHONPATH") from None
     builder = getattr(module, func_name, None)
     if not callable(builder):
         raise ModelError(f"{module_name!r} has no callable {func_name!r}: check the function name in {ref!r}")

@@ -169,3 +169,46 @@ def test_ray_latency_runs_on_device_node(digits) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+USER_MODULE = '''
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+def net(num_classes=10, in_channels=1):
+    return Net(num_classes, in_channels)
+'''
+
+
+def test_a_module_function_model_from_the_current_folder_builds_here_and_in_workers(digits, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """`squeezer` is a console script: the folder it runs in is not on sys.path, yet `--model mynets:net` names a
+    file there (as `uvicorn module:app` does). Worker processes unpickle the model's class from it too."""
+    import sys
+
+    from squeezer.evaluators.zoo import build_model
+
+    (tmp_path / "squeezer_user_nets.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    model = build_model("squeezer_user_nets:net", num_classes=10, in_channels=1)
+    assert type(model).__module__ == "squeezer_user_nets" and str(tmp_path) in os.environ["PYTHONPATH"]
+    pool = LocalPool(model, digits, FAST, workers=2)
+    try:
+        pool.submit(0, Policy(layers={"conv.0": LayerChoice(prune=0.5)}))
+        out = _drain(pool)
+    finally:
+        pool.close()
+        sys.modules.pop("squeezer_user_nets", None)
+    assert isinstance(out[0], Measurement), out[0]
