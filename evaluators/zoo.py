@@ -272,7 +272,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         return payload, {}
     if _is_state_dict(payload):
         raise ModelError(f"checkpoint {str(path)!r} holds weights only (a state_dict), not the model: load them into "
-                         "your model and save the module itself, torch.save(model, 'model.pt')")
+                         "your model and save the module itself, torch.save(model, 'model.pt'), or pass a "
+                         "module:function that builds the model and loads them")
     if not isinstance(payload, dict) or "squeezer_checkpoint" not in payload:
         raise ModelError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, not a model: save the "
                          "nn.Module itself or use `squeezer train`")
