@@ -251,8 +251,8 @@ def _warn_if_untrained(base: Measurement, bundle: Any, model: str, data: str) ->
     majority = float(torch.bincount(bundle.val.y).max()) / max(1, len(bundle.val))
     if base.accuracy <= majority + 0.02:
         log.warning("the unchanged model scores %.3f on the validation split of %s, no better than always answering "
-                    "its commonest class (%.3f): is it trained? Search a trained checkpoint, e.g. `squeezer train --model "
-                    "%s --data %s --out model.pt` first", base.accuracy, bundle.name, majority, model, data)
+                    "its commonest class (%.3f): is it trained? Search a trained checkpoint, e.g. `squeezer train "
+                    "--model %s --data %s --out model.pt` first", base.accuracy, bundle.name, majority, model, data)
 
 
 def _check_run(out: Path, settings: dict[str, Any]) -> None:
