@@ -148,6 +148,33 @@ def _arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     return torch.stack(xs).numpy(), np.asarray(ys)
 
 
+def _held_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The uint8 images and labels a torchvision dataset already holds in memory (MNIST's and CIFAR's `data` and
+    `targets`, SVHN's `labels`), scaled as ToTensor scales them; None when it holds none, or when its first image
+    differs from what indexing it gives (the dataset changes its images on the way: then each is read in turn).
+    Why: indexing makes a PIL image of each array and a tensor of it again, seconds per 10,000 images."""
+    data, labels = getattr(ds, "data", None), getattr(ds, "targets", getattr(ds, "labels", None))
+    if data is None or labels is None:
+        return None
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.dtype != np.uint8 or len(data) != len(ds) or labels.shape != (len(ds),):
+        return None
+    if data.ndim == 3:
+        x = data[:, None]
+    elif data.ndim == 4 and data.shape[-1] in (1, 3):
+        x = data.transpose(0, 3, 1, 2)  # NHWC (CIFAR)
+    elif data.ndim == 4 and data.shape[1] in (1, 3):
+        x = data  # NCHW (SVHN)
+    else:
+        return None
+    x = x.astype(np.float32) / np.float32(255.0)
+    first, label = ds[0]
+    if not isinstance(first, torch.Tensor) or tuple(first.shape) != x.shape[1:] or int(label) != int(labels[0]) or \
+            not np.allclose(first.numpy(), x[0], atol=1e-6):
+        return None
+    return x, labels.astype(np.int64)
+
+
 def _split_folders(root: Path) -> dict[str, Path]:
     """root/train with root/val and/or root/test (ImageNet's layout), if root has them; else {}."""
     found = {}
@@ -223,7 +250,10 @@ def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
     if train is None:
         raise DataError(f"torchvision {name} has no training split this loader knows (train=True, split='train' or "
                         "'trainval'): load it yourself and save it as an image folder")
-    return _arrays(train, f"{name} (train)"), (_arrays(test, f"{name} (test)") if test is not None else None)
+    def arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+        return _held_arrays(ds) or _arrays(ds, where)
+
+    return arrays(train, f"{name} (train)"), (arrays(test, f"{name} (test)") if test is not None else None)
 
 
 def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,

@@ -104,6 +104,42 @@ def test_a_torchvision_dataset_on_disk_keeps_its_size_and_its_test_split(tmp_pat
     assert data.input_shape == (1, 1, 28, 28)  # not resized: a model built for 28x28 MNIST runs on it
     assert len(data.test) == 100 and len(data.train) + len(data.val) == 400
     assert data.test.y.tolist() == y[400:].tolist()
+    from torchvision import datasets, transforms
+
+    from squeezer.evaluators.data import _arrays, _held_arrays
+
+    ds = datasets.MNIST(str(tmp_path), train=False, transform=transforms.ToTensor())
+    held = _held_arrays(ds)  # read at once, as each image would be read
+    assert held is not None and np.allclose(held[0], _arrays(ds, "MNIST")[0], atol=1e-6)
+
+
+class _CifarLike:
+    """A dataset laid out as torchvision's CIFAR10 is (uint8 NHWC `data`, `targets`, a PIL image per index)."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], *, shift: int = 0) -> None:
+        self.data, self.targets, self.shift = data, targets, shift
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        from torchvision.transforms.functional import to_tensor
+
+        return to_tensor(Image.fromarray(np.roll(self.data[i], self.shift, axis=0))), self.targets[i]
+
+
+def test_arrays_a_dataset_holds_are_read_at_once_and_equal_reading_each_image() -> None:
+    from squeezer.evaluators.data import _arrays, _held_arrays
+
+    d = load_digits()
+    rgb = np.repeat((d.images[:50, :, :, None] * 16).clip(0, 255).astype(np.uint8), 3, axis=3)
+    rgb[..., 1] //= 2  # channels differ, so a wrong transpose would show
+    ds = _CifarLike(rgb, [int(t) for t in d.target[:50]])
+    held, slow = _held_arrays(ds), _arrays(ds, "cifar-like")
+    assert held is not None and held[0].shape == (50, 3, 8, 8)
+    assert np.array_equal(held[1], slow[1]) and np.allclose(held[0], slow[0], atol=1e-6)
+    # a dataset whose indexing changes its images is read image by image
+    assert _held_arrays(_CifarLike(rgb, ds.targets, shift=1)) is None
 
 
 @pytest.mark.parametrize("ref,message", [
