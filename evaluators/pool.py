@@ -244,17 +244,20 @@ class RayPool:
                 ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING)
                 self._owns = True
+        # Model and data go to the object store once, not once per actor (Ray does not deduplicate arguments), and
+        # the actor class is declared once: each ray.remote() of it would pickle and upload the class again.
+        model_ref = model if isinstance(model, str) else ray.put(model)
+        data_ref = data if isinstance(data, str) else ray.put(data)
         self.latency_actor = None
         if latency_resource and settings.latency != "none":
             cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={latency_resource: 1})
-            self.latency_actor = cls.remote(model, data, settings)
+            self.latency_actor = cls.remote(model_ref, data_ref, settings)
             options = {**options, "latency_actor": self.latency_actor}
         threads = threads_per_worker(self.workers)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
-        events = {"enable_task_events": bool(address)}
-        self._make = lambda: ray.remote(ray_actors.EvalActor).options(num_cpus=1, **events).remote(
-            model, data, settings, threads, options)
+        actor = ray.remote(ray_actors.EvalActor).options(num_cpus=1, enable_task_events=bool(address))
+        self._make = lambda: actor.remote(model_ref, data_ref, settings, threads, options)
         self.actors = [self._make() for _ in range(self.workers)]
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
         self._queue: deque[tuple[int, Policy, int]] = deque()  # (key, policy, attempts) waiting for an idle actor
