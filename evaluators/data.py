@@ -70,6 +70,12 @@ class DataBundle:
     def calibration(self, batches: int = 4, batch_size: int = 64) -> list[torch.Tensor]:
         return [x for x, _ in self.train.batches(batch_size, shuffle=True, seed=1, limit=batches)]
 
+    def without_test(self) -> DataBundle:
+        """The bundle as evaluation workers need it: the search never looks at the test split, so each worker need
+        not hold a copy (CIFAR-10: 123 MB of its 737 MB)."""
+        empty = Split(self.test.x[:0], self.test.y[:0])
+        return DataBundle(self.name, self.train, self.val, empty, self.num_classes)
+
 
 def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, test_frac: float,
            test: tuple[np.ndarray, np.ndarray] | None = None,

@@ -99,7 +99,7 @@ class Evaluator:
         from squeezer.evaluators.baseline import resolve_model
 
         self.settings = settings
-        self.data = data if isinstance(data, DataBundle) else load_data(data)
+        self.data = data if isinstance(data, DataBundle) else load_data(data).without_test()  # never scored on
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for but torch sees no GPU: use device 'cpu'")
         self.device = torch.device(settings.device)

@@ -100,6 +100,7 @@ class LocalPool:
     def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
                  workers: int = 1, **options: Any) -> None:
         self.workers = max(1, workers)
+        data = data.without_test() if isinstance(data, DataBundle) else data
         self.init_args = (model, data, settings, threads_per_worker(self.workers), options)
         self._queue: deque[tuple[int, Policy]] = deque()
         self._futures: dict[Future, tuple[int, Policy, int]] = {}
@@ -230,6 +231,7 @@ class RayPool:
 
         self.ray = ray
         self.workers = max(1, workers)
+        data = data.without_test() if isinstance(data, DataBundle) else data
         self._owns = False
         if not ray.is_initialized():
             if address:

@@ -151,3 +151,16 @@ def test_arrays_a_dataset_holds_are_read_at_once_and_equal_reading_each_image() 
 def test_data_that_cannot_be_loaded_is_named_with_the_fix(ref: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_data(ref)
+
+
+def test_evaluation_workers_get_no_test_split(digits) -> None:
+    from squeezer.evaluators.evaluate import EvalSettings
+    from squeezer.evaluators.pool import LocalPool
+
+    pool = LocalPool("resnet20", digits, EvalSettings(latency="none"), workers=2)
+    try:
+        sent = pool.init_args[1]  # what each worker process unpickles
+        assert len(sent.test) == 0 and len(sent.val) == len(digits.val) and len(sent.train) == len(digits.train)
+        assert len(digits.test) > 0  # the caller's bundle keeps it
+    finally:
+        pool.close()
