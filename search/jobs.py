@@ -141,6 +141,7 @@ class SearchSummary:
     seconds: float
     files: list[Path] = field(default_factory=list)
     failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
+    closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget, and by how much
 
 
 def _knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -237,9 +238,24 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     files = _write_front_files(result, out, metric_x)
     states = [r["state"] for r in result.rows]
     reasons = Counter(r.get("fail_reason") or "no reason recorded" for r in result.rows if r["state"] == "FAIL")
-    return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=result.front(metric_x),
+    front = result.front(metric_x)
+    return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=front,
                          completed=states.count("COMPLETE"), failed=states.count("FAIL"),
-                         seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3))
+                         seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
+                         closest=None if front else closest_to_budget(result.rows, parsed, repair=repair))
+
+
+def closest_to_budget(rows: list[dict[str, Any]], budget: Any, *, repair: bool) -> dict[str, Any] | None:
+    """The completed trial whose worst limit is exceeded least, with each limit it exceeds and by how much (a
+    constraint is the excess over the limit as a fraction of it), and what to try next."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("constraints")]
+    if not done:
+        return None
+    best = min(done, key=lambda r: max(r["constraints"]))
+    over = {lim.text: c for lim, c in zip(budget.limits, best["constraints"]) if c > 0}
+    hint = "loosen the budget or search longer" if repair else \
+        "loosen the budget, search longer, or pass --repair to shrink each candidate into the budget"
+    return {"number": best["number"], "accuracy": best.get("accuracy"), "over": over, "hint": hint}
 
 
 def _warn_if_untrained(base: Measurement, bundle: Any, model: str, data: str) -> None:

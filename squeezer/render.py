@@ -76,6 +76,11 @@ def search(summary: Any) -> None:
     if summary.front:
         best = max(summary.front, key=lambda r: r["accuracy"])
         console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")
+    elif summary.closest:
+        c = summary.closest
+        misses = ", ".join(f"{limit} by {100 * excess:.1f}%" for limit, excess in c["over"].items())
+        console.print(f"no trial met the budget; the closest, trial {c['number']} (accuracy {c['accuracy']:.4f}), "
+                      f"missed {misses}: {c['hint']}", markup=False, highlight=False)
 
 
 def front(summary: Any) -> None:

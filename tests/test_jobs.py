@@ -229,3 +229,22 @@ def test_a_model_better_than_the_commonest_class_gets_no_such_warning(digits, ca
     with caplog.at_level(logging.WARNING, logger="squeezer.search.jobs"):
         _warn_if_untrained(SimpleNamespace(accuracy=0.2), digits, "base.pt", "digits")
     assert not caplog.text
+
+
+def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsys) -> None:
+    from squeezer import render
+    from squeezer.evaluators.measurement import Measurement
+    from squeezer.search.budget import Budget
+    from squeezer.search.jobs import SearchSummary, closest_to_budget
+
+    rows = [{"number": 0, "state": "COMPLETE", "accuracy": 0.83, "constraints": [0.329, -0.95]},
+            {"number": 1, "state": "COMPLETE", "accuracy": 0.94, "constraints": [0.165, -0.97]},
+            {"number": 2, "state": "FAIL"}]
+    closest = closest_to_budget(rows, Budget.parse("latency<=60%,size<=1MB"), repair=False)
+    assert closest["number"] == 1 and list(closest["over"]) == ["latency<=60%"] and "--repair" in closest["hint"]
+    base = Measurement(accuracy=0.97, loss=0.1, macs=1000, params=10, bops=1.0, size_mb=0.1)
+    render.search(SearchSummary(out=Path("runs/x"), base=base, budget="latency<=60%,size<=1MB", metric_x="latency",
+                                front=[], completed=2, failed=1, seconds=3.0, closest=closest))
+    out = capsys.readouterr().out
+    assert "no trial met the budget; the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in out
+    assert "next: squeezer apply" not in out
