@@ -181,19 +181,27 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
+def _cwd_on_path(missing: str | None) -> bool:
+    """Put the current folder on sys.path if it holds the `missing` module; True if that changed anything.
+
+    As `uvicorn module:app` does: `squeezer` is a console script, so the folder it is run from is not on sys.path.
+    The folder goes on PYTHONPATH as well, for the worker processes started later (local ones and a local Ray's),
+    which unpickle the model's classes from that module."""
+    cwd, name = os.getcwd(), (missing or "").split(".")[0]
+    if not name or cwd in sys.path or not (Path(cwd, name).is_dir() or Path(cwd, name + ".py").is_file()):
+        return False
+    sys.path.insert(0, cwd)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+    return True
+
+
 def _import_from_cwd(module_name: str) -> Any:
-    """Import `module_name`, also from the current folder, as `uvicorn module:app` does: `squeezer` is a console
-    script, so the folder it is run from is not on sys.path. It goes on PYTHONPATH as well, for the worker processes
-    started later (local ones and a local Ray's), which unpickle the model's classes from that module."""
+    """Import `module_name`, also from the current folder (`_cwd_on_path`)."""
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        cwd = os.getcwd()
-        if exc.name != module_name.split(".")[0] or cwd in sys.path or not (
-                Path(cwd, exc.name).is_dir() or Path(cwd, exc.name + ".py").is_file()):
+        if exc.name != module_name.split(".")[0] or not _cwd_on_path(exc.name):
             raise
-        sys.path.insert(0, cwd)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
         return importlib.import_module(module_name)
 
 
@@ -264,7 +272,15 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_file():
         raise ModelError(f"checkpoint {str(path)!r} does not exist: check the path or run `squeezer train` first")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as exc:  # a pickled model whose classes live in the user's module
+            if not _cwd_on_path(exc.name):
+                raise ModelError(f"checkpoint {str(path)!r} needs module {exc.name!r}, which defines the model's "
+                                 "classes: run from the folder that holds it, or put it on PYTHONPATH") from None
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}): is it a torch.save "
                          "file?") from None

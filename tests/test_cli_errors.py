@@ -94,3 +94,30 @@ def test_every_command_has_help_with_an_example() -> None:
         proc = subprocess.run([sys.executable, "-m", "squeezer.cli", command, "--help"], capture_output=True,
                               text=True)
         assert proc.returncode == 0 and "example:" in proc.stdout and "squeezer " + command in proc.stdout
+
+
+def test_a_pickled_model_whose_module_is_elsewhere_names_it_and_loads_from_its_folder(capsys, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """A search saves a module:function model whole (base.pt); resuming or applying it needs the user's module."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods/squeezer_user_cnn.py").write_text(
+        "import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(1, 8, 3)\n"
+        "        self.fc = nn.Linear(8, 10)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.conv(x).mean((2, 3)))\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    import squeezer_user_cnn
+
+    torch.save(squeezer_user_cnn.Net(), tmp_path / "model.pt")
+    sys.modules.pop("squeezer_user_cnn")
+    sys.path.remove(str(tmp_path / "mods"))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "space", "model.pt")
+    assert code == 2 and "needs module 'squeezer_user_cnn'" in err and "run from the folder that holds it" in err
+    monkeypatch.chdir(tmp_path / "mods")
+    try:
+        assert run_cli(capsys, "space", str(tmp_path / "model.pt"))[0] == 0
+    finally:
+        sys.modules.pop("squeezer_user_cnn", None)
