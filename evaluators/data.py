@@ -12,6 +12,7 @@ size and channels, so a model built for the source runs on them unchanged.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,6 +144,7 @@ def _arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
 
     if len(ds) == 0:
         raise DataError(f"{where} holds no images: add one sub-folder of images per class")
+    _check_fits(len(ds), tuple(ds[0][0].shape), where)
     xs, ys = zip(*[ds[i] for i in range(len(ds))])
     if len({x.shape[0] for x in xs}) > 1:
         xs = tuple(x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in xs)
@@ -152,6 +154,24 @@ def _arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         xs = tuple(F.interpolate(x[None], size=(FALLBACK_SIZE, FALLBACK_SIZE), mode="bilinear", antialias=True,
                                  align_corners=False)[0] for x in xs)
     return torch.stack(xs).numpy(), np.asarray(ys)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free now (Linux), or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(n: int, shape: tuple[int, ...], where: str) -> None:
+    """Refuse, before reading it, a source whose images as float32 would take more than half the free memory: the
+    search holds its data in memory (and each worker a copy), so an ImageNet-sized source cannot work this way."""
+    need, free = 4 * n * int(np.prod(shape)), available_memory()
+    if free is not None and need > free // 2:
+        raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} take {need / 2**30:.1f} GiB in "
+                        f"memory, more than half of the {free / 2**30:.1f} GiB free: search on a subset (an image "
+                        "folder of fewer or smaller images)")
 
 
 def _held_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -174,6 +194,7 @@ def _held_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
         x = data  # NCHW (SVHN)
     else:
         return None
+    _check_fits(len(x), x.shape[1:], type(ds).__name__)
     x = x.astype(np.float32) / np.float32(255.0)
     first, label = ds[0]
     if not isinstance(first, torch.Tensor) or tuple(first.shape) != x.shape[1:] or int(label) != int(labels[0]) or \

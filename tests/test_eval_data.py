@@ -164,3 +164,14 @@ def test_evaluation_workers_get_no_test_split(digits) -> None:
         assert len(digits.test) > 0  # the caller's bundle keeps it
     finally:
         pool.close()
+
+
+def test_a_source_too_large_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch) -> None:
+    from squeezer.evaluators import data as data_module
+
+    _write_digits(tmp_path / "digits", range(40))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 4 * 40 * 64)  # room for half of them
+    with pytest.raises(DataError, match=r"40 images of 1x8x8 take .* GiB in memory, more than half of the .* free"):
+        load_data(str(tmp_path / "digits"))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 8 * 40 * 64)
+    assert len(load_data(str(tmp_path / "digits"), val_frac=0.0, test_frac=0.0).train) == 40
