@@ -256,10 +256,11 @@ def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
     if cls is None or not isinstance(cls, type):
         raise DataError(f"torchvision has no dataset {name!r}: use e.g. torchvision:CIFAR10:/path/to/root")
     params = inspect.signature(cls.__init__).parameters
+    never_download = {"download": False} if "download" in params else {}
 
     def load(**kwargs: Any) -> Any:
         try:
-            return cls(root, transform=transforms.ToTensor(), **kwargs)
+            return cls(root, transform=transforms.ToTensor(), **never_download, **kwargs)
         except ValueError:  # a split name this dataset does not have
             return None
         except Exception as exc:
