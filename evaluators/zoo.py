@@ -286,6 +286,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                          "file?") from None
     if isinstance(payload, nn.Module):
         return payload, {}
+    wrapped = payload.get("model") if isinstance(payload, dict) and "squeezer_checkpoint" not in payload else None
+    if isinstance(wrapped, nn.Module):
+        return wrapped, {}  # a training script's {'model': model, 'epoch': ...}
     if _is_state_dict(payload):
         raise ModelError(f"checkpoint {str(path)!r} holds weights only (a state_dict), not the model: load them into "
                          "your model and save the module itself, torch.save(model, 'model.pt'), or pass a "

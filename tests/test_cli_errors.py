@@ -65,6 +65,13 @@ def test_a_state_dict_is_refused_with_how_to_save_the_model(capsys, tmp_path, wr
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_training_scripts_checkpoint_holding_the_model_loads(capsys, tmp_path) -> None:
+    from squeezer.evaluators.zoo import build_model
+
+    torch.save({"model": build_model("resnet20", in_channels=1), "epoch": 3}, tmp_path / "last.pt")
+    assert run_cli(capsys, "space", str(tmp_path / "last.pt"))[0] == 0
+
+
 def test_missing_data_path(capsys, tmp_path) -> None:
     code, err = run_cli(capsys, "space", "resnet20", "--data", str(tmp_path / "images"))
     assert code == 2 and "not found" in err
