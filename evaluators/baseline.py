@@ -61,5 +61,6 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
     test, _ = evaluate(net, bundle.test)
     arch = model if not is_checkpoint(model) else None
     path = save_checkpoint(net, out, arch=arch, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
-                           data=bundle.name, val_accuracy=val, test_accuracy=test, steps=steps)
+                           data=bundle.name, val_accuracy=val, test_accuracy=test, steps=steps,
+                           **bundle.preprocessing())
     return TrainResult(Path(path), val, test, seconds)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,6 +55,8 @@ class DataBundle:
     val: Split
     test: Split
     num_classes: int
+    mean: tuple[float, ...] = ()  # per channel, of images scaled to [0, 1]: inputs are (x - mean) / std
+    std: tuple[float, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -74,8 +76,13 @@ class DataBundle:
     def without_test(self) -> DataBundle:
         """The bundle as evaluation workers need it: the search never looks at the test split, so each worker need
         not hold a copy (CIFAR-10: 123 MB of its 737 MB)."""
-        empty = Split(self.test.x[:0], self.test.y[:0])
-        return DataBundle(self.name, self.train, self.val, empty, self.num_classes)
+        return replace(self, test=Split(self.test.x[:0], self.test.y[:0]))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How raw images become the model's inputs, for whoever deploys it: scaled to [0, 1], then standardised
+        per channel with the training split's statistics (saved with checkpoints and in exported ONNX files)."""
+        return {"input_range": "[0, 1]", "input_mean": [round(m, 6) for m in self.mean],
+                "input_std": [round(v, 6) for v in self.std]}
 
 
 def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, test_frac: float,
@@ -101,7 +108,8 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
         return Split(torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b.astype(np.int64)))
 
     num_classes = int(max(y.max(), val[1].max() if len(val[1]) else 0, test[1].max() if len(test[1]) else 0)) + 1
-    return DataBundle(name, split(x, y), split(*val), split(*test), num_classes)
+    return DataBundle(name, split(x, y), split(*val), split(*test), num_classes,
+                      tuple(float(v) for v in mean.ravel()), tuple(float(v) for v in std.ravel()))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

@@ -28,3 +28,17 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | Path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)
     return data
+
+
+def with_metadata(onnx_bytes: bytes, props: dict[str, object]) -> bytes:
+    """The ONNX model with `props` in its metadata (values as JSON), e.g. how its inputs are preprocessed, so the
+    file that is deployed carries what the deployer needs."""
+    import json
+
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    return model.SerializeToString()

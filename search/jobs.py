@@ -344,6 +344,7 @@ class ApplySummary:
     base: Measurement | None
     test_accuracy: float
     finetuned: bool
+    inputs: dict[str, Any] = field(default_factory=dict)  # how raw images are preprocessed (DataBundle.preprocessing)
 
 
 def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
@@ -369,7 +370,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     from squeezer.evaluators.evaluate import EvalSettings, Evaluator
     from squeezer.evaluators.train import FitConfig, evaluate, fit
     from squeezer.evaluators.zoo import save_checkpoint
-    from squeezer.policies.export import export_onnx
+    from squeezer.policies.export import export_onnx, with_metadata
     from squeezer.policies.policy import Policy
 
     _check_device(device)
@@ -416,19 +417,19 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     test_accuracy, _ = evaluate(compressed, bundle.test, device=device)
     compressed = compressed.cpu().eval()
     out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(),
-                               val_accuracy=measured.accuracy, test_accuracy=test_accuracy)
+                               val_accuracy=measured.accuracy, test_accuracy=test_accuracy, **bundle.preprocessing())
     onnx_path = None
     if onnx is not None:
         onnx_path = Path(onnx)
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        onnx_path.write_bytes(export_onnx(compressed, bundle.example_inputs()))
+        onnx_path.write_bytes(with_metadata(export_onnx(compressed, bundle.example_inputs()), bundle.preprocessing()))
     base = result.base if result is not None else None
     if base is None:  # no search recorded it: measure the unchanged model the same way
         base = evaluator.measure(evaluator.base_model, Policy(fingerprint=evaluator.space.fingerprint),
                                  latency=latency)
     return ApplySummary(out=Path(out_path), onnx=onnx_path, policy=chosen.summary(), measured=measured,
                         recorded=recorded, base=base if isinstance(base, Measurement) else None,
-                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0)
+                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0, inputs=bundle.preprocessing())
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------

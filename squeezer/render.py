@@ -106,6 +106,11 @@ def apply(summary: Any) -> None:
           ["metric", "base", "searched", "now"])
     console.print(f"test accuracy {summary.test_accuracy:.4f}; saved {summary.out}"
                   + (f" and {summary.onnx}" if summary.onnx else ""))
+    if summary.inputs:
+        i = summary.inputs
+        console.print(f"inputs: images in {i['input_range']}, then (x - mean) / std per channel with mean "
+                      f"{i['input_mean']} and std {i['input_std']} (saved with the model)", markup=False,
+                      highlight=False)
 
 
 def report(path: Any) -> None:

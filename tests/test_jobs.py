@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -77,6 +78,16 @@ def test_apply_reproduces_the_searched_numbers(capsys, run: Path, tmp_path: Path
     sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-3, atol=1e-4)
+    # whoever deploys the model learns how raw images become its inputs: printed, in the checkpoint, in the ONNX file
+    from squeezer.evaluators.data import load_data
+
+    digits = load_data("digits")
+    assert info["input_mean"] == [round(m, 6) for m in digits.mean] and len(info["input_std"]) == 1
+    assert f"mean {info['input_mean']} and std {info['input_std']}" in out
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
+    assert meta["input_mean"] == info["input_mean"] and meta["input_range"] == "[0, 1]"
+    raw = digits.val.x[:4] * torch.tensor(digits.std).view(1, -1, 1, 1) + torch.tensor(digits.mean).view(1, -1, 1, 1)
+    assert 0.0 <= float(raw.min()) + 1e-5 and float(raw.max()) <= 1.0 + 1e-5  # those numbers undo the inputs
 
 
 def test_report_writes_html(capsys, run: Path) -> None:
