@@ -247,11 +247,9 @@ def _folder_bundle(root: Path, seed: int, val_frac: float, test_frac: float) -> 
         return _split(*_arrays(ds, str(root)), root.name, seed, val_frac, test_frac)
     train, classes = _image_folder(folders["train"])
     held = {k: _arrays(_image_folder(folders[k], classes)[0], str(folders[k])) for k in ("val", "test") if k in folders}
-    if len(held) == 2:
-        return _split(*_arrays(train, str(folders["train"])), root.name, seed, 0.0, 0.0, test=held["test"],
-                      val=held["val"])
-    return _split(*_arrays(train, str(folders["train"])), root.name, seed, val_frac, test_frac,
-                  test=next(iter(held.values())))
+    test = held.get("test", held.get("val"))
+    val = held["val"] if len(held) == 2 else None
+    return _split(*_arrays(train, str(folders["train"])), root.name, seed, val_frac, test_frac, test=test, val=val)
 
 
 def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
@@ -287,6 +285,7 @@ def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
     if train is None:
         raise DataError(f"torchvision {name} has no training split this loader knows (train=True, split='train' or "
                         "'trainval'): load it yourself and save it as an image folder")
+
     def arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         return _held_arrays(ds) or _arrays(ds, where)
 
