@@ -307,6 +307,7 @@ class FrontSummary:
     under: str | None = None
     best_under: dict[str, Any] | None = None
     files: list[Path] = field(default_factory=list)
+    closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget (closest_to_budget)
 
 
 def _load_result(run: str | Path) -> Any:
@@ -326,9 +327,12 @@ def front(run: str | Path, *, x: str | None = None, under: str | None = None) ->
     metric_x = X_METRICS[x] if x else result.attrs.get("cost_metric", "macs")
     best = result.best_under(under) if under else None
     files = _write_front_files(result, Path(run), metric_x)
+    rows = result.front(metric_x)
+    closest = None if rows else closest_to_budget(result.rows, result.budget,
+                                                  repair=bool(result.attrs.get("settings", {}).get("repair")))
     return FrontSummary(out=Path(run), base=result.base, budget=str(result.budget), metric_x=metric_x,
-                        front=result.front(metric_x), completed=len(result.completed()), under=under,
-                        best_under=best, files=files)
+                        front=rows, completed=len(result.completed()), under=under, best_under=best, files=files,
+                        closest=closest)
 
 
 # ---- apply ----------------------------------------------------------------------------------------------------------

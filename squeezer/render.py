@@ -77,16 +77,21 @@ def search(summary: Any) -> None:
         best = max(summary.front, key=lambda r: r["accuracy"])
         console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")
     elif summary.closest:
-        c = summary.closest
-        misses = ", ".join(f"{limit} by {100 * excess:.1f}%" for limit, excess in c["over"].items())
-        console.print(f"no trial met the budget; the closest, trial {c['number']} (accuracy {c['accuracy']:.4f}), "
-                      f"missed {misses}: {c['hint']}", markup=False, highlight=False)
+        _closest(summary.closest)
+
+
+def _closest(c: dict[str, Any]) -> None:
+    misses = ", ".join(f"{limit} by {100 * excess:.1f}%" for limit, excess in c["over"].items())
+    console.print(f"no trial met the budget; the closest, trial {c['number']} (accuracy {c['accuracy']:.4f}), "
+                  f"missed {misses}: {c['hint']}", markup=False, highlight=False)
 
 
 def front(summary: Any) -> None:
     console.print(_base_line(summary.base))
     front_table(summary.front, summary.metric_x,
                 f"Pareto front of {summary.completed} trials: accuracy vs {summary.metric_x} (budget {summary.budget})")
+    if summary.closest:
+        _closest(summary.closest)
     if summary.under:
         b = summary.best_under
         console.print(f"most accurate under {summary.under}: " + (

@@ -259,3 +259,8 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     out = capsys.readouterr().out
     assert "no trial met the budget; the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in out
     assert "next: squeezer apply" not in out
+    from squeezer.search.jobs import FrontSummary
+
+    render.front(FrontSummary(out=Path("runs/x"), base=base, budget="latency<=60%,size<=1MB", metric_x="latency",
+                              front=[], completed=2, closest=closest))
+    assert "the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in capsys.readouterr().out
