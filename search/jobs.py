@@ -166,7 +166,34 @@ def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
                 return outcome
 
 
-def search(*, model: str, data: str = "digits", budget: str, out: str | Path, trials: int = 50,
+def _saved_inputs(model: Any, data: Any, out: Path) -> tuple[str, str]:
+    """A model (nn.Module) or data (image and label tensors) given in memory through the Python API, saved into the
+    run folder so the workers, a resumed search and `apply` find it by path like any other reference. Files are
+    named by their content: a folder holding another study keeps its own."""
+    import hashlib
+    import io
+
+    import torch
+
+    from squeezer.evaluators.data import image_splits
+
+    def save_once(obj: Any, stem: str) -> str:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        path = out / f"{stem}-{hashlib.sha1(buffer.getvalue()).hexdigest()[:12]}.pt"
+        if not path.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buffer.getvalue())
+        return str(path)
+
+    if isinstance(model, torch.nn.Module):
+        model = save_once(model, "model")
+    if not isinstance(data, str):
+        data = save_once(image_splits(data, "the data given"), "data")
+    return model, data
+
+
+def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, trials: int = 50,
            sampler: str = "tpe", workers: int | None = None, storage: str | None = None,
            ray_address: str | None = None,
            device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
@@ -175,6 +202,8 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
            settings: dict[str, Any] | None = None) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
+    `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
+    label tensors (an (x, y) pair, or a dict of pairs under 'train', 'val', 'test'), saved into `out`.
     `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
     custom Ray resource of the node that times latency (the target device). `workers` defaults to one per core
     (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`).
@@ -195,6 +224,7 @@ def search(*, model: str, data: str = "digits", budget: str, out: str | Path, tr
     chosen = _knob_list(knobs)
     eval_settings = EvalSettings(recovery=recovery, latency=latency, device=device, seed=seed, **(settings or {}))
     out = Path(out)
+    model, data = _saved_inputs(model, data, out)
     preload_storage(storage)  # the storage's imports overlap loading data, model and evaluators
     bundle = load_data(data)
     base_path = out / BASE_FILE

@@ -29,7 +29,8 @@ _EXPORTS = {
     "export_onnx": "squeezer.policies.export",
     "Evaluator": "squeezer.evaluators.evaluate", "EvalSettings": "squeezer.evaluators.evaluate",
     "make_pool": "squeezer.evaluators.pool", "Measurement": "squeezer.evaluators.measurement",
-    "load_data": "squeezer.evaluators.data", "load_model": "squeezer.evaluators.zoo",
+    "load_data": "squeezer.evaluators.data", "save_data": "squeezer.evaluators.data",
+    "load_model": "squeezer.evaluators.zoo",
     "Budget": "squeezer.search.budget", "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
 }
 

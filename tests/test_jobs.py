@@ -264,3 +264,21 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     render.front(FrontSummary(out=Path("runs/x"), base=base, budget="latency<=60%,size<=1MB", metric_x="latency",
                               front=[], completed=2, closest=closest))
     assert "the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in capsys.readouterr().out
+
+
+def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from squeezer.evaluators.zoo import load_checkpoint
+
+    model, _ = load_checkpoint(run.parent / "base.pt")
+    d = load_digits()
+    x, y = torch.from_numpy(d.images[:, None] / 16.0).float(), torch.from_numpy(d.target)
+    summary = jobs.search(model=model, data=(x, y), budget="macs<=60%", out=tmp_path / "mem", trials=2,
+                          knobs=("prune",), settings=QUICK, workers=1, latency="none")
+    assert summary.completed == 2 and summary.base.accuracy > 0.5 and summary.front
+    saved = json.loads((tmp_path / "mem/run.json").read_text())  # found by path by workers, resumes and apply
+    assert Path(saved["model"]).name.startswith("model-") and Path(saved["data"]).name.startswith("data-")
+    best = max(summary.front, key=lambda r: r["accuracy"])
+    applied = jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt")
+    assert applied.measured.accuracy == pytest.approx(best["accuracy"]) and applied.measured.macs == best["macs"]
