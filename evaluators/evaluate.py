@@ -69,6 +69,28 @@ class EvalSettings:
             raise ValueError(f"unknown latency mode {self.latency!r}: choose from {', '.join(LATENCY_MODES)}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}: choose 'cpu' or 'cuda'")
+        for name in ("bn_batches", "finetune_steps", "batch_size", "latency_batch", "latency_runs", "latency_reps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.finetune_lr > 0 or not self.kd_temperature > 0:
+            raise ValueError(f"finetune_lr and kd_temperature must be positive, got {self.finetune_lr} and "
+                             f"{self.kd_temperature}")
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"kd_weight mixes distillation into the loss: give 0 to 1, got {self.kd_weight}")
+
+    def scoring(self) -> dict[str, Any]:
+        """The settings a trial's numbers depend on: a study scored under others cannot be resumed with these.
+
+        Only those of the chosen recovery count (the distillation temperature does not change a BN-recalibrated
+        score), and not how carefully latency is timed (runs, repetitions) nor where accuracy runs (device)."""
+        fields = {"none": (), "bn": ("bn_batches", "batch_size"),
+                  "finetune": ("finetune_steps", "finetune_lr", "batch_size"),
+                  "kd": ("finetune_steps", "finetune_lr", "batch_size", "kd_weight", "kd_temperature")}
+        out = {"recovery": self.recovery, "distill_steps": self.distill_steps, "latency": self.latency,
+               **{k: getattr(self, k) for k in fields[self.recovery]}}
+        if self.latency != "none":
+            out.update(latency_batch=self.latency_batch, latency_threads=self.latency_threads)
+        return out
 
 
 def _reason(exc: BaseException) -> str:

@@ -314,6 +314,21 @@ def _write_run_check(old: dict[str, Any], new: dict[str, Any], out: Path) -> Non
             raise FileExistsError(
                 f"output folder {str(out)!r} holds a different study ({key} {old.get(key)!r} there, "
                 f"{new.get(key)!r} now): choose another --out or delete the folder")
+    if "eval" in old:  # trials scored another way would share one front with the new ones
+        there, now = _scoring(old["eval"]), _scoring(new["eval"])
+        changed = [k for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k)]
+        if changed:
+            diff = ", ".join(f"{k} {there.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+            raise FileExistsError(
+                f"output folder {str(out)!r} holds a study scored with other evaluation settings ({diff}): resume "
+                "with the settings it was started with, or choose another --out")
+
+
+def _scoring(settings: dict[str, Any]) -> dict[str, Any]:
+    from squeezer.evaluators.evaluate import EvalSettings
+
+    known = set(EvalSettings.__dataclass_fields__)
+    return EvalSettings(**{k: v for k, v in settings.items() if k in known}).scoring()
 
 
 def _write_front_files(result: Any, out: Path, metric_x: str) -> list[Path]:
@@ -437,7 +452,9 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     chosen.validate(evaluator.space)
     compressed = evaluator.compress(chosen)
     if finetune_steps > 0:
-        config = FitConfig(steps=finetune_steps, lr=0.01, seed=eval_settings.seed, kd_weight=0.5)
+        config = FitConfig(steps=finetune_steps, batch_size=eval_settings.batch_size, lr=eval_settings.finetune_lr,
+                           seed=eval_settings.seed, kd_weight=eval_settings.kd_weight,
+                           kd_temperature=eval_settings.kd_temperature)  # distilled as the run's kd recovery is
         if progress:
             bar, update = _progress_bar(finetune_steps, "fine-tuning")
             with bar:

@@ -43,6 +43,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1, got {text}")
+    return value
+
+
 def _sub(subs: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p = subs.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {EXAMPLES[name]}",
                         formatter_class=_Formatter)
@@ -113,7 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["multi", "single"], default="multi",
                    help="multi: accuracy vs cost front; single: best accuracy within the budget")
     p.add_argument("--recovery", choices=["none", "bn", "finetune", "kd"], default="bn",
-                   help="how each candidate recovers before its accuracy is measured")
+                   help="how each candidate recovers before its accuracy is measured: none, BatchNorm statistics "
+                        "re-estimated (bn), a short fine-tune, or a fine-tune distilled from the unchanged model (kd)")
+    p.add_argument("--bn-batches", type=_positive_int, default=20, metavar="N",
+                   help="training batches that re-estimate BatchNorm statistics (--recovery bn)")
+    p.add_argument("--finetune-steps", type=_positive_int, default=50, metavar="N",
+                   help="SGD steps of --recovery finetune or kd")
+    p.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR",
+                   help="learning rate of those steps (cosine schedule)")
+    p.add_argument("--kd-temperature", type=_positive_float, default=4.0, metavar="T",
+                   help="softmax temperature of the distillation loss (--recovery kd)")
+    p.add_argument("--kd-weight", type=_unit_float, default=0.5, metavar="W",
+                   help="share of the distillation loss beside cross-entropy, 0 to 1 (--recovery kd)")
     p.add_argument("--latency", choices=["measure", "predict", "hybrid", "none"], default="measure",
                    help="measure: time each candidate in onnxruntime; predict: sum per-unit deltas from a lookup "
                         "table timed once before the search; hybrid: predict, and time every 5th candidate")
@@ -140,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_data(p, model_required=False, data_default=None)
     p.add_argument("--out", required=True, help="where to save the compressed model (torch.save)")
     p.add_argument("--onnx", default=None, help="also export it to this ONNX file")
-    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune (with distillation) after applying")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="fine-tune after applying, distilled as the run's --recovery kd is (its --kd-weight and "
+                        "--kd-temperature)")
     _device(p)
 
     p = _sub(subs, "report", "write one HTML page about a run: settings, hardware, front, a trial's policy, history")
@@ -179,7 +213,10 @@ def _run(args: argparse.Namespace) -> int:
                               objective=args.objective, recovery=args.recovery, latency=args.latency,
                               knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
                               backend=args.pool, latency_on=args.latency_on,
-                              settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch},
+                              settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch,
+                                        "bn_batches": args.bn_batches, "finetune_steps": args.finetune_steps,
+                                        "finetune_lr": args.finetune_lr, "kd_temperature": args.kd_temperature,
+                                        "kd_weight": args.kd_weight},
                               progress=True)
         render.search(summary)
     elif args.command == "front":

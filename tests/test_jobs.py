@@ -143,6 +143,55 @@ def test_out_folder_of_another_study(capsys, run: Path, tmp_path: Path) -> None:
     assert len(jobs.front(copy).front) >= 1  # the finished trials are untouched
 
 
+def test_recovery_settings_reach_the_run_and_a_resume_scored_otherwise_is_refused(capsys, run: Path,
+                                                                                   tmp_path: Path) -> None:
+    out = str(tmp_path / "kd")
+    args = ["search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out", out, "--knobs", "prune",
+            "--trials", "1", "--workers", "1", "--latency", "none", "--recovery", "kd", "--finetune-steps", "3",
+            "--finetune-lr", "0.02", "--kd-temperature", "2", "--kd-weight", "0.7"]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    info = json.loads((tmp_path / "kd" / "run.json").read_text())["eval"]
+    assert (info["recovery"], info["finetune_steps"], info["finetune_lr"], info["kd_temperature"],
+            info["kd_weight"]) == ("kd", 3, 0.02, 2.0, 0.7)
+    code, _, err = cli(capsys, *args[:-4], "--kd-temperature", "3", "--kd-weight", "0.7")
+    one_line_error(code, err, "scored with other evaluation settings", "kd_temperature 2.0 there, 3.0 now",
+                   "choose another --out")
+    code, _, err = cli(capsys, *args, "--trials", "2", "--bn-batches", "7")  # BN batches do not shape a kd score
+    assert code == 0, err
+    assert jobs.front(out).completed == 2
+
+
+def test_the_cli_defaults_are_the_evaluators(tmp_path: Path) -> None:
+    from squeezer.cli import build_parser
+    from squeezer.evaluators.evaluate import EvalSettings
+
+    args = build_parser().parse_args(["search", "--model", "m", "--budget", "macs<=50%", "--out", "o"])
+    default = EvalSettings()
+    assert (args.bn_batches, args.finetune_steps, args.finetune_lr, args.kd_temperature, args.kd_weight) == (
+        default.bn_batches, default.finetune_steps, default.finetune_lr, default.kd_temperature, default.kd_weight)
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--kd-weight", "1.5", "must be 0 to 1"),
+                                                 ("--kd-temperature", "0", "must be above 0"),
+                                                 ("--finetune-lr", "fast", "expected a number"),
+                                                 ("--bn-batches", "0", "must be at least 1")])
+def test_bad_recovery_settings_are_usage_errors(capsys, flag: str, value: str, needle: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--model", "m", "--budget", "macs<=50%", "--out", "o", flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag}: {needle}" in err and "Traceback" not in err, err
+
+
+def test_bad_evaluation_settings_from_python_say_which() -> None:
+    from squeezer.evaluators.evaluate import EvalSettings
+
+    with pytest.raises(ValueError, match="kd_weight"):
+        EvalSettings(kd_weight=2.0)
+    with pytest.raises(ValueError, match="bn_batches must be at least 1"):
+        EvalSettings(bn_batches=0)
+
+
 def test_trial_not_in_study(capsys, run: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "apply", str(run), "--trial", "999", "--out", str(tmp_path / "x.pt"))
     one_line_error(code, err, "trial 999 is not a finished trial", "squeezer front")
