@@ -12,6 +12,7 @@ the lock in `latency.py` (torch work shared, timing exclusive).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections import deque
@@ -29,7 +30,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.policy import Policy
 
-__all__ = ["EvalPool", "LocalPool", "RayPool", "default_workers", "make_pool", "worker_evaluator"]
+__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "default_workers", "make_pool", "worker_evaluator"]
 
 RETRIES = 1
 log = logging.getLogger(__name__)
@@ -74,9 +75,14 @@ def worker_evaluator(model: Any, data: Any, settings: EvalSettings,
 _WORKER: Evaluator | EvalFailure | None = None
 
 
-def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
+def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any],
+                 started: Any = None) -> None:
     global _WORKER
     torch.set_num_threads(threads)
+    if settings.device == "cuda" and started is not None and torch.cuda.is_available():
+        with started.get_lock():  # the workers take the GPUs in turn, not all the first one
+            ordinal, started.value = started.value, started.value + 1
+        torch.cuda.set_device(ordinal % torch.cuda.device_count())
     _WORKER = worker_evaluator(model, data, settings, options)
 
 
@@ -118,8 +124,9 @@ class LocalPool:
         """A process pool whose workers start now, side by side, rather than one by one as evaluations arrive:
         Python spawns a worker only when no started one is idle, so the second worker's start (importing torch,
         loading model and data: seconds) used to fall inside the search, while the first worker waited idle."""
-        executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                       initargs=self.init_args)
+        context = mp.get_context("spawn")
+        executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(*self.init_args, context.Value("i", 0)))
         for _ in range(self.workers):
             executor.submit(_worker_ready)
         return executor
@@ -258,7 +265,8 @@ class RayPool:
         threads = threads_per_worker(self.workers)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
-        actor = ray.remote(ray_actors.EvalActor).options(num_cpus=1, enable_task_events=bool(address))
+        resources = actor_resources(settings.device, self.workers, ray.cluster_resources().get("GPU", 0))
+        actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address))
         self._make = lambda: actor.remote(model_ref, data_ref, settings, threads, options)
         self.actors = [self._make() for _ in range(self.workers)]
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
@@ -332,6 +340,18 @@ class RayPool:
         self._queue.clear()
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str, float]:
+    """What each evaluation actor asks Ray for: a core, and with device 'cuda' a GPU (a share of one when there are
+    more workers than GPUs), so Ray places it on a GPU node and gives it a GPU of its own (CUDA_VISIBLE_DEVICES)."""
+    if device != "cuda":
+        return {"num_cpus": 1}
+    if cluster_gpus <= 0:
+        raise ValueError("--device cuda was given but the Ray cluster has no GPU: start its GPU nodes, or use "
+                         "--device cpu")
+    per_gpu = math.ceil(max(1, workers) / cluster_gpus)  # a share that divides one GPU, so Ray can pack the actors
+    return {"num_cpus": 1, "num_gpus": 1.0 / per_gpu}
 
 
 def make_pool(model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,

@@ -87,10 +87,11 @@ def space(model: str, *, data: str = "digits", knobs: tuple[str, ...] | None = N
     return SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(**options))
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, cluster: bool = False) -> None:
+    """`cluster`: evaluations run in a Ray cluster, whose GPUs the pool checks (this machine may have none)."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not cluster and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA GPU is visible: use --device cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}: use cpu or cuda")
@@ -214,7 +215,7 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
     from squeezer.search.budget import Budget
     from squeezer.search.study import preload_storage, run_search
 
-    _check_device(device)
+    _check_device(device, cluster=bool(ray_address))
     workers = workers or default_workers(device)
     parsed = Budget.parse(budget)
     if not parsed.limits:

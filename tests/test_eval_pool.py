@@ -106,6 +106,36 @@ def test_default_pool_size_is_one_worker_per_core_and_one_per_gpu() -> None:
     assert default_workers("cuda") == max(1, torch.cuda.device_count())
 
 
+def test_cuda_workers_each_get_a_gpu_of_their_own(monkeypatch) -> None:
+    """Local worker processes take the GPUs in turn; Ray actors ask Ray for one (a share of one when there are
+    more workers than GPUs), so Ray sets each actor's visible GPU and never places it on a node without one."""
+    import multiprocessing as mp
+
+    import torch
+
+    from squeezer.evaluators import pool as pool_module
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(pool_module, "worker_evaluator", lambda *args: None)
+    started = mp.get_context("spawn").Value("i", 0)
+    threads = torch.get_num_threads()
+    for _ in range(3):
+        pool_module._init_worker("resnet20", "digits", EvalSettings(device="cuda"), threads, {}, started)
+    assert chosen == [0, 1, 0]
+    pool_module._init_worker("resnet20", "digits", EvalSettings(), threads, {}, started)  # cpu: no GPU chosen
+    assert chosen == [0, 1, 0]
+
+    assert pool_module.actor_resources("cpu", 4, 0) == {"num_cpus": 1}
+    assert pool_module.actor_resources("cuda", 2, 4) == {"num_cpus": 1, "num_gpus": 1.0}
+    assert pool_module.actor_resources("cuda", 4, 2) == {"num_cpus": 1, "num_gpus": 0.5}
+    assert pool_module.actor_resources("cuda", 4, 3) == {"num_cpus": 1, "num_gpus": 0.5}  # packs: 6 halves for 4
+    with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
+        pool_module.actor_resources("cuda", 2, 0)
+
+
 def test_auto_pool_evaluates_locally_when_ray_cannot_start(digits, monkeypatch, caplog) -> None:
     import squeezer.evaluators.pool as pool_module
 
