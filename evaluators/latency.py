@@ -65,8 +65,12 @@ def timing_threads(threads: int | None = None) -> int:
     return int(threads) if threads else max(1, (os.cpu_count() or 1) - 1)
 
 
-def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:
-    """What a latency number depends on: CPU model, cores, threads used, onnxruntime and torch versions."""
+DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
+
+
+def hardware_fingerprint(threads: int | None = None, providers: list[str] | None = None) -> dict[str, Any]:
+    """What a latency number depends on: CPU model, cores, threads used, onnxruntime version and the execution
+    providers the timing sessions run on (not merely those installed), torch version."""
     import onnxruntime as ort
     import torch
 
@@ -78,7 +82,7 @@ def hardware_fingerprint(threads: int | None = None) -> dict[str, Any]:
                 break
     cores = os.cpu_count() or 1
     return {"cpu": cpu, "logical_cores": cores, "threads": timing_threads(threads), "onnxruntime": ort.__version__,
-            "providers": list(ort.get_available_providers()), "torch": torch.__version__}
+            "providers": list(providers or DEFAULT_PROVIDERS), "torch": torch.__version__}
 
 
 def fingerprint_hash(hardware: dict[str, Any]) -> str:
@@ -136,7 +140,7 @@ def make_session(onnx_model: bytes, threads: int, providers: list[str] | None = 
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(onnx_model, opts, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(onnx_model, opts, providers=providers or DEFAULT_PROVIDERS)
 
 
 def time_session(session: Any, feed: dict[str, np.ndarray], runs: int, warmup: int = 0) -> np.ndarray:
@@ -189,7 +193,7 @@ class LatencyMeter:
         self.reference = make_session(reference, self.threads, providers)
 
     def hardware(self) -> dict[str, Any]:
-        return hardware_fingerprint(self.threads)
+        return hardware_fingerprint(self.threads, self.providers)
 
     def measure(self, candidate: bytes) -> LatencyResult:
         """Time `candidate` and the reference in alternating repetitions (holding the lock exclusively)."""
