@@ -263,11 +263,15 @@ class Evaluator:
             onnx = export_onnx(clone_module(model).cpu(), self.example) if measure else None
         latency_fields: dict[str, Any] = {}
         if onnx is not None:
+            # hybrid: the table's prediction is kept beside the timing (how far off it is, reported to the user),
+            # then the timed candidate sharpens the table's correction
+            predicted = self.table.predict_rel(policy) if self.table is not None else None
             result = (self._latency_fn or self.meter.measure)(onnx)  # type: ignore[union-attr]
-            if self.table is not None:  # hybrid: the timed candidate sharpens the table's correction
+            if self.table is not None:
                 self.table.record(policy, result.rel)
             latency_fields = {"latency_ms": result.median_ms, "latency_p90_ms": result.p90_ms,
-                              "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured"}
+                              "latency_spread": result.spread, "latency_rel": result.rel, "latency_source": "measured",
+                              "latency_predicted": predicted}
         elif self.table is not None:
             rel = self.table.predict_rel(policy)
             latency_fields = {"latency_ms": self.table.base_us() * rel / 1e3, "latency_rel": rel,

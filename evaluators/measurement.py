@@ -28,15 +28,19 @@ class Measurement:
     latency_spread: float | None = None  # relative spread of the median across repetitions
     latency_rel: float | None = None
     latency_source: str = "none"  # "measured", "predicted" or "none"
+    latency_predicted: float | None = None  # a timed candidate's latency_rel as the lookup table said before timing
     seconds: float = 0.0
     recovery: str = "bn"  # how accuracy was recovered: none, bn, finetune, kd
     fingerprint: str = ""
     hardware: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
-        """Flat numbers for storage (Optuna user attrs) and tables."""
+        """Flat numbers for storage (Optuna user attrs) and tables. No `latency_predicted` when the evaluator made
+        none: merged over a searcher's record, it would hide the searcher's own prediction (a repaired search's)."""
         out = asdict(self)
         out.pop("hardware")
+        if out["latency_predicted"] is None:
+            out.pop("latency_predicted")
         return out
 
     @classmethod

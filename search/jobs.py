@@ -143,6 +143,7 @@ class SearchSummary:
     files: list[Path] = field(default_factory=list)
     failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget, and by how much
+    latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
 
 
 def _knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -213,6 +214,7 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
     from squeezer.evaluators.pool import default_workers, make_pool
     from squeezer.evaluators.zoo import save_checkpoint
     from squeezer.search.budget import Budget
+    from squeezer.search.latency_margin import prediction_error
     from squeezer.search.study import preload_storage, run_search
 
     _check_device(device, cluster=bool(ray_address))
@@ -273,7 +275,8 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=front,
                          completed=states.count("COMPLETE"), failed=states.count("FAIL"),
                          seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
-                         closest=None if front else closest_to_budget(result.rows, parsed, repair=repair))
+                         closest=None if front else closest_to_budget(result.rows, parsed, repair=repair),
+                         latency_check=prediction_error(result.rows))
 
 
 def closest_to_budget(rows: list[dict[str, Any]], budget: Any, *, repair: bool) -> dict[str, Any] | None:
@@ -354,6 +357,7 @@ class FrontSummary:
     best_under: dict[str, Any] | None = None
     files: list[Path] = field(default_factory=list)
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget (closest_to_budget)
+    latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
 
 
 def _load_result(run: str | Path) -> Any:
@@ -367,6 +371,8 @@ def _load_result(run: str | Path) -> Any:
 
 def front(run: str | Path, *, x: str | None = None, under: str | None = None) -> FrontSummary:
     """The run's Pareto front (accuracy vs `x` as a fraction of the base), written as csv/json/html/png."""
+    from squeezer.search.latency_margin import prediction_error
+
     result = _load_result(run)
     if x is not None and x not in X_METRICS:
         raise ValueError(f"unknown cost axis {x!r}: choose from macs, latency_ms, size_mb, bops, params")
@@ -378,7 +384,7 @@ def front(run: str | Path, *, x: str | None = None, under: str | None = None) ->
                                                   repair=bool(result.attrs.get("settings", {}).get("repair")))
     return FrontSummary(out=Path(run), base=result.base, budget=str(result.budget), metric_x=metric_x,
                         front=rows, completed=len(result.completed()), under=under, best_under=best, files=files,
-                        closest=closest)
+                        closest=closest, latency_check=prediction_error(result.rows))
 
 
 # ---- apply ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.searcher import Proposal, trial_attrs
 
-__all__ = ["LatencyModel", "LatencyMargin", "teach", "WINDOW", "MIN_POINTS"]
+__all__ = ["LatencyModel", "LatencyMargin", "teach", "prediction_error", "WINDOW", "MIN_POINTS"]
 
 WINDOW = 16  # the latest timed candidates whose measured / predicted latency sets the margin
 MIN_POINTS = 3  # timed candidates before the margin moves from 1
@@ -69,3 +69,18 @@ def teach(model: LatencyModel | None, margin: LatencyMargin, proposal: Proposal,
             and outcome.latency_rel):
         model.record(proposal.policy, outcome.latency_rel)
         margin.note({**proposal.attrs, **outcome.metrics()})
+
+
+def prediction_error(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:
+    """How far the latency table's predictions were from the timings of the candidates a search timed: those of
+    `--latency hybrid`, and of a search that judges a latency limit by the table. Each prediction was made before
+    its candidate was timed, so this is the error the search's predicted numbers carry. None when no candidate has
+    both."""
+    pairs = [(r["latency_predicted"], r["latency_rel"]) for r in rows
+             if r.get("state", "COMPLETE") == "COMPLETE" and r.get("latency_source") == "measured"
+             and r.get("latency_predicted") and r.get("latency_rel")]
+    if not pairs:
+        return None
+    errors = [abs(p - m) / m for p, m in pairs]
+    return {"timed": len(pairs), "median_error": statistics.median(errors),
+            "median_ratio": statistics.median(m / p for p, m in pairs)}

@@ -73,11 +73,19 @@ def search(summary: Any) -> None:
                   f"files: {', '.join(str(f) for f in summary.files)}")
     for reason, count in summary.failures:
         console.print(f"  {count} failed: {reason}", markup=False, highlight=False)
+    _latency_check(summary.latency_check)
     if summary.front:
         best = max(summary.front, key=lambda r: r["accuracy"])
         console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")
     elif summary.closest:
         _closest(summary.closest)
+
+
+def _latency_check(check: dict[str, float] | None) -> None:
+    if check:
+        console.print(f"latency table: predicted the {check['timed']} candidates it was checked on within "
+                      f"{100 * check['median_error']:.1f}% (median; measured / predicted {check['median_ratio']:.2f})",
+                      markup=False, highlight=False)
 
 
 def _closest(c: dict[str, Any]) -> None:
@@ -92,6 +100,7 @@ def front(summary: Any) -> None:
                 f"Pareto front of {summary.completed} trials: accuracy vs {summary.metric_x} (budget {summary.budget})")
     if summary.closest:
         _closest(summary.closest)
+    _latency_check(summary.latency_check)
     if summary.under:
         b = summary.best_under
         console.print(f"most accurate under {summary.under}: " + (

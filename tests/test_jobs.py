@@ -315,6 +315,31 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     assert "the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in capsys.readouterr().out
 
 
+def test_the_summaries_say_how_far_the_latency_table_was_from_the_timings(capsys) -> None:
+    from squeezer import render
+    from squeezer.evaluators.measurement import Measurement
+    from squeezer.search.jobs import FrontSummary, SearchSummary
+    from squeezer.search.latency_margin import prediction_error
+
+    rows = [{"state": "COMPLETE", "latency_source": "measured", "latency_rel": 1.0, "latency_predicted": 0.9},
+            {"state": "COMPLETE", "latency_source": "measured", "latency_rel": 0.8, "latency_predicted": 0.84},
+            {"state": "COMPLETE", "latency_source": "measured", "latency_rel": 0.5, "latency_predicted": 0.6},
+            {"state": "COMPLETE", "latency_source": "predicted", "latency_rel": 0.7},  # not timed: nothing to check
+            {"state": "FAIL", "latency_source": "measured", "latency_rel": 2.0, "latency_predicted": 0.1}]
+    check = prediction_error(rows)
+    assert check["timed"] == 3 and round(check["median_error"], 4) == 0.1 and round(check["median_ratio"], 4) == 0.9524
+    assert prediction_error(rows[3:]) is None
+    base = Measurement(accuracy=0.97, loss=0.1, macs=1000, params=10, bops=1.0, size_mb=0.1)
+    render.search(SearchSummary(out=Path("runs/x"), base=base, budget="latency<=60%", metric_x="latency",
+                                front=[], completed=4, failed=1, seconds=3.0, latency_check=check))
+    line = ("latency table: predicted the 3 candidates it was checked on within 10.0% (median; measured / predicted "
+            "0.95)")
+    assert line in capsys.readouterr().out
+    render.front(FrontSummary(out=Path("runs/x"), base=base, budget="latency<=60%", metric_x="latency", front=[],
+                              completed=4, latency_check=check))
+    assert line in capsys.readouterr().out
+
+
 def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
