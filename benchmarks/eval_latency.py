@@ -57,19 +57,19 @@ def main() -> None:
         start = time.perf_counter()
         # calibration policies from another seed than the policies the prediction is tested on
         table.fill(entries, calibration=calibration_policies(space, args.calibration, seed=1))
-        b, c = table.bits_slopes()
+        a, mac, b, c = table.slopes()
         print(f"\nlookup table: {len(entries)} entries + base + {args.calibration} calibration policies timed in "
-              f"{time.perf_counter() - start:.1f} s; correction: measured = 1 + parts + {b:.3f} x bits + {c:.3f} x "
-              f"bits unscaled")
+              f"{time.perf_counter() - start:.1f} s; correction: measured = 1 + {a:.3f} x parts + {mac:.3f} x MAC "
+              f"change + {b:.3f} x bits + {c:.3f} x bits unscaled")
         # for comparison, the correction used before: one line through the whole sum, with the base as a point
-        x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[3]] for p in table.data["calibration"]]).T
+        x, y = np.array([[1.0, 1.0]] + [[1 + p[0] + p[1], p[4]] for p in table.data["calibration"]]).T
         line = np.polyfit(x, y, 1)
         errors: dict[str, list[float]] = {"summed": [], "line": [], "table": [], "table_mean": [], "repeat": []}
         by_kind: dict[str, list[float]] = {"with int8 units": [], "float only": []}
         print(f"{'policy':>6} {'measured rel':>12} {'again':>6} {'summed rel':>10} {'predicted rel':>13} "
               f"{'rel err':>8}")
         for i, policy in enumerate(calibration_policies(space, args.policies, seed=0)):
-            parts, bits, _ = table.sums(policy)
+            parts, bits, _, _ = table.sums(policy)
             predicted = table.predict_rel(policy)
             onnx = ev._onnx_of(policy)
             timed = [meter.measure(onnx).rel for _ in range(args.repeat)]
@@ -92,7 +92,7 @@ def main() -> None:
         print("by kind of policy: " + ", ".join(f"{kind} {statistics.median(v):.3f} ({len(v)})"
                                                 for kind, v in by_kind.items() if v))
         # how far the machine drifted since the table was built: its calibration policies timed again now
-        drift = [(meter.measure(ev._onnx_of(policy)).rel - point[3]) / point[3]
+        drift = [(meter.measure(ev._onnx_of(policy)).rel - point[4]) / point[4]
                  for policy, point in zip(calibration_policies(space, args.calibration, seed=1),
                                           table.data["calibration"])]
         print(f"the table's calibration policies, timed again now, differ from their timings when the table was "

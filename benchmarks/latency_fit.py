@@ -4,27 +4,30 @@ Times the table for a space, then a pool of whole random policies of the three c
 only, a few int8 units), each once. Offline, on those same timings, it draws `--draws` sets of 16 calibration
 policies (as the table does: the kinds in turn), fits each correction to them and predicts the other policies:
 
-- now: the structural sum as it is, slopes for the MAC-scaled and the unscaled bit-width sums (`fit_bits_slopes`);
-- one bits slope: the structural sum as it is, a slope for the MAC-scaled bit-width sum only;
-- structure slope too: a slope for each of the three sums;
+- now: slopes for the structural sum, the policy's MAC change (from shapes) and the MAC-scaled and unscaled
+  bit-width sums (`fit_slopes`);
+- no MAC term: slopes for the structural sum and the two bit-width sums;
+- structure as summed: the structural sum as it is, slopes for the two bit-width sums (the table until 2026-11-30 (6));
 - uncorrected: 1 + the structural and MAC-scaled bit-width sums (what the table predicts before it has points).
 
 Run: python benchmarks/latency_fit.py [--data digits|mnist] [--knobs prune w_bits a_bits rank block] [--per-kind 32]
-     [--draws 300]
+     [--draws 300] [--save timings.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_bits_slopes, is_bits,
+from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_slopes, is_bits,
                                          nonneg_lstsq, table_entries)
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -33,21 +36,21 @@ Fit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], float]]  # (sums
 
 
 def _now(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
-    b, c = fit_bits_slopes([[*row, mv] for row, mv in zip(s, m)])
+    a, mac, b, c = fit_slopes([[*row, mv] for row, mv in zip(s, m)])
+    return lambda row: 1 + a * row[0] + b * row[1] + c * row[2] + mac * row[3]
+
+
+def _no_mac_term(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
+    coef = nonneg_lstsq(s[:, :3], m - 1)
+    return lambda row: 1 + float(row[:3] @ coef)
+
+
+def _structure_as_summed(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
+    b, c = nonneg_lstsq(s[:, 1:3], m - 1 - s[:, 0])
     return lambda row: 1 + row[0] + b * row[1] + c * row[2]
 
 
-def _one_bits_slope(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
-    (b,) = nonneg_lstsq(s[:, 1:2], m - 1 - s[:, 0])
-    return lambda row: 1 + row[0] + b * row[1]
-
-
-def _structure_too(s: np.ndarray, m: np.ndarray) -> Callable[[np.ndarray], float]:
-    coef = nonneg_lstsq(s, m - 1)
-    return lambda row: 1 + float(row @ coef)
-
-
-FITS: dict[str, Fit] = {"now": _now, "one bits slope": _one_bits_slope, "structure slope too": _structure_too,
+FITS: dict[str, Fit] = {"now": _now, "no MAC term": _no_mac_term, "structure as summed": _structure_as_summed,
                         "uncorrected": lambda s, m: (lambda row: 1 + row[0] + row[1])}
 
 
@@ -58,9 +61,10 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
+    ap.add_argument("--save", default=None, help="also write the timings and sums to this JSON file")
     args = ap.parse_args()
     if not {"w_bits", "a_bits"} & set(args.knobs):
-        ap.error("give w_bits or a_bits among --knobs: the corrections differ only in how they treat bit widths")
+        ap.error("give w_bits or a_bits among --knobs: errors are reported for policies with and without int8 units")
     if args.per_kind < 8:
         ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")
     torch.set_num_threads(args.threads)
@@ -78,6 +82,10 @@ def main() -> None:
     print(f"knobs {','.join(args.knobs)}: table and {len(policies)} policies timed in "
           f"{time.perf_counter() - start:.0f} s")
     kind = np.arange(len(policies)) % 3
+    if args.save:
+        Path(args.save).write_text(json.dumps({"knobs": args.knobs, "data": args.data, "sums": sums.tolist(),
+                                               "measured": measured.tolist(),
+                                               "policies": [p.to_json() for p in policies]}))
     int8 = np.array([any(is_bits(part) for c in p.layers.values() for part in choice_parts(c)) for p in policies])
     rng = np.random.default_rng(0)
     errors: dict[str, dict[str, list[float]]] = {name: {"with int8 units": [], "float only": [], "all": []}

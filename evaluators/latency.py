@@ -26,8 +26,10 @@ since int8 kernels need both weights and activations quantized), so the table is
 with progress, instead of one entry per combination of knobs. Sums of per-unit deltas are biased where units
 interact (int8 units share the quantize/dequantize steps between them, benchmarks/latency_additivity.py), so the
 table also times a few whole random policies (a third of them float only, a third with a few int8 units) and
-corrects the bit-width sums by what they measured (`fit_bits_slopes`); in "hybrid" mode every timed candidate adds
-a point to that fit, as does every candidate a repaired search times. A bit-width delta is timed on the unit's rank
+corrects the sums by what they measured (`fit_slopes`): pruning two coupled groups saves less than the sum of
+their savings alone (a convolution's MACs are the product of its kept input and output channels), so the fit also
+weighs the policy's MAC change, computed from shapes; in "hybrid" mode every timed candidate adds a point to that
+fit, as does every candidate a repaired search times. A bit-width delta is timed on the unit's rank
 or block and scaled by the share of that form's MACs that pruning leaves, so pruning that reaches an int8 unit is
 counted there and not again among the structural deltas (`sums`).
 """
@@ -54,7 +56,7 @@ from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
-           "calibration_policies", "fit_bits_slopes", "nonneg_lstsq", "hardware_fingerprint", "make_session",
+           "calibration_policies", "fit_slopes", "nonneg_lstsq", "hardware_fingerprint", "make_session",
            "time_session", "timing_threads"]
 
 
@@ -301,7 +303,8 @@ def _is_bits_knob(key: str) -> bool:
 
 MIN_POINTS = 4  # whole policies timed before the sums are corrected
 FIT_WINDOW = 16  # the latest timed whole policies the correction is fitted to
-SUMS_VERSION = 4  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
+SUMS_VERSION = 5  # how `LatencyTable.sums` adds deltas; calibration points summed another way are timed again
+UNCORRECTED = (1.0, 0.0, 1.0, 0.0)  # the slopes before there are MIN_POINTS: the structural and scaled bits sums
 
 
 def _touched_units(space: Any) -> dict[str, set[str]]:
@@ -314,24 +317,26 @@ def _touched_units(space: Any) -> dict[str, set[str]]:
     return {name: members.get(unit.out_group, {name}) for name, unit in space.units.items()}
 
 
-def fit_bits_slopes(points: list[list[float]]) -> tuple[float, float]:
-    """Least-squares slopes (b, c) >= 0 of measured = 1 + parts + b x bits + c x bits_unscaled over timed whole
-    policies ([parts, bits, bits_unscaled, measured] each: a policy's sums of structural deltas, of bit-width deltas
-    scaled by the MACs pruning leaves, and of the same unscaled); (1, 0), the plain scaled sum, until there are
-    MIN_POINTS.
+def fit_slopes(points: list[list[float]]) -> tuple[float, float, float, float]:
+    """Least-squares slopes (a, m, b, c) >= 0 of measured = 1 + a x parts + m x macs + b x bits + c x bits_unscaled
+    over timed whole policies ([parts, bits, bits_unscaled, macs, measured] each: `LatencyTable.sums` and the
+    timing); UNCORRECTED until there are MIN_POINTS.
 
-    Why two slopes for the bit widths: int8 costs partly per MAC (int8-heavy policies follow the scaled sum) and
-    partly per quantize step around an int8 unit, whatever its MACs (a few int8 units in a pruned float model follow
-    the unscaled one). Why none for the structure: the structural sum, once pruning that reaches an int8 unit is left
-    out of it, errs least as it is. A structural slope fitted as well (ResNet-20 / digits, every knob, 300 random
-    draws of 16 calibration policies) came out anywhere from 0.35 to 1.41 and predicted float-only policies worse than
-    the plain sum (11.4% against 7.4%; prune + w_bits only: 2.3% against 2.1%)."""
+    Why these four. The structural deltas, each timed alone, over-count what units save together: a convolution
+    between two pruned groups keeps (1 - r_in)(1 - r_out) of its MACs, not 1 - r_in - r_out. The MAC change, from
+    shapes, knows the product, and the fit weighs it against the timed deltas, which know what MACs do not (a form's
+    extra operators, a small input's per-operator overhead). The bit widths need two slopes: int8 costs partly per
+    MAC (int8-heavy policies follow the scaled sum) and partly per quantize step around an int8 unit, whatever its
+    MACs (a few int8 units in a pruned float model follow the unscaled one). ResNet-20, every knob, 96 random
+    policies, 300 draws of 16 to fit (median error of the rest): 28x28 inputs 5.0% with the MAC term, 10.1% with the
+    structural sum as it was and the bits' slopes alone; 8x8 inputs 7.6% and 9.8%; prune + w_bits on 8x8 4.2% and
+    4.4% (benchmarks/latency_fit.py)."""
     if len(points) < MIN_POINTS:
-        return 1.0, 0.0
-    x = np.array([p[1:3] for p in points], dtype=float)
-    y = np.array([p[3] - 1.0 - p[0] for p in points], dtype=float)
-    b, c = nonneg_lstsq(x, y)
-    return float(b), float(c)
+        return UNCORRECTED
+    x = np.array([[p[0], p[3], p[1], p[2]] for p in points], dtype=float)
+    y = np.array([p[4] - 1.0 for p in points], dtype=float)
+    a, m, b, c = nonneg_lstsq(x, y)
+    return float(a), float(m), float(b), float(c)
 
 
 def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -377,7 +382,8 @@ class LatencyTable:
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": [],
                                      "sums": SUMS_VERSION}
         self._touches = _touched_units(space) if space is not None else {}
-        self._fitted: tuple[int, tuple[float, float]] | None = None  # (points fitted on, the bits' slopes)
+        self._fitted: tuple[int, tuple[float, float, float, float]] | None = None  # (points fitted on, slopes)
+        self._base_macs = 0  # the units' MACs in the unchanged model (with a space)
         self._load()
 
     def _load(self) -> None:
@@ -389,7 +395,7 @@ class LatencyTable:
                 # [parts, bits, bits unscaled, measured]; points summed another way (older tables) are timed again
                 points = (disk.get("calibration", []) if disk.get("sums") == SUMS_VERSION else [])
                 points += self.data["calibration"]
-                self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 4]
+                self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 5]
                 if self.data.get("base_us") is None:
                     self.data["base_us"] = disk.get("base_us")
 
@@ -445,8 +451,9 @@ class LatencyTable:
                 progress(done, len(steps))
         return len(steps)
 
-    def sums(self, policy: Policy) -> tuple[float, float, float]:
-        """(structural, bit-width, unscaled bit-width) sums of the policy's per-unit deltas.
+    def sums(self, policy: Policy) -> tuple[float, float, float, float]:
+        """(structural, bit-width, unscaled bit-width) sums of the policy's per-unit deltas, and its units' MAC
+        change relative to the unchanged model's (from shapes; 0 without a space).
 
         A bit-width part counts what int8 adds to the unit's form (its rank or block: the two were timed together),
         and with a space it is also summed scaled by the share of that form's MACs the pruning leaves. A pruned
@@ -454,9 +461,13 @@ class LatencyTable:
         in that scaled bit-width delta, and counted twice it made pruned int8 models look far too fast."""
         costs: dict[str, tuple[int, int]] = {}
         int8: set[str] = set()
+        macs = 0.0
         if self.space is not None:
             costs = self.space.unit_costs(policy.layers)
             int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in _parts(c))}
+            if not self._base_macs:
+                self._base_macs = sum(m for m, _ in self.space.unit_costs({}).values()) or 1
+            macs = sum(m for m, _ in costs.values()) / self._base_macs - 1.0
         parts = bits = unscaled = 0.0
         for unit, choice in sorted(policy.layers.items()):
             for part in _parts(choice):
@@ -468,7 +479,7 @@ class LatencyTable:
                     unscaled += extra
                 elif not (part.prune and self._touches.get(unit, {unit}) & int8):
                     parts += self.delta(unit, part)
-        return parts, bits, unscaled
+        return parts, bits, unscaled, macs
 
     def _form_macs(self, unit: str, form: dict[str, Any]) -> int:
         """MACs of `unit` in `form` (its rank or block) with nothing pruned: what a bit-width delta was timed on."""
@@ -482,23 +493,23 @@ class LatencyTable:
         self.data["calibration"].append([*self.sums(policy), float(measured_rel)])
         self._save()
 
-    def bits_slopes(self) -> tuple[float, float]:
-        """`fit_bits_slopes` of the FIT_WINDOW latest timed whole policies (refitted when points are added).
+    def slopes(self) -> tuple[float, float, float, float]:
+        """`fit_slopes` of the FIT_WINDOW latest timed whole policies (refitted when points are added).
 
         Latest, because a search's own timed candidates (handed back by `record`) are the policies it will ask
         about next, and the machine drifts: in a repaired latency search on digits the fit to the latest 16 points
         predicted each next candidate within 13.3% (median), the fit to all of them within 20.7%."""
         points = self.data["calibration"]
         if self._fitted is None or self._fitted[0] != len(points):
-            self._fitted = (len(points), fit_bits_slopes(points[-FIT_WINDOW:]))
+            self._fitted = (len(points), fit_slopes(points[-FIT_WINDOW:]))
         return self._fitted[1]
 
     def predict_rel(self, policy: Policy) -> float:
-        """Predicted latency relative to the base model (floored at 5% of it): 1 + the structural deltas + the
-        bit-width deltas, scaled and unscaled, times their fitted slopes."""
-        parts, bits, unscaled = self.sums(policy)
-        b, c = self.bits_slopes()
-        return max(0.05, 1.0 + parts + b * bits + c * unscaled)
+        """Predicted latency relative to the base model (floored at 5% of it): 1 + the fitted slopes times the
+        structural sum, the MAC change and the bit-width sums, scaled and unscaled."""
+        parts, bits, unscaled, macs = self.sums(policy)
+        a, m, b, c = self.slopes()
+        return max(0.05, 1.0 + a * parts + m * macs + b * bits + c * unscaled)
 
     def predict_us(self, policy: Policy) -> float:
         """Predicted latency in microseconds: base latency x `predict_rel` (the corrected sum of deltas)."""

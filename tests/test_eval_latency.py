@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
-                                         fit_bits_slopes, hardware_fingerprint, table_entries, timing_threads)
+                                         fit_slopes, hardware_fingerprint, table_entries, timing_threads)
 from squeezer.evaluators.zoo import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
@@ -129,16 +129,38 @@ def test_lookup_table_fills_up_front_with_progress(vgg, tmp_path) -> None:
     assert again.fill(entries, calibration=whole) == 0 and len(built) == count  # all of it came from disk
 
 
-def test_the_bit_widths_slopes_correct_their_sums_once_there_are_enough_points() -> None:
-    assert fit_bits_slopes([[-0.2, 0.5, 0.6, 1.2]]) == (1.0, 0.0)  # too few points: the scaled sum as it is
-    grid = [(-0.1 * i, 0.3 * j, 0.2 * (j + k)) for i in range(3) for j in range(3) for k in range(3) if i + j + k]
-    # int8 costs 0.5 of its MAC-scaled sum and 0.3 of its unscaled one, the structure what its deltas say
-    b, c = fit_bits_slopes([[p, q, u, 1 + p + 0.5 * q + 0.3 * u] for p, q, u in grid])
-    assert b == pytest.approx(0.5) and c == pytest.approx(0.3)
-    # float-only points (no bit-width sums) say nothing about the slopes
-    assert fit_bits_slopes([[-0.1 * i, 0.0, 0.0, 0.9] for i in range(8)]) == (0.0, 0.0)
-    # timings where bit widths seem to save latency: both slopes stay at 0
-    assert fit_bits_slopes([[p, q, u, 1 + p - 0.5 * q] for p, q, u in grid]) == (0.0, 0.0)
+def test_the_slopes_correct_the_sums_once_there_are_enough_points() -> None:
+    """Points are [parts, bits, bits unscaled, MAC change, measured] (`LatencyTable.sums` and a timing)."""
+    assert fit_slopes([[-0.2, 0.5, 0.6, -0.3, 1.2]]) == (1.0, 0.0, 1.0, 0.0)  # too few: the sums as they are
+    grid = [(-0.1 * i, 0.3 * j, 0.2 * (j + k), -0.15 * i * i - 0.05 * k) for i in range(3) for j in range(3)
+            for k in range(3) if i + j + k]
+    # the structure costs 0.6 of its deltas and 0.4 of its MAC change, int8 0.5 of its MAC-scaled sum and 0.3 of
+    # its unscaled one
+    slopes = fit_slopes([[p, q, u, m, 1 + 0.6 * p + 0.4 * m + 0.5 * q + 0.3 * u] for p, q, u, m in grid])
+    assert slopes == pytest.approx((0.6, 0.4, 0.5, 0.3))
+    # float-only timings that follow the structural deltas: no MAC term, and nothing said about the bits
+    assert fit_slopes([[-0.1 * i, 0.0, 0.0, -0.01 * i * i, 1 - 0.1 * i] for i in range(8)]) == pytest.approx(
+        (1.0, 0.0, 0.0, 0.0))
+    # timings where bit widths seem to save latency: both bits slopes stay at 0
+    _, _, b, c = fit_slopes([[p, q, u, m, 1 + p - 0.5 * q] for p, q, u, m in grid])
+    assert (b, c) == (0.0, 0.0)
+
+
+def test_the_mac_change_knows_that_pruning_two_coupled_groups_saves_a_product(vgg) -> None:
+    """Each group's delta was timed with the other whole; pruned together, a convolution between them keeps
+    (1 - r_in)(1 - r_out) of its MACs. The sums carry that change, from shapes, for the fit to weigh."""
+    _, _, space, _ = vgg
+    groups = [g for g in space.groups if space.groups[g].prunable][:2]
+    table = LatencyTable(_NoMeter(), lambda p: b"", key="k", space=space)  # type: ignore[arg-type]
+    layers = {}
+    for g in groups:
+        layers[g] = LayerChoice(prune=space.choices(g, "prune")[-1])
+        table.data["deltas"][table.entry_key(g, layers[g])] = -0.2
+    base = space.baseline().macs
+    singles = sum(base - space.predict({g: layers[g]}).macs for g in groups) / base
+    parts, bits, unscaled, macs = table.sums(Policy(layers=layers, fingerprint=space.fingerprint))
+    assert (parts, bits, unscaled) == (-0.4, 0.0, 0.0)
+    assert macs == pytest.approx(space.predict(layers).macs / base - 1) and -singles < macs < 0
 
 
 def test_calibration_takes_turns_at_any_knob_float_only_and_a_few_int8_units(vgg) -> None:
@@ -193,8 +215,8 @@ def test_int8_on_a_decomposed_or_separable_unit_counts_what_int8_adds_to_that_fo
     table = LatencyTable(_NoMeter(), lambda p: b"", key="k", space=space)  # type: ignore[arg-type]
     table.data["deltas"][table.entry_key(unit, dwsep)] = -0.01
     table.data["deltas"][table.entry_key(unit, int8)] = 0.09
-    parts, bits, unscaled = table.sums(Policy(layers={unit: LayerChoice(block="dwsep", w_bits=4, a_bits=8)},
-                                              fingerprint=space.fingerprint))
+    parts, bits, unscaled, _ = table.sums(Policy(layers={unit: LayerChoice(block="dwsep", w_bits=4, a_bits=8)},
+                                                 fingerprint=space.fingerprint))
     assert parts == -0.01 and bits == pytest.approx(0.10) == unscaled  # the form counts, int8 adds 0.10 to it
 
 
@@ -205,7 +227,7 @@ def test_calibration_summed_another_way_is_timed_again(vgg, tmp_path) -> None:
     table.data["deltas"]["conv|{}"] = 0.1
     table.record(Policy(fingerprint=space.fingerprint), 1.0)
     assert LatencyTable(_NoMeter(), lambda p: b"", key="k", cache_dir=tmp_path,  # type: ignore[arg-type]
-                        space=space).data["calibration"] == [[0.0, 0.0, 0.0, 1.0]]
+                        space=space).data["calibration"] == [[0.0, 0.0, 0.0, 0.0, 1.0]]
     stored = json.loads(table.path.read_text())
     stored["sums"] = 1  # as tables written before the current sums
     table.path.write_text(json.dumps(stored))
