@@ -43,7 +43,7 @@ timeout 240 python3 "$REPO/benchmarks/eval_scaling.py" --n 48 --workers 1 8 --ba
 step "train -> search -> apply with --device $DEVICE"
 timeout 60 squeezer train --device "$DEVICE" --steps 300 --out r20.pt || status=1
 timeout 150 squeezer search --model r20.pt --device "$DEVICE" --budget "macs<=50%" --trials 8 --knobs prune,w_bits \
-  --recovery kd --latency measure --repair --out run || status=1
+  --recovery kd --latency measure --repair --workers 2 --out run || status=1  # two worker processes share the GPU
 timeout 60 squeezer front run || status=1
 best=$(python3 -c "import json; rows=json.load(open('run/front.json'))['rows']; print(max(rows, key=lambda r: r['accuracy'])['number'])")
 timeout 90 squeezer apply run --trial "$best" --device "$DEVICE" --out small.pt --onnx small.onnx \

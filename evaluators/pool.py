@@ -30,7 +30,8 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.policy import Policy
 
-__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "default_workers", "make_pool", "worker_evaluator"]
+__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "cluster_workers", "default_workers", "make_pool",
+           "worker_evaluator"]
 
 RETRIES = 1
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class RayPool:
     even while another sat idle."""
 
     def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
-                 workers: int = 2, address: str | None = None, latency_resource: str | None = None,
+                 workers: int | None = 2, address: str | None = None, latency_resource: str | None = None,
                  **options: Any) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
@@ -237,7 +238,8 @@ class RayPool:
         from squeezer.evaluators import ray_actors
 
         self.ray = ray
-        self.workers = max(1, workers)
+        # no number given: one per core (GPU) of this machine, or of the cluster once joined
+        self.workers = max(1, workers) if workers else (0 if address else default_workers(settings.device))
         data = data.without_test() if isinstance(data, DataBundle) else data
         self._owns = False
         if not ray.is_initialized():
@@ -253,6 +255,8 @@ class RayPool:
                 ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING)
                 self._owns = True
+        if not self.workers:
+            self.workers = cluster_workers(settings.device, ray.cluster_resources())
         # Model and data go to the object store once, not once per actor (Ray does not deduplicate arguments), and
         # the actor class is declared once: each ray.remote() of it would pickle and upload the class again.
         model_ref = model if isinstance(model, str) else ray.put(model)
@@ -342,6 +346,12 @@ class RayPool:
             self.ray.shutdown()
 
 
+def cluster_workers(device: str, resources: dict[str, float]) -> int:
+    """A cluster's default pool: one worker per CPU its nodes offer (per GPU with device 'cuda'). A node started with
+    `--num-cpus 0`, such as a latency device, offers none, so no evaluation is placed on it."""
+    return max(1, int(resources.get("GPU" if device == "cuda" else "CPU", 1)))
+
+
 def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str, float]:
     """What each evaluation actor asks Ray for: a core, and with device 'cuda' a GPU (a share of one when there are
     more workers than GPUs), so Ray places it on a GPU node and gives it a GPU of its own (CUDA_VISIBLE_DEVICES)."""
@@ -355,9 +365,12 @@ def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str,
 
 
 def make_pool(model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
-              workers: int = 1, backend: str = "auto", ray_address: str | None = None,
+              workers: int | None = 1, backend: str = "auto", ray_address: str | None = None,
               latency_resource: str | None = None, **options: Any) -> EvalPool:
-    """A pool of `workers` evaluators: "local", "ray", or "auto" (Ray when importable and workers > 1)."""
+    """A pool of `workers` evaluators: "local", "ray", or "auto" (Ray when importable and workers > 1). `workers`
+    None: one per core (GPU), of the cluster when `ray_address` names one (the pool's `workers` says how many)."""
+    if workers is None and not ray_address:
+        workers = default_workers(settings.device)
     if backend not in ("auto", "local", "ray"):
         raise ValueError(f"unknown pool backend {backend!r}: choose 'auto', 'local' or 'ray'")
     chosen = backend
@@ -367,7 +380,7 @@ def make_pool(model: str | nn.Module, data: str | DataBundle, settings: EvalSett
             has_ray = True
         except ImportError:
             has_ray = False
-        backend = "ray" if (has_ray and (workers > 1 or ray_address or latency_resource)) else "local"
+        backend = "ray" if (has_ray and ((workers or 0) > 1 or ray_address or latency_resource)) else "local"
     if backend == "ray":
         try:
             return RayPool(model, data, settings, workers=workers, address=ray_address,

@@ -208,17 +208,17 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
     label tensors (an (x, y) pair, or a dict of pairs under 'train', 'val', 'test'), saved into `out`.
     `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
     custom Ray resource of the node that times latency (the target device). `workers` defaults to one per core
-    (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`).
+    (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`), or to one per core (GPU) of
+    the cluster `ray_address` names.
     """
     from squeezer.evaluators.evaluate import EvalSettings
-    from squeezer.evaluators.pool import default_workers, make_pool
+    from squeezer.evaluators.pool import make_pool
     from squeezer.evaluators.zoo import save_checkpoint
     from squeezer.search.budget import Budget
     from squeezer.search.latency_margin import prediction_error
     from squeezer.search.study import preload_storage, run_search
 
     _check_device(device, cluster=bool(ray_address))
-    workers = workers or default_workers(device)
     parsed = Budget.parse(budget)
     if not parsed.limits:
         raise ValueError("the budget is empty: pass a limit such as --budget 'macs<=50%'")
@@ -262,7 +262,8 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
             fine = Evaluator(net, bundle, replace(eval_settings, recovery="kd", latency="none"),
                              cache_dir=out / "cache")
             promote_fn = fine.evaluate
-        result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials, workers=workers,
+        result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials,
+                            workers=pool.workers,
                             storage=storage, objective=objective, repair=repair, seed=seed, progress=progress,
                             promote_top_k=promote, promote_fn=promote_fn, check=False, latency_model=latency_model)
     finally:

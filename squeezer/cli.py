@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how policies are proposed: tpe, nsga2 (genetic), random, qmc (Sobol), cmaes, gp "
                         "(Gaussian process), ddpg (AMC-style reinforcement-learning agent)")
     p.add_argument("--workers", type=_positive_int, default=argparse.SUPPRESS,
-                   help="parallel evaluations, in Ray or local processes (default: one per core; one per GPU with "
-                        "--device cuda)")
+                   help="parallel evaluations, in Ray or local processes (default: one per core, of the cluster "
+                        "with --ray-address; one per GPU with --device cuda)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
                         "URL such as postgresql://user@host/db shared by several machines (default: SQLite "

@@ -185,11 +185,12 @@ def test_ray_latency_runs_on_device_node(digits) -> None:
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    device = cluster.add_node(num_cpus=1, resources={"device:test": 1})
-    try:
+    device = cluster.add_node(num_cpus=0, resources={"device:test": 1})  # as the README starts a device: no CPUs
+    try:  # offered, so no evaluation is placed there, and the pool defaults to one worker per CPU offered
         settings = EvalSettings(latency="measure", bn_batches=2)
-        pool = make_pool("resnet20", digits, settings, workers=1, backend="ray", ray_address=cluster.address,
+        pool = make_pool("resnet20", digits, settings, workers=None, backend="ray", ray_address=cluster.address,
                          latency_resource="device:test")
+        assert pool.workers == 2
         pool.submit(0, Policy())
         out = _drain(pool)[0]
         assert isinstance(out, Measurement) and out.latency_source == "measured" and out.latency_ms > 0
