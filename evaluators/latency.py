@@ -328,9 +328,9 @@ def fit_slopes(points: list[list[float]]) -> tuple[float, float, float, float]:
     extra operators, a small input's per-operator overhead). The bit widths need two slopes: int8 costs partly per
     MAC (int8-heavy policies follow the scaled sum) and partly per quantize step around an int8 unit, whatever its
     MACs (a few int8 units in a pruned float model follow the unscaled one). ResNet-20, every knob, 96 random
-    policies, 300 draws of 16 to fit (median error of the rest): 28x28 inputs 5.0% with the MAC term, 10.1% with the
-    structural sum as it was and the bits' slopes alone; 8x8 inputs 7.6% and 9.8%; prune + w_bits on 8x8 4.2% and
-    4.4% (benchmarks/latency_fit.py)."""
+    policies, 300 draws of 16 to fit (median error of the rest; benchmarks/latency_fit.py): 28x28 inputs 6.0% with
+    the MAC term, 10.5% with the structural sum as it was and the bits' slopes alone; 8x8 inputs 9.7% and 9.5%, where
+    per-operator overhead rather than MACs sets float latency (benchmarks/RESULTS.md, 2026-11-30 (6))."""
     if len(points) < MIN_POINTS:
         return UNCORRECTED
     x = np.array([[p[0], p[3], p[1], p[2]] for p in points], dtype=float)
@@ -383,7 +383,7 @@ class LatencyTable:
                                      "sums": SUMS_VERSION}
         self._touches = _touched_units(space) if space is not None else {}
         self._fitted: tuple[int, tuple[float, float, float, float]] | None = None  # (points fitted on, slopes)
-        self._base_macs = 0  # the units' MACs in the unchanged model (with a space)
+        self._base_macs = (space.baseline().macs or 1) if space is not None else 1  # the units' MACs, unchanged
         self._load()
 
     def _load(self) -> None:
@@ -392,7 +392,8 @@ class LatencyTable:
             with contextlib.suppress(ValueError, OSError):
                 disk = json.loads(self.path.read_text())
                 self.data["deltas"] = {**disk.get("deltas", {}), **self.data["deltas"]}
-                # [parts, bits, bits unscaled, measured]; points summed another way (older tables) are timed again
+                # [parts, bits, bits unscaled, macs, measured]; points summed another way (older tables) are timed
+                # again
                 points = (disk.get("calibration", []) if disk.get("sums") == SUMS_VERSION else [])
                 points += self.data["calibration"]
                 self.data["calibration"] = [list(p) for p in dict.fromkeys(map(tuple, points)) if len(p) == 5]
@@ -465,8 +466,6 @@ class LatencyTable:
         if self.space is not None:
             costs = self.space.unit_costs(policy.layers)
             int8 = {u for u, c in policy.layers.items() if any(is_bits(p) for p in _parts(c))}
-            if not self._base_macs:
-                self._base_macs = sum(m for m, _ in self.space.unit_costs({}).values()) or 1
             macs = sum(m for m, _ in costs.values()) / self._base_macs - 1.0
         parts = bits = unscaled = 0.0
         for unit, choice in sorted(policy.layers.items()):

@@ -255,8 +255,9 @@ class RayPool:
                 ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING)
                 self._owns = True
+        offered = ray.cluster_resources()
         if not self.workers:
-            self.workers = cluster_workers(settings.device, ray.cluster_resources())
+            self.workers = cluster_workers(settings.device, offered)
         # Model and data go to the object store once, not once per actor (Ray does not deduplicate arguments), and
         # the actor class is declared once: each ray.remote() of it would pickle and upload the class again.
         model_ref = model if isinstance(model, str) else ray.put(model)
@@ -269,7 +270,7 @@ class RayPool:
         threads = threads_per_worker(self.workers)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
-        resources = actor_resources(settings.device, self.workers, ray.cluster_resources().get("GPU", 0))
+        resources = actor_resources(settings.device, self.workers, offered.get("GPU", 0))
         actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address))
         self._make = lambda: actor.remote(model_ref, data_ref, settings, threads, options)
         self.actors = [self._make() for _ in range(self.workers)]
