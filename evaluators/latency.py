@@ -180,8 +180,18 @@ def _spread(medians: list[float]) -> float:
 BLOCKS = 8  # each repetition alternates reference and candidate in this many blocks of runs
 
 
+METER_VERSION = 2  # how LatencyMeter times; a table timed by an earlier meter is timed again (see its docstring)
+
+
 class LatencyMeter:
-    """Times candidates against a fixed reference model, interleaved, under the machine lock."""
+    """Times candidates against a fixed reference model, interleaved, under the machine lock.
+
+    How fast an onnxruntime session runs is settled when it is made: sessions of one model differ by far more than
+    one session's timings do (ResNet-20 on 8x8 digits: 11% between 8 sessions, 0.6% within one). So every
+    repetition times both models in sessions made for it, and the relative latency is a median over those pairs.
+    Before, the meter's one reference session lived as long as the meter, and how fast it happened to run shifted
+    everything the meter timed: a new meter for each pass over the same 24 models moved their mean by 9-15%; now by
+    2-5% (benchmarks/latency_noise.py, 2026-11-30 (7))."""
 
     def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
                  warmup: int = 30, runs: int = 200, reps: int = 3, lock: MachineLock | None = None,
@@ -192,35 +202,40 @@ class LatencyMeter:
         self.lock = lock or MachineLock()
         shape = (batch, *tuple(input_shape)[1:])
         self.input = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        self.reference = make_session(reference, self.threads, providers)
+        self.reference = reference
 
     def hardware(self) -> dict[str, Any]:
         return hardware_fingerprint(self.threads, self.providers)
 
     def measure(self, candidate: bytes) -> LatencyResult:
         """Time `candidate` and the reference in alternating repetitions (holding the lock exclusively)."""
-        session = make_session(candidate, self.threads, self.providers)
-        feed = {session.get_inputs()[0].name: self.input}
-        ref_feed = {self.reference.get_inputs()[0].name: self.input}
+        references: list[Any] = []
+        sessions: list[Any] = []
+        for rep in range(self.reps):  # made in turns (ABBA): a session made later tended to run faster
+            pair = ((references, self.reference), (sessions, candidate))
+            for sink, model in (pair if rep % 2 == 0 else pair[::-1]):
+                sink.append(make_session(model, self.threads, self.providers))
+        feed = {sessions[0].get_inputs()[0].name: self.input}
+        ref_feed = {references[0].get_inputs()[0].name: self.input}
         block = max(1, self.runs // BLOCKS)
+        cand: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
+        ref: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
         with self.lock.timing():
-            time_session(self.reference, ref_feed, 0, self.warmup)
-            time_session(session, feed, 0, self.warmup)
-            cand: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
-            ref: list[list[np.ndarray]] = [[] for _ in range(self.reps)]
-            for rep in range(self.reps):
+            for rep, (reference, session) in enumerate(zip(references, sessions)):
+                time_session(reference, ref_feed, 0, self.warmup)
+                time_session(session, feed, 0, self.warmup)
                 for i in range(-(-self.runs // block)):  # alternate short blocks so both see the same drift
-                    order = ((self.reference, ref_feed, ref), (session, feed, cand))
+                    order = ((reference, ref_feed, ref), (session, feed, cand))
                     for sess, fd, sink in (order if (rep + i) % 2 == 0 else order[::-1]):
                         sink[rep].append(time_session(sess, fd, block, 1))
-        cand = [np.concatenate(c) for c in cand]  # type: ignore[misc]
-        ref = [np.concatenate(r) for r in ref]  # type: ignore[misc]
-        c_med = [float(np.median(c)) for c in cand]
-        r_med = [float(np.median(r)) for r in ref]
-        all_c = np.concatenate(cand)
+        c_runs = [np.concatenate(c) for c in cand]
+        r_runs = [np.concatenate(r) for r in ref]
+        c_med = [float(np.median(c)) for c in c_runs]
+        r_med = [float(np.median(r)) for r in r_runs]
+        all_c = np.concatenate(c_runs)
         return LatencyResult(median_ms=float(np.median(all_c)), p90_ms=float(np.percentile(all_c, 90)),
                              spread=_spread(c_med), rel=float(np.median([c / r for c, r in zip(c_med, r_med)])),
-                             ref_ms=float(np.median(np.concatenate(ref))), ref_spread=_spread(r_med))
+                             ref_ms=float(np.median(np.concatenate(r_runs))), ref_spread=_spread(r_med))
 
 
 # ---- lookup table ----------------------------------------------------------------------------------------------------
@@ -377,7 +392,7 @@ class LatencyTable:
         self.meter, self.build, self.fingerprint, self.space = meter, build, fingerprint, space
         self._macs: dict[tuple[str, tuple], int] = {}  # (unit, form) -> its unpruned MACs
         hw = meter.hardware()
-        name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}.json"
+        name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}-m{METER_VERSION}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": [],
                                      "sums": SUMS_VERSION}

@@ -51,6 +51,29 @@ def test_latency_positive_and_repeatable(vgg, tmp_path) -> None:
         pytest.fail(f"medians {a.median_ms:.3f} / {b.median_ms:.3f} ms, rel {a.rel:.2f}: not repeatable")
 
 
+def test_each_repetition_times_both_models_in_sessions_made_for_it(vgg, tmp_path, monkeypatch) -> None:
+    """A session's speed is settled when it is made; one reference session kept for the meter's life shifted every
+    relative latency the meter gave by its luck (9-15% between meters, benchmarks/latency_noise.py)."""
+    from squeezer.evaluators import latency
+
+    model, x, space, onnx = vgg
+    other = export_onnx(apply_policy(model, Policy.uniform(space, prune=0.25), [x], space=space), x)
+    made: list[str] = []
+    make = latency.make_session
+
+    def counting(model_bytes: bytes, *args, **kwargs):
+        made.append("ref" if model_bytes is onnx else "cand")
+        return make(model_bytes, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "make_session", counting)
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=1, runs=30, warmup=5, reps=3, lock=MachineLock(tmp_path))
+    assert made == []  # nothing made before the first timing
+    meter.measure(other)
+    meter.measure(other)
+    # per measurement: a new pair per repetition, made in turns (a session made later tended to run faster)
+    assert made == ["ref", "cand", "cand", "ref", "ref", "cand"] * 2
+
+
 def test_pruned_model_is_faster(vgg, tmp_path) -> None:
     model, x, space, onnx = vgg
     pruned = apply_policy(model, Policy.uniform(space, prune=0.5), [x], space=space)
