@@ -248,7 +248,7 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
         _write_run(out, run_settings)
         # Repair and the agent's action wall judge a latency limit by the lookup table (int8 units can be slower than
         # float ones, which MACs cannot see), so such a search builds the table even when every candidate is timed.
-        latency_model = None
+        latency_model = table = None
         judges_latency = (repair or sampler == "ddpg") and "latency" in parsed.metrics
         if (latency in ("predict", "hybrid") or judges_latency) and latency_on is None:
             table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
@@ -265,7 +265,8 @@ def search(*, model: Any, data: Any = "digits", budget: str, out: str | Path, tr
         result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials,
                             workers=pool.workers,
                             storage=storage, objective=objective, repair=repair, seed=seed, progress=progress,
-                            promote_top_k=promote, promote_fn=promote_fn, check=False, latency_model=latency_model)
+                            promote_top_k=promote, promote_fn=promote_fn, check=False, latency_model=latency_model,
+                            start_latency=table.predict_rel if table is not None else None)
     finally:
         pool.close()
     metric_x = result.attrs.get("cost_metric", "macs")

@@ -213,13 +213,16 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                objective: str = "multi", cost_metric: str | None = None, repair: bool = False, seed: int = 0,
                progress: Progress | bool | None = None, promote_top_k: int = 0,
                promote_fn: Callable[[Policy], Outcome] | None = None,
-               check: bool = True, latency_model: LatencyModel | None = None) -> StudyResult:
+               check: bool = True, latency_model: LatencyModel | None = None,
+               start_latency: Callable[[Policy], float] | None = None) -> StudyResult:
     """Search `space` for policies within `budget`, evaluating them in `pool`; resumable by re-running.
 
     `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
     search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
     The caller owns `pool` and closes it. `latency_model` (e.g. a `LatencyTable`) is what repair predicts a
     latency limit with, and it learns from every timed candidate; without one, latency is judged by its MACs proxy.
+    `start_latency` (a table's `predict_rel`) judges a latency limit for the uniform starts of a new study when
+    there is no `latency_model` (a `--latency predict|hybrid` search that does not repair).
     """
     out = Path(out)
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -234,7 +237,8 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
     study = work.study  # in memory; `work` writes each trial through to `stored`
     searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair, latency_model=latency_model)
     if isinstance(searcher, OptunaSearcher) and not study.get_trials(deepcopy=False):  # a new study
-        for policy in budget_starts(space, budget, base, most=trials // 4):
+        latency = latency_model.predict_rel if latency_model is not None else start_latency
+        for policy in budget_starts(space, budget, base, most=trials // 4, latency=latency):
             searcher.enqueue(policy)
     driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
     show = _display(progress)
