@@ -181,6 +181,8 @@ BLOCKS = 8  # each repetition alternates reference and candidate in this many bl
 
 
 METER_VERSION = 2  # how LatencyMeter times; a table timed by an earlier meter is timed again (see its docstring)
+MIN_RUNS = 200  # timed runs of each model in one measurement, over all its repetitions
+MIN_REPS = 3
 
 
 class LatencyMeter:
@@ -191,13 +193,15 @@ class LatencyMeter:
     repetition times both models in sessions made for it, and the relative latency is a median over those pairs.
     Before, the meter's one reference session lived as long as the meter, and how fast it happened to run shifted
     everything the meter timed: a new meter for each pass over the same 24 models moved their mean by 9-15%; now by
-    2-5% (benchmarks/latency_noise.py, 2026-11-30 (7))."""
+    2-5% (benchmarks/latency_noise.py, 2026-11-30 (7)). `runs` is per repetition, at least MIN_RUNS in all: more
+    repetitions of fewer runs each buy precision for the cost of making their sessions."""
 
     def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
                  warmup: int = 30, runs: int = 200, reps: int = 3, lock: MachineLock | None = None,
                  providers: list[str] | None = None) -> None:
         self.threads = timing_threads(threads)
-        self.batch, self.warmup, self.runs, self.reps = batch, max(30, warmup), max(200, runs), max(3, reps)
+        self.batch, self.warmup, self.reps = batch, max(30, warmup), max(MIN_REPS, reps)
+        self.runs = max(runs, -(-MIN_RUNS // self.reps))
         self.providers = providers
         self.lock = lock or MachineLock()
         shape = (batch, *tuple(input_shape)[1:])
@@ -392,7 +396,7 @@ class LatencyTable:
         self.meter, self.build, self.fingerprint, self.space = meter, build, fingerprint, space
         self._macs: dict[tuple[str, tuple], int] = {}  # (unit, form) -> its unpruned MACs
         hw = meter.hardware()
-        name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}-m{METER_VERSION}.json"
+        name = f"lut-{fingerprint_hash(hw)}-{key}-b{meter.batch}-m{METER_VERSION}-r{meter.reps}.json"
         self.path = Path(cache_dir) / name if cache_dir else None
         self.data: dict[str, Any] = {"hardware": hw, "base_us": None, "deltas": {}, "calibration": [],
                                      "sums": SUMS_VERSION}

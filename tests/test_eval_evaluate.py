@@ -70,6 +70,20 @@ def test_hybrid_latency_keeps_the_prediction_beside_each_timing(resnet, digits, 
     assert check is not None and check["timed"] == 2 and math.isclose(check["median_error"], sum(errors) / 2)
 
 
+def test_the_lookup_table_can_time_each_entry_over_more_sessions(resnet, digits, tmp_path) -> None:
+    """On tiny inputs a table sums entries each as noisy as its sessions' speeds (benchmarks/latency_fit.py): the
+    table can spread a candidate's runs over more sessions, and keeps a file of its own for that."""
+    tables = {}
+    for reps in (3, 12):
+        ev = Evaluator(resnet, digits, EvalSettings(latency="predict", bn_batches=2, latency_table_reps=reps),
+                       cache_dir=tmp_path)
+        assert ev.meter is not None and ev.table is not None and ev.table.path is not None
+        assert (ev.meter.reps, ev.table.meter.reps) == (3, reps)
+        assert ev.table.meter.runs * ev.table.meter.reps == ev.meter.runs * ev.meter.reps == 600
+        tables[reps] = ev.table.path.name
+    assert tables[3].endswith("-r3.json") and tables[12] == tables[3].replace("-r3.json", "-r12.json")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_cpu(resnet, digits) -> None:
     cpu = Evaluator(resnet, digits, FAST).base_measurement()

@@ -74,6 +74,28 @@ def test_each_repetition_times_both_models_in_sessions_made_for_it(vgg, tmp_path
     assert made == ["ref", "cand", "cand", "ref", "ref", "cand"] * 2
 
 
+def test_more_repetitions_split_the_runs_among_more_sessions(vgg, tmp_path, monkeypatch) -> None:
+    """Sessions, not runs, set a timing's precision; the runs of all repetitions together stay at least 200."""
+    from squeezer.evaluators import latency
+
+    model, x, space, onnx = vgg
+    runs: list[int] = []
+    warm: list[int] = []
+    time_session = latency.time_session
+
+    def counting(session, feed, n, warmup=0):
+        runs.append(n)
+        warm.append(warmup if n == 0 else 0)  # a session's warm-up (each block of timed runs also runs one first)
+        return time_session(session, feed, n, warmup)
+
+    monkeypatch.setattr(latency, "time_session", counting)
+    meter = LatencyMeter(onnx, tuple(x.shape), batch=1, runs=10, warmup=5, reps=8, lock=MachineLock(tmp_path))
+    result = meter.measure(onnx)
+    assert (meter.reps, meter.runs) == (8, 25)  # 200 runs in all, split among the repetitions
+    assert 2 * 200 <= sum(runs) < 2 * 240 and sum(warm) == 2 * 8 * 30  # both models; each new session warmed up
+    assert result.rel > 0 and result.spread >= 0
+
+
 def test_pruned_model_is_faster(vgg, tmp_path) -> None:
     model, x, space, onnx = vgg
     pruned = apply_policy(model, Policy.uniform(space, prune=0.5), [x], space=space)
@@ -198,7 +220,7 @@ def test_calibration_takes_turns_at_any_knob_float_only_and_a_few_int8_units(vgg
 
 
 class _NoMeter:
-    batch = 1
+    batch, reps = 1, 3
 
     def hardware(self) -> dict:
         return {}
