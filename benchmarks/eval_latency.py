@@ -51,8 +51,8 @@ def main() -> None:
 
     space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
     with tempfile.TemporaryDirectory() as lut_dir:
-        table = LatencyTable(meter, ev._onnx_of, key=ev.space.fingerprint, fingerprint=ev.space.fingerprint,
-                             cache_dir=lut_dir, space=ev.space)
+        table = LatencyTable(ev._table_meter(), ev._onnx_of, key=ev.space.fingerprint,
+                             fingerprint=ev.space.fingerprint, cache_dir=lut_dir, space=ev.space)
         entries = table_entries(space)
         start = time.perf_counter()
         # calibration policies from another seed than the policies the prediction is tested on

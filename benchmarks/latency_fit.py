@@ -1,7 +1,8 @@
 """Which correction of the latency table's sums predicts best: the one the table uses against the alternatives.
 
-Times the table for a space, then a pool of whole random policies of the three calibration kinds (any knob, float
-only, a few int8 units), each once. Offline, on those same timings, it draws `--draws` sets of 16 calibration
+Times the table for a space (each entry over `--table-reps` sessions, as a search's table), then a pool of whole
+random policies of the three calibration kinds (any knob, float only, a few int8 units), each once, as a search
+times a candidate (`--reps` sessions). Offline, on those same timings, it draws `--draws` sets of 16 calibration
 policies (as the table does: the kinds in turn), fits each correction to them and predicts the other policies:
 
 - now: slopes for the structural sum, the policy's MAC change (from shapes) and the MAC-scaled and unscaled
@@ -11,7 +12,7 @@ policies (as the table does: the kinds in turn), fits each correction to them an
 - uncorrected: 1 + the structural and MAC-scaled bit-width sums (what the table predicts before it has points).
 
 Run: python benchmarks/latency_fit.py [--data digits|mnist] [--knobs prune w_bits a_bits rank block] [--per-kind 32]
-     [--draws 300] [--save timings.json]
+     [--draws 300] [--save timings.json] [--reps 3] [--table-reps 3]
 """
 from __future__ import annotations
 
@@ -62,19 +63,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
     ap.add_argument("--save", default=None, help="also write the timings and sums to this JSON file")
+    ap.add_argument("--reps", type=int, default=EvalSettings.latency_reps,
+                    help="sessions of each model per timing of a whole policy, as a search times a candidate (min 3)")
+    ap.add_argument("--table-reps", type=int, default=EvalSettings.latency_table_reps,
+                    help="sessions per timing of a table entry (as many runs in all, split among them)")
     args = ap.parse_args()
     if not {"w_bits", "a_bits"} & set(args.knobs):
         ap.error("give w_bits or a_bits among --knobs: errors are reported for policies with and without int8 units")
     if args.per_kind < 8:
         ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_threads=args.threads))
+    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_threads=args.threads,
+                                                        latency_reps=args.reps,
+                                                        latency_table_reps=args.table_reps))
     assert ev.meter is not None
     space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as lut_dir:
-        table = LatencyTable(ev.meter, ev._onnx_of, key=ev.space.fingerprint, fingerprint=ev.space.fingerprint,
-                             cache_dir=lut_dir, space=ev.space)
+        table = LatencyTable(ev._table_meter(), ev._onnx_of, key=ev.space.fingerprint,
+                             fingerprint=ev.space.fingerprint, cache_dir=lut_dir, space=ev.space)
         table.fill(table_entries(space))
         policies = calibration_policies(space, 3 * args.per_kind, seed=11)
         sums = np.array([table.sums(p) for p in policies])
