@@ -25,7 +25,7 @@ from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
 from squeezer.evaluators.data import DataBundle, load_data
 from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, calibration_policies,
-                                         hardware_fingerprint, table_entries)
+                                         MIN_REPS, hardware_fingerprint, table_entries)
 from squeezer.evaluators.mac_count import mac_counter
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.apply import apply_policy
@@ -167,12 +167,15 @@ class Evaluator:
         options), and a prediction sums many entries' errors, so where inputs are tiny more sessions help. Every
         knob, policies timed as candidates are (benchmarks/latency_fit.py): on 8x8 digits entries over 3 sessions of
         200 runs erred 7.7%, over 12 of 50 6.9%; on 28x28 MNIST 4.9% and 5.2%, the table taking 38-41% longer on
-        both. Hence 3 by default."""
+        both. Hence 3 by default, where the table shares the candidates' meter."""
         s, meter = self.settings, self.meter
         assert meter is not None
+        reps = max(MIN_REPS, s.latency_table_reps)
+        if reps == meter.reps:
+            return meter
         return LatencyMeter(self.reference, tuple(self.example.shape), batch=s.latency_batch, threads=s.latency_threads,
-                            warmup=s.latency_warmup, runs=max(1, meter.runs * meter.reps // s.latency_table_reps),
-                            reps=s.latency_table_reps, lock=self.lock)
+                            warmup=s.latency_warmup, runs=max(1, meter.runs * meter.reps // reps), reps=reps,
+                            lock=self.lock)
 
     # ---- cache ------------------------------------------------------------------------------------------------------
     def key(self, policy: Policy) -> str:

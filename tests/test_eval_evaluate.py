@@ -78,7 +78,7 @@ def test_the_lookup_table_can_time_each_entry_over_more_sessions(resnet, digits,
         ev = Evaluator(resnet, digits, EvalSettings(latency="predict", bn_batches=2, latency_table_reps=reps),
                        cache_dir=tmp_path)
         assert ev.meter is not None and ev.table is not None and ev.table.path is not None
-        assert (ev.meter.reps, ev.table.meter.reps) == (3, reps)
+        assert (ev.meter.reps, ev.table.meter.reps) == (3, reps) and (ev.table.meter is ev.meter) == (reps == 3)
         assert ev.table.meter.runs * ev.table.meter.reps == ev.meter.runs * ev.meter.reps == 600
         tables[reps] = ev.table.path.name
     assert tables[3].endswith("-r3.json") and tables[12] == tables[3].replace("-r3.json", "-r12.json")
