@@ -109,10 +109,11 @@ def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str
 def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out",
                        str(tmp_path / "t"), "--knobs", "prune", "--trials", "1", "--workers", "1",
-                       "--latency-threads", "2", "--latency-batch", "2")
+                       "--latency-threads", "2", "--latency-batch", "2", "--latency-table-reps", "6")
     assert code == 0, err
     info = json.loads((tmp_path / "t" / "run.json").read_text())
     assert info["eval"]["latency_threads"] == 2 and info["eval"]["latency_batch"] == 2
+    assert info["eval"]["latency_table_reps"] == 6
     row = jobs.front(tmp_path / "t").front[0]
     assert row["hardware"]["threads"] == 2 and row["latency_ms"] > 0  # the fingerprint names the pinned threads
 
