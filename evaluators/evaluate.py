@@ -147,9 +147,7 @@ class Evaluator:
             with self.lock.compute():
                 self.reference = export_onnx(self.base, self.example)
             if latency_fn is None:
-                self.meter = LatencyMeter(self.reference, tuple(self.example.shape), batch=settings.latency_batch,
-                                          threads=settings.latency_threads, warmup=settings.latency_warmup,
-                                          runs=settings.latency_runs, reps=settings.latency_reps, lock=self.lock)
+                self.meter = self._new_meter(settings.latency_runs, settings.latency_reps)
             if settings.latency in ("predict", "hybrid"):
                 if self.meter is None:
                     raise ValueError("latency 'predict'/'hybrid' builds its table locally: drop latency_fn")
@@ -168,14 +166,17 @@ class Evaluator:
         knob, policies timed as candidates are (benchmarks/latency_fit.py): on 8x8 digits entries over 3 sessions of
         200 runs erred 7.7%, over 12 of 50 6.9%; on 28x28 MNIST 4.9% and 5.2%, the table taking 38-41% longer on
         both. Hence 3 by default, where the table shares the candidates' meter."""
-        s, meter = self.settings, self.meter
+        meter = self.meter
         assert meter is not None
-        reps = max(MIN_REPS, s.latency_table_reps)
-        if reps == meter.reps:
-            return meter
+        reps = max(MIN_REPS, self.settings.latency_table_reps)
+        return meter if reps == meter.reps else self._new_meter(max(1, meter.runs * meter.reps // reps), reps)
+
+    def _new_meter(self, runs: int, reps: int) -> LatencyMeter:
+        """A meter of this model against its ONNX reference, with the settings' batch, threads and warm-up."""
+        s = self.settings
+        assert self.reference is not None
         return LatencyMeter(self.reference, tuple(self.example.shape), batch=s.latency_batch, threads=s.latency_threads,
-                            warmup=s.latency_warmup, runs=max(1, meter.runs * meter.reps // reps), reps=reps,
-                            lock=self.lock)
+                            warmup=s.latency_warmup, runs=runs, reps=reps, lock=self.lock)
 
     # ---- cache ------------------------------------------------------------------------------------------------------
     def key(self, policy: Policy) -> str:
