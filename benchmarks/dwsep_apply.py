@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from squeezer.evaluators.data import load_data
-from squeezer.evaluators.train import FitConfig, evaluate, fit
-from squeezer.evaluators.zoo import resnet20
+from squeezer.datasets import load_data
+from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+from squeezer.models import resnet20
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace

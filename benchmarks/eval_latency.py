@@ -22,6 +22,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.latency import LatencyTable, calibration_policies, choice_parts, is_bits, table_entries
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
+from squeezer.models import load_workload
 
 
 def main() -> None:
@@ -36,7 +37,8 @@ def main() -> None:
                     help="timings of each test policy: two or more also report how well a timing repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_batch=args.batch,
+    ev = Evaluator(*load_workload(model="resnet20", data=args.data),
+                   EvalSettings(latency="measure", latency_batch=args.batch,
                                                      latency_threads=args.threads))
     meter = ev.meter
     assert meter is not None

@@ -20,6 +20,7 @@ import squeezer.evaluators.evaluate as evaluate_module
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.policy import Policy
+from squeezer.models import load_workload
 
 from _timing import time_calls  # benchmarks/_timing.py
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     settings = EvalSettings(recovery="bn", latency="none")
-    ev = Evaluator("resnet20", args.data, settings)
+    ev = Evaluator(*load_workload(model="resnet20", data=args.data), settings)
     policies = [Policy.uniform(ev.space, prune=r) for r in (0.125, 0.25, 0.375, 0.5, 0.625)][:args.repeats]
     ev.measure(ev.compress(policies[0]), policies[0])  # warm-up: first-call costs are not per-policy costs
     for name, label in PHASES.items():

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from scipy.stats import kendalltau
 
-from squeezer.evaluators.baseline import train_baseline
+from squeezer.training import train_baseline
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 from squeezer.search.shrink import compression_order
 from squeezer.spaces.space import SearchSpace
+from squeezer.models import load_workload
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
         modes = {"none": EvalSettings(recovery="none", latency="none"),
                  "bn": EvalSettings(recovery="bn", latency="none"),
                  f"kd{args.steps}": EvalSettings(recovery="kd", finetune_steps=args.steps, latency="none")}
-        evaluators = {name: Evaluator(str(ckpt), args.data, s) for name, s in modes.items()}
+        evaluators = {name: Evaluator(*load_workload(model=str(ckpt), data=args.data), s) for name, s in modes.items()}
         val_size = len(next(iter(evaluators.values())).data.val)
         space = next(iter(evaluators.values())).space
         policies = draw_policies(space, knobs, args.n, args.policies, args.seed)

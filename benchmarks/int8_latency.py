@@ -20,10 +20,10 @@ import onnxruntime as ort
 import torch
 from torch.nn import functional as F
 
-from squeezer.evaluators.data import load_data
+from squeezer.datasets import load_data
 from squeezer.evaluators.latency import LatencyMeter
-from squeezer.evaluators.train import FitConfig, fit
-from squeezer.evaluators.zoo import resnet20
+from squeezer.evaluators.finetune import FitConfig, fit
+from squeezer.models import resnet20
 from squeezer.policies import apply as apply_module
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx

@@ -13,6 +13,7 @@ import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.policies.policy import LayerChoice, Policy
+from squeezer.models import load_workload
 
 CHOICES = {"prune 0.5": LayerChoice(prune=0.5), "w8a8": LayerChoice(w_bits=8, a_bits=8),
            "w8 (weights only)": LayerChoice(w_bits=8)}
@@ -23,7 +24,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", "digits", EvalSettings(latency="measure", latency_threads=args.threads))
+    ev = Evaluator(*load_workload(model="resnet20", data="digits"),
+                   EvalSettings(latency="measure", latency_threads=args.threads))
     assert ev.meter is not None
 
     def delta(layers: dict[str, LayerChoice]) -> float:

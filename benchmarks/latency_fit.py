@@ -32,6 +32,7 @@ from squeezer.evaluators.latency import (LatencyTable, calibration_policies, cho
                                          nonneg_lstsq, table_entries)
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
+from squeezer.models import load_workload
 
 Fit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], float]]  # (sums, measured) -> sums -> predicted
 
@@ -73,7 +74,8 @@ def main() -> None:
     if args.per_kind < 8:
         ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")
     torch.set_num_threads(args.threads)
-    ev = Evaluator("resnet20", args.data, EvalSettings(latency="measure", latency_threads=args.threads,
+    ev = Evaluator(*load_workload(model="resnet20", data=args.data),
+                   EvalSettings(latency="measure", latency_threads=args.threads,
                                                         latency_reps=args.reps,
                                                         latency_table_reps=args.table_reps))
     assert ev.meter is not None

@@ -7,7 +7,7 @@ Prints and writes (between markers in benchmarks/RESULTS.md) a table of median a
 feasible front (accuracy vs MACs fraction of the base) for random, tpe, nsga2 and ddpg, and the uniform-pruning
 baseline's accuracy at 50% MACs. Defaults are the demo's: resnet20 on digits, knobs prune and w_bits, budget
 macs<=50%. `cheap` = that model trained briefly, policies applied with BN recalibration (a repeated policy is
-scored once, as the real evaluator's cache does); `fake` = the deterministic stand-in of squeezer.search.testing.
+scored once, as the real evaluator's cache does); `fake` = the deterministic stand-in of tests/fakes.py.
 
 Two reference points: (chance accuracy, the budget's MACs fraction), the corner of the region a feasible, useful
 policy can occupy, is the headline; (0, 1) is also printed, but it credits every searcher with the same area for
@@ -29,7 +29,8 @@ import optuna
 from squeezer.search.baselines import uniform_at
 from squeezer.search.budget import Budget
 from squeezer.search.study import run_search
-from squeezer.search.testing import CheapEvaluator, FakeEvaluator, InlinePool
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the search's stand-ins live with the tests
+from fakes import CheapEvaluator, FakeEvaluator, InlinePool  # noqa: E402
 
 MARK_START, MARK_END = "<!-- search_hypervolume:start -->", "<!-- search_hypervolume:end -->"
 
@@ -52,7 +53,7 @@ def _evaluator(kind: str, steps: int, knobs: tuple[str, ...]):
         return CheapEvaluator(steps=steps, knobs=knobs)
     import torch
 
-    from squeezer.evaluators.zoo import resnet20
+    from squeezer.models import resnet20
     from squeezer.spaces.space import SearchSpace
 
     torch.manual_seed(0)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from squeezer.evaluators.baseline import train_baseline
+from squeezer.training import train_baseline
 from squeezer.evaluators.evaluate import EvalSettings
 from squeezer.evaluators.pool import make_pool
-from squeezer.search.jobs import _base_measurement
+from squeezer.search_job import _base_measurement
 from squeezer.search.study import preload_storage, run_search
 from squeezer.search.working_copy import WorkingCopy
 from squeezer.spaces.space import SearchSpace
+from squeezer.models import load_workload
 
 from _timing import time_calls  # benchmarks/_timing.py
 
@@ -62,10 +63,11 @@ def main() -> None:
         ckpt = Path(tmp) / "r20.pt"
         train_baseline("resnet20", args.data, out=ckpt)
         settings = EvalSettings(recovery=args.recovery, latency="none")
-        pool = make_pool(str(ckpt), args.data, settings, workers=args.workers, backend=args.backend)
+        pool = make_pool(*load_workload(model=str(ckpt), data=args.data), settings, workers=args.workers,
+                         backend=args.backend)
         try:
-            from squeezer.evaluators.baseline import resolve_model
-            from squeezer.evaluators.data import load_data
+            from squeezer.models import resolve_model
+            from squeezer.datasets import load_data
 
             data = load_data(args.data)
             space = SearchSpace.from_model(resolve_model(str(ckpt), data), data.example_inputs(),
@@ -75,7 +77,7 @@ def main() -> None:
             start = time.perf_counter()
             result = run_search(space, pool, "macs<=50%", base, out=Path(tmp) / "run", sampler=args.sampler,
                                 trials=args.trials, workers=args.workers, storage=args.storage, repair=True,
-                                progress=lambda stats: seen.append(stats["elapsed"]))
+                                on_progress=lambda stats: seen.append(stats.elapsed))
             wall = time.perf_counter() - start
             everything = time.perf_counter() - t0
         finally:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from squeezer.evaluators.data import DataBundle, Split
-from squeezer.evaluators.train import FitConfig, evaluate, fit
+from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 
 __all__ = ["RECOVERY", "recalibrate_bn", "recover", "score"]
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from squeezer.evaluators.accuracy import RECOVERY, recover, score
 from squeezer.evaluators.cost import measure_cost
-from squeezer.evaluators.data import DataBundle, load_data
+from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.latency import (LatencyMeter, LatencyResult, LatencyTable, MachineLock, calibration_policies,
                                          MIN_REPS, hardware_fingerprint, table_entries)
 from squeezer.evaluators.mac_count import mac_counter
@@ -34,7 +34,7 @@ from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
 
-__all__ = ["EvalSettings", "Evaluator", "LATENCY_MODES"]
+__all__ = ["EvalSettings", "Evaluator", "LATENCY_MODES", "worker_evaluator"]
 
 LATENCY_MODES = ("measure", "predict", "hybrid", "none")
 
@@ -115,20 +115,16 @@ def outcome_from_json(data: dict[str, Any]) -> Outcome:
 class Evaluator:
     """Holds the base model, data, space, calibration batches and reference ONNX of one worker."""
 
-    def __init__(self, model: str | nn.Module, data: str | DataBundle = "digits",
-                 settings: EvalSettings = EvalSettings(),
+    def __init__(self, model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(),
                  *, cache_dir: str | Path | None = None, lut_dir: str | Path | None = None,
                  lock: MachineLock | None = None, latency_fn: Callable[[bytes], LatencyResult] | None = None,
                  hardware: dict[str, Any] | None = None) -> None:
-        from squeezer.evaluators.baseline import resolve_model
-
         self.settings = settings
-        self.data = data if isinstance(data, DataBundle) else load_data(data).without_test()  # never scored on
+        self.data = data
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for but torch sees no GPU: use device 'cpu'")
         self.device = torch.device(settings.device)
-        base = model if isinstance(model, nn.Module) else resolve_model(model, self.data)
-        self.base = copy.deepcopy(base).eval()
+        self.base = copy.deepcopy(model).eval()
         self.example = self.data.example_inputs(1)
         self.space = SearchSpace.from_model(self.base, self.example)
         # fvcore's count, or a forward pass that matches it (watching the units, whose MACs BOPs weigh)
@@ -299,3 +295,15 @@ class Evaluator:
         return Measurement(accuracy=accuracy, loss=loss, macs=cost["macs"], params=cost["params"], bops=cost["bops"],
                            size_mb=cost["size_mb"], seconds=time.perf_counter() - start, recovery=s.recovery,
                            fingerprint=self.space.fingerprint, hardware=self.hardware, **latency_fields)
+
+
+def worker_evaluator(model: nn.Module, data: DataBundle, settings: EvalSettings,
+                     options: dict[str, Any]) -> Evaluator | EvalFailure:
+    """A worker's Evaluator, or the failure each evaluation handed to the worker reports.
+
+    Raised while a worker starts, the error would break a process pool with no reason given ("a child process
+    terminated abruptly"), or kill Ray actors until the pool gave up on them."""
+    try:
+        return Evaluator(model, data, settings, **options)
+    except Exception as exc:  # noqa: BLE001
+        return EvalFailure(f"the worker could not build its evaluator: {type(exc).__name__}: {exc}"[:300])

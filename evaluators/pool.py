@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from squeezer.evaluators.data import DataBundle
-from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator, worker_evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.policy import Policy
 
-__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "cluster_workers", "default_workers", "make_pool",
-           "worker_evaluator"]
+__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "cluster_workers", "default_workers", "make_pool"]
 
 RETRIES = 1
 log = logging.getLogger(__name__)
@@ -58,18 +57,6 @@ def default_workers(device: str = "cpu") -> int:
     if device == "cuda":
         return max(1, torch.cuda.device_count())
     return max(1, os.cpu_count() or 1)
-
-
-def worker_evaluator(model: Any, data: Any, settings: EvalSettings,
-                     options: dict[str, Any]) -> Evaluator | EvalFailure:
-    """A worker's Evaluator, or the failure each evaluation handed to the worker reports.
-
-    Raised while a worker starts, the error would break a process pool with no reason given ("a child process
-    terminated abruptly"), or kill Ray actors until the pool gave up on them."""
-    try:
-        return Evaluator(model, data, settings, **options)
-    except Exception as exc:  # noqa: BLE001
-        return EvalFailure(f"the worker could not build its evaluator: {type(exc).__name__}: {exc}"[:300])
 
 
 # ---- local processes -------------------------------------------------------------------------------------------------
@@ -104,10 +91,10 @@ class LocalPool:
     each evaluation it is handed, with the reason.
     """
 
-    def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+    def __init__(self, model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
                  workers: int = 1, **options: Any) -> None:
         self.workers = max(1, workers)
-        data = data.without_test() if isinstance(data, DataBundle) else data
+        data = data.without_test()
         self.init_args = (model, data, settings, threads_per_worker(self.workers), options)
         self._queue: deque[tuple[int, Policy]] = deque()
         self._futures: dict[Future, tuple[int, Policy, int]] = {}
@@ -229,7 +216,7 @@ class RayPool:
     idle first (as a process pool's shared queue does). Sent ahead to a busy actor, a policy would wait for that actor
     even while another sat idle."""
 
-    def __init__(self, model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+    def __init__(self, model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
                  workers: int | None = 2, address: str | None = None, latency_resource: str | None = None,
                  **options: Any) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -240,7 +227,7 @@ class RayPool:
         self.ray = ray
         # no number given: one per core (GPU) of this machine, or of the cluster once joined
         self.workers = max(1, workers) if workers else (0 if address else default_workers(settings.device))
-        data = data.without_test() if isinstance(data, DataBundle) else data
+        data = data.without_test()
         self._owns = False
         if not ray.is_initialized():
             if address:
@@ -260,8 +247,7 @@ class RayPool:
             self.workers = cluster_workers(settings.device, offered)
         # Model and data go to the object store once, not once per actor (Ray does not deduplicate arguments), and
         # the actor class is declared once: each ray.remote() of it would pickle and upload the class again.
-        model_ref = model if isinstance(model, str) else ray.put(model)
-        data_ref = data if isinstance(data, str) else ray.put(data)
+        model_ref, data_ref = ray.put(model), ray.put(data)
         self.latency_actor = None
         if latency_resource and settings.latency != "none":
             cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={latency_resource: 1})
@@ -365,7 +351,7 @@ def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str,
     return {"num_cpus": 1, "num_gpus": 1.0 / per_gpu}
 
 
-def make_pool(model: str | nn.Module, data: str | DataBundle, settings: EvalSettings = EvalSettings(), *,
+def make_pool(model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
               workers: int | None = 1, backend: str = "auto", ray_address: str | None = None,
               latency_resource: str | None = None, **options: Any) -> EvalPool:
     """A pool of `workers` evaluators: "local", "ray", or "auto" (Ray when importable and workers > 1). `workers`

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.evaluate import EvalSettings
+from squeezer.evaluators.data import DataBundle
+from squeezer.evaluators.evaluate import EvalSettings, worker_evaluator
 from squeezer.evaluators.latency import LatencyMeter, LatencyResult
 from squeezer.evaluators.measurement import EvalFailure, Outcome
-from squeezer.evaluators.pool import worker_evaluator
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 
@@ -19,7 +18,8 @@ from squeezer.policies.policy import Policy
 class EvalActor:
     """One Evaluator per actor; latency goes to `latency_actor` (a LatencyService) when one is given."""
 
-    def __init__(self, model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, data: DataBundle, settings: EvalSettings, threads: int,
+                 options: dict[str, Any]) -> None:
         import ray
 
         torch.set_num_threads(threads)
@@ -42,15 +42,12 @@ class EvalActor:
 class LatencyService:
     """Times ONNX models against the base model's, on whichever node carries the pool's latency resource."""
 
-    def __init__(self, model: Any, data: Any, settings: EvalSettings) -> None:
+    def __init__(self, model: torch.nn.Module, data: DataBundle, settings: EvalSettings) -> None:
         import ray
 
-        from squeezer.evaluators.baseline import resolve_model
-
-        bundle = data if isinstance(data, DataBundle) else load_data(data)
-        base = model if isinstance(model, torch.nn.Module) else resolve_model(model, bundle)
-        example = bundle.example_inputs(1)
-        self.meter = LatencyMeter(export_onnx(base.eval(), example), tuple(example.shape), batch=settings.latency_batch,
+        example = data.example_inputs(1)
+        self.meter = LatencyMeter(export_onnx(model.eval(), example), tuple(example.shape),
+                                  batch=settings.latency_batch,
                                   threads=settings.latency_threads, warmup=settings.latency_warmup,
                                   runs=settings.latency_runs, reps=settings.latency_reps)
         self.node = ray.get_runtime_context().get_node_id()

@@ -1,6 +1,6 @@
 """Budgeted search over a SearchSpace: Optuna samplers and an AMC-style agent, resumable from storage.
 
-Names are loaded on first use so importing the package (e.g. for `squeezer.search.jobs`) stays cheap.
+Names are loaded on first use so importing the package stays cheap.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +36,6 @@ from squeezer.search.working_copy import WorkingCopy
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
 
 STUDY_PREFIX = "squeezer"
-Progress = Callable[[dict[str, Any]], None]
 
 
 class SearchError(ValueError):
@@ -211,7 +211,7 @@ def finished_count(study: optuna.Study) -> int:
 def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measurement, *, out: str | Path,
                sampler: str = "tpe", trials: int = 100, workers: int = 1, storage: str | BaseStorage | None = None,
                objective: str = "multi", cost_metric: str | None = None, repair: bool = False, seed: int = 0,
-               progress: Progress | bool | None = None, promote_top_k: int = 0,
+               on_progress: Callable[[SearchProgress], None] | None = None, promote_top_k: int = 0,
                promote_fn: Callable[[Policy], Outcome] | None = None,
                check: bool = True, latency_model: LatencyModel | None = None,
                start_latency: Callable[[Policy], float] | None = None) -> StudyResult:
@@ -241,7 +241,6 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
         for policy in budget_starts(space, budget, base, most=trials // 4, latency=latency):
             searcher.enqueue(policy)
     driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
-    show = _display(progress)
     rows = [r for r in (row_from_trial(t) for t in study.get_trials(deepcopy=False)) if r["state"] == "COMPLETE"]
     done = finished_count(study)
     start, started_with = time.perf_counter(), done
@@ -254,32 +253,28 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
     # slowed the evaluations more than it hid: 100 trials took 18.2-19.7 s against 17.3-17.5 s).
     depth = workers if getattr(pool, "in_process", False) else workers + 1
     lock = MachineLock()  # the driver's own CPU work never runs beside a latency timing run on this machine
-    try:
-        while True:
-            while len(in_flight) < depth and done + len(in_flight) < trials:
-                with lock.compute():
-                    proposal = searcher.ask()
-                    path = proposal.policy.save(out / "policies" / f"trial_{proposal.trial_number:05d}.json")
-                    proposal.trial.set_user_attr(RUN_ATTR, {"policy_file": str(path.relative_to(out)),
-                                                            "driver": driver})
-                    work.begin(proposal.trial)
-                pool.submit(proposal.trial_number, proposal.policy)
-                in_flight[proposal.trial_number] = proposal
-            if not in_flight:
-                break
-            for key, outcome in pool.wait(timeout=None):
-                proposal = in_flight.pop(key)
-                with lock.compute():
-                    searcher.tell(proposal, outcome)
-                    work.finish(proposal.trial)
-                done += 1
-                if isinstance(outcome, Measurement):
-                    rows.append({"number": key, **trial_attrs(proposal.trial)})
-                if show:
-                    show(_stats(rows, done, trials, start, started_with))
-    finally:  # the pool is the caller's: left open for promotion or another search
-        if show and hasattr(show, "close"):
-            show.close()
+    while True:
+        while len(in_flight) < depth and done + len(in_flight) < trials:
+            with lock.compute():
+                proposal = searcher.ask()
+                path = proposal.policy.save(out / "policies" / f"trial_{proposal.trial_number:05d}.json")
+                proposal.trial.set_user_attr(RUN_ATTR, {"policy_file": str(path.relative_to(out)),
+                                                        "driver": driver})
+                work.begin(proposal.trial)
+            pool.submit(proposal.trial_number, proposal.policy)
+            in_flight[proposal.trial_number] = proposal
+        if not in_flight:
+            break
+        for key, outcome in pool.wait(timeout=None):
+            proposal = in_flight.pop(key)
+            with lock.compute():
+                searcher.tell(proposal, outcome)
+                work.finish(proposal.trial)
+            done += 1
+            if isinstance(outcome, Measurement):
+                rows.append({"number": key, **trial_attrs(proposal.trial)})
+            if on_progress is not None:
+                on_progress(_stats(rows, done, trials, start, started_with))
     if promote_top_k and promote_fn is not None:
         promote(stored, promote_fn, obj, k=promote_top_k)
     return StudyResult.from_study(stored, trials=study.get_trials(deepcopy=False))  # the copy holds what is stored
@@ -305,24 +300,27 @@ def promote(study: optuna.Study, promote_fn: Callable[[Policy], Outcome], object
             study.set_user_attr(key, {"fail_reason": getattr(outcome, "reason", str(outcome))})
 
 
-def _stats(rows: list[dict[str, Any]], done: int, total: int, start: float, started_with: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SearchProgress:
+    """Where a running search stands, handed to the caller's progress callback after each finished trial."""
+
+    done: int
+    total: int
+    feasible: int
+    best_accuracy: float | None
+    front: int
+    elapsed: float
+    eta: float | None
+
+
+def _stats(rows: list[dict[str, Any]], done: int, total: int, start: float, started_with: int) -> SearchProgress:
     feasible = [r for r in rows if r.get("feasible")]
     elapsed = time.perf_counter() - start
     rate = (done - started_with) / elapsed if elapsed > 0 else 0.0
-    return {"done": done, "total": total, "feasible": len(feasible),
-            "best_accuracy": max((r["accuracy"] for r in feasible), default=None),
-            "front": len(front_rows(rows)), "elapsed": elapsed,
-            "eta": (total - done) / rate if rate > 0 else None}
+    return SearchProgress(done=done, total=total, feasible=len(feasible),
+                          best_accuracy=max((r["accuracy"] for r in feasible), default=None),
+                          front=len(front_rows(rows)), elapsed=elapsed,
+                          eta=(total - done) / rate if rate > 0 else None)
 
 
-def _display(progress: Progress | bool | None) -> Progress | None:
-    if progress is None or progress is False:
-        return None
-    if callable(progress):
-        return progress
-    from squeezer.search.report import LiveDisplay
-
-    return LiveDisplay()
-
-
-__all__ += ["requeue_stale", "finished_count", "promote", "BudgetError"]
+__all__ += ["requeue_stale", "finished_count", "promote", "BudgetError", "SearchProgress"]

@@ -1,15 +1,17 @@
 """Squeezer: search per-layer compression policies for a PyTorch model under a hardware budget.
 
-The public API, re-exported from the packages that implement it (loaded on first use, so `squeezer --help` stays
+The public API, re-exported from the modules that implement it (loaded on first use, so `squeezer --help` stays
 instant):
 
     import squeezer
-    result = squeezer.search(model="runs/resnet20.pt", data="digits", budget="macs<=50%", out="runs/r20", trials=40)
+    result = squeezer.search_policies(model="runs/resnet20.pt", data="digits", budget="macs<=50%", out="runs/r20",
+                                      trials=40)
     squeezer.front("runs/r20", x="latency_ms")
     squeezer.apply("runs/r20", trial=result.front[0]["number"], out="small.pt", onnx="small.onnx")
 
-Lower-level pieces: `SearchSpace.from_model`, `Policy`, `apply_policy`, `Evaluator`, `make_pool`, `Budget`,
-`run_search`, `StudyResult`.
+The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
+means one thing. Lower-level pieces: `SearchSpace.from_model`, `Policy`, `apply_policy`, `Evaluator`, `make_pool`,
+`Budget`, `run_search`, `StudyResult`.
 """
 from __future__ import annotations
 
@@ -20,17 +22,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # jobs (what the CLI runs)
-    "train": "squeezer.search.jobs", "space": "squeezer.search.jobs", "search": "squeezer.search.jobs",
-    "front": "squeezer.search.jobs", "apply": "squeezer.search.jobs", "report": "squeezer.search.jobs",
-    "demo": "squeezer.search.jobs",
+    "train": "squeezer.training", "space": "squeezer.inspection", "search_policies": "squeezer.search_job",
+    "front": "squeezer.inspection", "apply": "squeezer.apply_job", "report": "squeezer.inspection",
+    "demo": "squeezer.demo_job",
     # building blocks
     "SearchSpace": "squeezer.spaces.space", "SpaceConfig": "squeezer.spaces.knobs",
     "Policy": "squeezer.policies.policy", "apply_policy": "squeezer.policies.apply",
     "export_onnx": "squeezer.policies.export",
     "Evaluator": "squeezer.evaluators.evaluate", "EvalSettings": "squeezer.evaluators.evaluate",
     "make_pool": "squeezer.evaluators.pool", "Measurement": "squeezer.evaluators.measurement",
-    "load_data": "squeezer.evaluators.data", "save_data": "squeezer.evaluators.data",
-    "load_model": "squeezer.evaluators.zoo",
+    "load_data": "squeezer.datasets", "save_data": "squeezer.datasets",
+    "load_model": "squeezer.models",
     "Budget": "squeezer.search.budget", "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
 }
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 EXAMPLES = {
     "train": "squeezer train --model resnet20 --data digits --out runs/resnet20.pt",
-    "space": "squeezer space runs/resnet20.pt --data digits --knobs prune,w_bits",
+    "space": "squeezer space --model runs/resnet20.pt --data digits --knobs prune,w_bits",
     "search": 'squeezer search --model runs/resnet20.pt --data digits --budget "macs<=50%" --trials 60 '
               "--sampler tpe --workers 2 --out runs/r20",
     "front": 'squeezer front runs/r20 --x latency_ms --under "latency<=2ms"',
@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
 
     p = _sub(subs, "space", "print a model's compressible units, their knobs and choices, and the space size")
-    p.add_argument("model", help="model reference, as for --model elsewhere (e.g. runs/resnet20.pt, resnet18)")
-    p.add_argument("--data", default="digits", help="data whose input shape and classes the model is built for")
+    _model_data(p)
     p.add_argument("--knobs", default=None, help="comma-separated knobs to offer, e.g. prune,w_bits")
     p.add_argument("--include", default=None, help="comma-separated unit-name patterns to include, e.g. 'layer3.*'")
     p.add_argument("--exclude", default=None, help="comma-separated unit-name patterns to exclude")
@@ -199,42 +198,42 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `squeezer --help` stays instant.
+    import squeezer
     from squeezer import render
-    from squeezer.search import jobs
 
     if args.command == "train":
-        result = jobs.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
-                            device=args.device, progress=True)
+        result = squeezer.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
+                                device=args.device, progress=True)
         render.train(result)
     elif args.command == "space":
-        space = jobs.space(args.model, data=args.data, knobs=_split(args.knobs), include=_split(args.include),
-                           exclude=_split(args.exclude))
+        space = squeezer.space(model=args.model, data=args.data, knobs=_split(args.knobs),
+                               include=_split(args.include), exclude=_split(args.exclude))
         render.space(space)
     elif args.command == "search":
-        summary = jobs.search(model=args.model, data=args.data, budget=args.budget, trials=args.trials,
-                              sampler=args.sampler, workers=getattr(args, "workers", None), storage=args.storage,
-                              ray_address=args.ray_address, device=args.device, out=args.out,
-                              objective=args.objective, recovery=args.recovery, latency=args.latency,
-                              knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
-                              backend=args.pool, latency_on=args.latency_on,
-                              settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch,
-                                        "latency_table_reps": args.latency_table_reps,
-                                        "bn_batches": args.bn_batches, "finetune_steps": args.finetune_steps,
-                                        "finetune_lr": args.finetune_lr, "kd_temperature": args.kd_temperature,
-                                        "kd_weight": args.kd_weight},
-                              progress=True)
+        summary = squeezer.search_policies(
+            model=args.model, data=args.data, budget=args.budget, trials=args.trials, sampler=args.sampler,
+            workers=getattr(args, "workers", None), storage=args.storage, ray_address=args.ray_address,
+            device=args.device, out=args.out, objective=args.objective, recovery=args.recovery,
+            latency=args.latency, knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
+            backend=args.pool, latency_on=args.latency_on,
+            settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch,
+                      "latency_table_reps": args.latency_table_reps, "bn_batches": args.bn_batches,
+                      "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+                      "kd_temperature": args.kd_temperature, "kd_weight": args.kd_weight},
+            progress=True)
         render.search(summary)
     elif args.command == "front":
-        render.front(jobs.front(args.run, x=args.x, under=args.under))
+        render.front(squeezer.front(args.run, x=args.x, under=args.under))
     elif args.command == "apply":
-        render.apply(jobs.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
-                                out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
-                                device=args.device, progress=True))
+        render.apply(squeezer.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
+                                    out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
+                                    device=args.device, progress=True))
     elif args.command == "report":
-        render.report(jobs.report(args.run, trial=args.trial))
+        render.report(squeezer.report(args.run, trial=args.trial))
     elif args.command == "demo":
-        render.demo(jobs.demo(out=args.out, trials=args.trials, workers=getattr(args, "workers", None), progress=True,
-                              on_stage=lambda text: render.console.print(f"[bold]squeezer demo:[/] {text}")))
+        render.demo(squeezer.demo(out=args.out, trials=args.trials, workers=getattr(args, "workers", None),
+                                  progress=True,
+                                  on_stage=lambda text: render.console.print(f"[bold]squeezer demo:[/] {text}")))
     return 0
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from rich.table import Table
 
-from squeezer.search.report import terminal_console
+from squeezer.progress import terminal_console
 
 console = terminal_console()
 

@@ -8,8 +8,10 @@ from typing import Iterator
 import pytest
 import torch
 
-from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.zoo import mobilenetv2_small, resnet20
+from squeezer.evaluators.data import DataBundle
+
+from squeezer.datasets import load_data
+from squeezer.models import mobilenetv2_small, resnet20
 
 torch.set_num_threads(2)
 
@@ -54,7 +56,7 @@ def trained_resnet(digits: DataBundle) -> torch.nn.Module:
     """ResNet-20 briefly trained on digits (98% val), for checks that need real activations and predictions.
 
     Session-scoped and shared: tests must not change it (apply_policy copies the model it is given)."""
-    from squeezer.evaluators.train import FitConfig, fit
+    from squeezer.evaluators.finetune import FitConfig, fit
 
     torch.manual_seed(0)
     with torch_threads(1):  # 5 s; two threads on a busy 2-core machine took 170-250 s

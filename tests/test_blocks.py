@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from squeezer.evaluators.cost import count_macs
-from squeezer.evaluators.train import evaluate
+from squeezer.evaluators.finetune import evaluate
 from squeezer.policies import blocks
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from squeezer.cli import main
-from squeezer.evaluators.zoo import resnet20, save_checkpoint
+from squeezer.models import resnet20, save_checkpoint
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -28,28 +28,28 @@ def wrong_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_unknown_model_name(capsys) -> None:
-    code, err = run_cli(capsys, "space", "resnet999x")
+    code, err = run_cli(capsys, "space", "--model", "resnet999x")
     assert code == 2 and "unknown model 'resnet999x'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_builder_that_fails_to_import(capsys) -> None:
-    code, err = run_cli(capsys, "space", "no_such_module_xyz:build")
+    code, err = run_cli(capsys, "space", "--model", "no_such_module_xyz:build")
     assert code == 2 and "cannot import 'no_such_module_xyz'" in err
 
 
 def test_builder_missing_function(capsys) -> None:
-    code, err = run_cli(capsys, "space", "squeezer.evaluators.zoo:nothing_here")
+    code, err = run_cli(capsys, "space", "--model", "squeezer.models:nothing_here")
     assert code == 2 and "has no callable 'nothing_here'" in err
 
 
 def test_checkpoint_that_does_not_match(capsys, wrong_checkpoint) -> None:
-    code, err = run_cli(capsys, "space", str(wrong_checkpoint))
+    code, err = run_cli(capsys, "space", "--model", str(wrong_checkpoint))
     assert code == 2 and "does not match model 'resnet20'" in err
 
 
 def test_missing_checkpoint(capsys, tmp_path) -> None:
-    code, err = run_cli(capsys, "space", str(tmp_path / "nope.pt"))
+    code, err = run_cli(capsys, "space", "--model", str(tmp_path / "nope.pt"))
     assert code == 2 and "does not exist" in err
 
 
@@ -57,28 +57,28 @@ def test_missing_checkpoint(capsys, tmp_path) -> None:
 def test_a_state_dict_is_refused_with_how_to_save_the_model(capsys, tmp_path, wrap) -> None:
     import torch
 
-    from squeezer.evaluators.zoo import build_model
+    from squeezer.models import build_model
 
     torch.save(wrap(build_model("resnet20").state_dict()), tmp_path / "weights.pt")
-    code, err = run_cli(capsys, "space", str(tmp_path / "weights.pt"))
+    code, err = run_cli(capsys, "space", "--model", str(tmp_path / "weights.pt"))
     assert code == 2 and "holds weights only (a state_dict)" in err and "torch.save(model, " in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_a_training_scripts_checkpoint_holding_the_model_loads(capsys, tmp_path) -> None:
-    from squeezer.evaluators.zoo import build_model
+    from squeezer.models import build_model
 
     torch.save({"model": build_model("resnet20", in_channels=1), "epoch": 3}, tmp_path / "last.pt")
-    assert run_cli(capsys, "space", str(tmp_path / "last.pt"))[0] == 0
+    assert run_cli(capsys, "space", "--model", str(tmp_path / "last.pt"))[0] == 0
 
 
 def test_missing_data_path(capsys, tmp_path) -> None:
-    code, err = run_cli(capsys, "space", "resnet20", "--data", str(tmp_path / "images"))
+    code, err = run_cli(capsys, "space", "--model", "resnet20", "--data", str(tmp_path / "images"))
     assert code == 2 and "not found" in err
 
 
 def test_unknown_knob(capsys) -> None:
-    code, err = run_cli(capsys, "space", "resnet20", "--knobs", "prune,sparsity")
+    code, err = run_cli(capsys, "space", "--model", "resnet20", "--knobs", "prune,sparsity")
     assert code == 2 and "unknown knob 'sparsity'" in err
 
 
@@ -121,10 +121,10 @@ def test_a_pickled_model_whose_module_is_elsewhere_names_it_and_loads_from_its_f
     sys.modules.pop("squeezer_user_cnn")
     sys.path.remove(str(tmp_path / "mods"))
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(capsys, "space", "model.pt")
+    code, err = run_cli(capsys, "space", "--model", "model.pt")
     assert code == 2 and "needs module 'squeezer_user_cnn'" in err and "run from the folder that holds it" in err
     monkeypatch.chdir(tmp_path / "mods")
     try:
-        assert run_cli(capsys, "space", str(tmp_path / "model.pt"))[0] == 0
+        assert run_cli(capsys, "space", "--model", str(tmp_path / "model.pt"))[0] == 0
     finally:
         sys.modules.pop("squeezer_user_cnn", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 from squeezer.policies.clone import clone_module
 
 

@@ -71,8 +71,8 @@ def test_a_trained_baseline_keeps_the_statistics_of_its_final_weights(digits, tm
     """torchvision's MobileNetV3 and EfficientNet set BN momentum 0.01: after a short training its running statistics
     still lean on their initial values, and the saved model scored at chance (MobileNetV3-small, 200 steps on 32x32
     digits: 0.08 in eval mode, 0.99 once recalibrated). The baseline recalibrates them before it is scored and saved."""
-    from squeezer.evaluators import baseline
-    from squeezer.evaluators.zoo import load_checkpoint, load_model
+    from squeezer import training as baseline
+    from squeezer.models import load_checkpoint, load_model
 
     def slow_bn_model(ref: str, **kwargs):
         model = load_model(ref, **kwargs)

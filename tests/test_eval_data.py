@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from squeezer.evaluators.data import FALLBACK_SIZE, DataError, load_data
+from squeezer.datasets import FALLBACK_SIZE, load_data
+
+from squeezer.evaluators.data import DataError
 
 
 def _write_digits(root: Path, indices: range, *, skip_class: int | None = None) -> int:
@@ -107,7 +109,7 @@ def test_a_torchvision_dataset_on_disk_keeps_its_size_and_its_test_split(tmp_pat
     assert data.test.y.tolist() == y[400:].tolist()
     from torchvision import datasets, transforms
 
-    from squeezer.evaluators.data import _arrays, _held_arrays
+    from squeezer.datasets import _arrays, _held_arrays
 
     ds = datasets.MNIST(str(tmp_path), train=False, transform=transforms.ToTensor())
     held = _held_arrays(ds)  # read at once, as each image would be read
@@ -130,7 +132,7 @@ class _CifarLike:
 
 
 def test_arrays_a_dataset_holds_are_read_at_once_and_equal_reading_each_image() -> None:
-    from squeezer.evaluators.data import _arrays, _held_arrays
+    from squeezer.datasets import _arrays, _held_arrays
 
     d = load_digits()
     rgb = np.repeat((d.images[:50, :, :, None] * 16).clip(0, 255).astype(np.uint8), 3, axis=3)
@@ -158,7 +160,9 @@ def test_evaluation_workers_get_no_test_split(digits) -> None:
     from squeezer.evaluators.evaluate import EvalSettings
     from squeezer.evaluators.pool import LocalPool
 
-    pool = LocalPool("resnet20", digits, EvalSettings(latency="none"), workers=2)
+    from squeezer.models import resnet20
+
+    pool = LocalPool(resnet20(num_classes=10, in_channels=1), digits, EvalSettings(latency="none"), workers=2)
     try:
         sent = pool.init_args[1]  # what each worker process unpickles
         assert len(sent.test) == 0 and len(sent.val) == len(digits.val) and len(sent.train) == len(digits.train)
@@ -168,7 +172,7 @@ def test_evaluation_workers_get_no_test_split(digits) -> None:
 
 
 def test_a_source_too_large_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch) -> None:
-    from squeezer.evaluators import data as data_module
+    from squeezer import datasets as data_module
 
     _write_digits(tmp_path / "digits", range(40))
     monkeypatch.setattr(data_module, "available_memory", lambda: 4 * 40 * 64)  # room for half of them
@@ -179,7 +183,7 @@ def test_a_source_too_large_for_memory_is_refused_before_it_is_read(tmp_path, mo
 
 
 def test_a_file_of_tensors_is_data_with_the_splits_it_holds(tmp_path) -> None:
-    from squeezer.evaluators.data import save_data
+    from squeezer.datasets import save_data
 
     d = load_digits()
     pixels = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8))[:, None]  # uint8, N x 1 x 8 x 8

@@ -11,7 +11,7 @@ import torch
 
 from squeezer.evaluators.latency import (LatencyMeter, LatencyTable, MachineLock, calibration_policies, choice_parts,
                                          fit_slopes, hardware_fingerprint, table_entries, timing_threads)
-from squeezer.evaluators.zoo import vgg_small
+from squeezer.models import vgg_small
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import LayerChoice, Policy

@@ -7,13 +7,21 @@ import signal
 import time
 
 import pytest
+import torch
+from fakes import BrokenModel
 
 from squeezer.evaluators.evaluate import EvalSettings
 from squeezer.evaluators.measurement import EvalFailure, Measurement
 from squeezer.evaluators.pool import LocalPool, make_pool
+from squeezer.models import resnet20
 from squeezer.policies.policy import LayerChoice, Policy
 
 FAST = EvalSettings(latency="none", bn_batches=2)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return resnet20(num_classes=10, in_channels=1)
 
 
 def _policies():
@@ -29,7 +37,7 @@ def _drain(pool, timeout=120.0):
 
 
 def test_inline_pool_returns_everything(digits) -> None:
-    pool = make_pool("resnet20", digits, FAST, workers=1, backend="auto")
+    pool = make_pool(_net(), digits, FAST, workers=1, backend="auto")
     assert isinstance(pool, LocalPool) and pool.in_process
     for i, p in enumerate(_policies()):
         pool.submit(i, p)
@@ -39,7 +47,7 @@ def test_inline_pool_returns_everything(digits) -> None:
 
 
 def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
-    pool = LocalPool("resnet20", digits, FAST, workers=2)
+    pool = LocalPool(_net(), digits, FAST, workers=2)
     try:
         # both workers start with the pool, not the second one only once a search is under way
         assert len(pool.worker_pids()) == 2 and not pool.in_process
@@ -58,7 +66,7 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
 
 
 def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) -> None:
-    pool = LocalPool("resnet20", digits, FAST, workers=2)
+    pool = LocalPool(_net(), digits, FAST, workers=2)
     try:
         pool.submit(0, Policy())
         assert isinstance(_drain(pool)[0], Measurement)
@@ -69,13 +77,12 @@ def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) ->
         assert isinstance(_drain(pool)[1], Measurement) and pool.restarts == 1
     finally:
         pool.close()
-    missing = tmp_path / "gone.pt"
-    pool = LocalPool(str(missing), digits, FAST, workers=2)  # each worker fails to load it: a reason, not a crash
+    pool = LocalPool(BrokenModel(), digits, FAST, workers=2)  # each worker fails to trace it: a reason, not a crash
     try:
         pool.submit(0, Policy())
         out = _drain(pool)
         assert isinstance(out[0], EvalFailure) and "could not build its evaluator" in out[0].reason
-        assert "gone.pt" in out[0].reason and pool.restarts == 0
+        assert "broken on purpose" in out[0].reason and pool.restarts == 0
     finally:
         pool.close()
 
@@ -84,17 +91,18 @@ def test_a_ray_actor_that_cannot_build_its_evaluator_fails_each_evaluation_with_
     pytest.importorskip("ray")
     from squeezer.evaluators.ray_actors import EvalActor
 
-    actor = EvalActor(str(tmp_path / "gone.pt"), digits, FAST, 1, {})  # the class itself, as Ray would build it
+    actor = EvalActor(BrokenModel(), digits, FAST, 1, {})  # the class itself, as Ray would build it
     out = actor.evaluate(Policy())
-    assert isinstance(out, EvalFailure) and "could not build its evaluator" in out.reason and "gone.pt" in out.reason
+    assert isinstance(out, EvalFailure) and "could not build its evaluator" in out.reason
+    assert "broken on purpose" in out.reason
 
 
-def test_unknown_backend_and_unreachable_address() -> None:
+def test_unknown_backend_and_unreachable_address(digits) -> None:
     with pytest.raises(ValueError, match="unknown pool backend"):
-        make_pool("resnet20", "digits", FAST, backend="dask")
+        make_pool(_net(), digits, FAST, backend="dask")
     pytest.importorskip("ray")
     with pytest.raises(ValueError, match="ray start --head"):
-        make_pool("resnet20", "digits", FAST, workers=2, backend="ray", ray_address="127.0.0.1:1")
+        make_pool(_net(), digits, FAST, workers=2, backend="ray", ray_address="127.0.0.1:1")
 
 
 def test_default_pool_size_is_one_worker_per_core_and_one_per_gpu() -> None:
@@ -144,20 +152,20 @@ def test_auto_pool_evaluates_locally_when_ray_cannot_start(digits, monkeypatch, 
         raise RuntimeError("raylet failed to start")
 
     monkeypatch.setattr(pool_module, "RayPool", broken)
-    pool = make_pool("resnet20", digits, FAST, workers=2, backend="auto")
+    pool = make_pool(_net(), digits, FAST, workers=2, backend="auto")
     try:
         assert isinstance(pool, LocalPool) and pool.workers == 2
         assert "Ray did not start (RuntimeError: raylet failed to start)" in caplog.text
     finally:
         pool.close()
     with pytest.raises(RuntimeError):  # asked for by name, Ray's failure is the user's to see
-        make_pool("resnet20", digits, FAST, workers=2, backend="ray")
+        make_pool(_net(), digits, FAST, workers=2, backend="ray")
 
 
 @pytest.mark.slow
 def test_ray_pool_retries_killed_actor(digits) -> None:
     pytest.importorskip("ray")
-    pool = make_pool("resnet20", digits, FAST, workers=2, backend="ray")
+    pool = make_pool(_net(), digits, FAST, workers=2, backend="ray")
     try:
         for i, p in enumerate(_policies()):
             pool.submit(i, p)
@@ -188,7 +196,7 @@ def test_ray_latency_runs_on_device_node(digits) -> None:
     device = cluster.add_node(num_cpus=0, resources={"device:test": 1})  # as the README starts a device: no CPUs
     try:  # offered, so no evaluation is placed there, and the pool defaults to one worker per CPU offered
         settings = EvalSettings(latency="measure", bn_batches=2)
-        pool = make_pool("resnet20", digits, settings, workers=None, backend="ray", ray_address=cluster.address,
+        pool = make_pool(_net(), digits, settings, workers=None, backend="ray", ray_address=cluster.address,
                          latency_resource="device:test")
         assert pool.workers == 2
         pool.submit(0, Policy())
@@ -227,7 +235,7 @@ def test_a_module_function_model_from_the_current_folder_builds_here_and_in_work
     file there (as `uvicorn module:app` does). Worker processes unpickle the model's class from it too."""
     import sys
 
-    from squeezer.evaluators.zoo import build_model
+    from squeezer.models import build_model
 
     (tmp_path / "squeezer_user_nets.py").write_text(USER_MODULE)
     monkeypatch.chdir(tmp_path)

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from squeezer.cli import main
-from squeezer.search import jobs
+import squeezer as jobs
+from squeezer.inspection import FrontSummary
+from squeezer.search_job import SearchSummary, _warn_if_untrained, closest_to_budget
 
 QUICK = {"latency_runs": 20, "latency_reps": 2, "latency_warmup": 5, "bn_batches": 4}
 
@@ -24,7 +26,7 @@ def run(tmp_path_factory) -> Path:
     """A finished 3-trial pruning search on a briefly trained ResNet-20 (digits)."""
     root = tmp_path_factory.mktemp("jobs")
     jobs.train(model="resnet20", data="digits", out=root / "base.pt", steps=60)
-    summary = jobs.search(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
+    summary = jobs.search_policies(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
                           trials=3, knobs=("prune",), settings=QUICK, workers=1)
     assert summary.completed == 3 and summary.front
     return root / "run"
@@ -60,7 +62,7 @@ def test_front_command_prints_the_table(capsys, run: Path) -> None:
 
 def test_apply_reproduces_the_searched_numbers(capsys, run: Path, tmp_path: Path) -> None:
     from squeezer.evaluators.cost import count_macs
-    from squeezer.evaluators.zoo import load_checkpoint
+    from squeezer.models import load_checkpoint
 
     rows = json.loads((run / "front.json").read_text())["rows"]
     best = max(rows, key=lambda r: r["accuracy"])
@@ -79,7 +81,7 @@ def test_apply_reproduces_the_searched_numbers(capsys, run: Path, tmp_path: Path
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-3, atol=1e-4)
     # whoever deploys the model learns how raw images become its inputs: printed, in the checkpoint, in the ONNX file
-    from squeezer.evaluators.data import load_data
+    from squeezer.datasets import load_data
 
     digits = load_data("digits")
     assert info["input_mean"] == [round(m, 6) for m in digits.mean] and len(info["input_std"]) == 1
@@ -119,12 +121,12 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
 
 
 def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
-    summary = jobs.search(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
+    summary = jobs.search_policies(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
                           trials=2, knobs=("prune",), latency="predict", settings=QUICK, workers=1)
     tables = list((tmp_path / "p" / "cache").glob("lut-*.json"))
     assert len(tables) == 1
     deltas = json.loads(tables[0].read_text())["deltas"]
-    pruned = [u for u, k in jobs.space(str(run / "base.pt"), knobs=("prune",)).param_names()]
+    pruned = [u for u, k in jobs.space(model=str(run / "base.pt"), knobs=("prune",)).param_names()]
     assert len(deltas) >= len(pruned) and all(k.split("|")[0] in pruned for k in deltas)
     assert summary.completed == 2 and all(r["latency_source"] == "predicted" for r in summary.front)
 
@@ -211,7 +213,7 @@ def test_corrupted_policy_file(capsys, run: Path, tmp_path: Path) -> None:
 
 
 def test_policy_for_another_model(capsys, run: Path, tmp_path: Path) -> None:
-    from squeezer.evaluators.zoo import mobilenetv2_small
+    from squeezer.models import mobilenetv2_small
     from squeezer.policies.policy import Policy
     from squeezer.spaces.space import SearchSpace
 
@@ -253,7 +255,7 @@ def test_cli_end_to_end_in_subprocesses(tmp_path: Path) -> None:
     out = sq("apply", "run", "--trial", str(best["number"]), "--out", "small.pt", "--onnx", "small.onnx")
     assert "saved" in out
     from squeezer.evaluators.cost import count_macs
-    from squeezer.evaluators.zoo import load_checkpoint
+    from squeezer.models import load_checkpoint
 
     model, _ = load_checkpoint(tmp_path / "small.pt")
     assert count_macs(model, torch.randn(1, 1, 8, 8))[0] == best["macs"]
@@ -266,7 +268,7 @@ def test_a_search_summary_says_why_trials_failed(capsys) -> None:
 
     base = Measurement(accuracy=0.9, loss=0.1, macs=1000, params=10, bops=1000 * 32 * 32, size_mb=0.1,
                        latency_ms=None, recovery="bn", fingerprint="f", hardware={})
-    summary = jobs.SearchSummary(out=Path("runs/x"), base=base, budget="macs<=50%", metric_x="macs", front=[],
+    summary = SearchSummary(out=Path("runs/x"), base=base, budget="macs<=50%", metric_x="macs", front=[],
                                  completed=3, failed=2, seconds=1.0,
                                  failures=[("the worker could not build its evaluator: ModelError: [gone.pt]", 2)])
     render.search(summary)
@@ -276,8 +278,12 @@ def test_a_search_summary_says_why_trials_failed(capsys) -> None:
 
 
 def test_an_untrained_model_is_searched_with_a_warning_that_says_so(tmp_path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="squeezer.search.jobs"):
-        summary = jobs.search(model="resnet20", data="digits", budget="macs<=60%", out=tmp_path / "run", trials=1,
+    import torch
+
+    torch.manual_seed(0)  # the untrained model's initialisation, whatever ran before
+    with caplog.at_level(logging.WARNING, logger="squeezer.search_job"):
+        summary = jobs.search_policies(model="resnet20", data="digits", budget="macs<=60%", out=tmp_path / "run",
+                                       trials=1,
                               knobs=("prune",), settings=QUICK, workers=1, latency="none")
     assert summary.completed == 1
     assert "no better than always answering its commonest class" in caplog.text
@@ -285,9 +291,8 @@ def test_an_untrained_model_is_searched_with_a_warning_that_says_so(tmp_path, ca
 
 
 def test_a_model_better_than_the_commonest_class_gets_no_such_warning(digits, caplog) -> None:
-    from squeezer.search.jobs import _warn_if_untrained
 
-    with caplog.at_level(logging.WARNING, logger="squeezer.search.jobs"):
+    with caplog.at_level(logging.WARNING, logger="squeezer.search_job"):
         _warn_if_untrained(SimpleNamespace(accuracy=0.2), digits, "base.pt", "digits")
     assert not caplog.text
 
@@ -296,7 +301,6 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     from squeezer import render
     from squeezer.evaluators.measurement import Measurement
     from squeezer.search.budget import Budget
-    from squeezer.search.jobs import SearchSummary, closest_to_budget
 
     rows = [{"number": 0, "state": "COMPLETE", "accuracy": 0.83, "constraints": [0.329, -0.95]},
             {"number": 1, "state": "COMPLETE", "accuracy": 0.94, "constraints": [0.165, -0.97]},
@@ -309,7 +313,6 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     out = capsys.readouterr().out
     assert "no trial met the budget; the closest, trial 1 (accuracy 0.9400), missed latency<=60% by 16.5%" in out
     assert "next: squeezer apply" not in out
-    from squeezer.search.jobs import FrontSummary
 
     render.front(FrontSummary(out=Path("runs/x"), base=base, budget="latency<=60%,size<=1MB", metric_x="latency",
                               front=[], completed=2, closest=closest))
@@ -319,7 +322,6 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
 def test_the_summaries_say_how_far_the_latency_table_was_from_the_timings(capsys) -> None:
     from squeezer import render
     from squeezer.evaluators.measurement import Measurement
-    from squeezer.search.jobs import FrontSummary, SearchSummary
     from squeezer.search.latency_margin import prediction_error
 
     rows = [{"state": "COMPLETE", "latency_source": "measured", "latency_rel": 1.0, "latency_predicted": 0.9},
@@ -344,12 +346,12 @@ def test_the_summaries_say_how_far_the_latency_table_was_from_the_timings(capsys
 def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
-    from squeezer.evaluators.zoo import load_checkpoint
+    from squeezer.models import load_checkpoint
 
     model, _ = load_checkpoint(run.parent / "base.pt")
     d = load_digits()
     x, y = torch.from_numpy(d.images[:, None] / 16.0).float(), torch.from_numpy(d.target)
-    summary = jobs.search(model=model, data=(x, y), budget="macs<=60%", out=tmp_path / "mem", trials=2,
+    summary = jobs.search_policies(model=model, data=(x, y), budget="macs<=60%", out=tmp_path / "mem", trials=2,
                           knobs=("prune",), settings=QUICK, workers=1, latency="none")
     assert summary.completed == 2 and summary.base.accuracy > 0.5 and summary.front
     saved = json.loads((tmp_path / "mem/run.json").read_text())  # found by path by workers, resumes and apply

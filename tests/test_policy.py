@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.policy import LayerChoice, Policy, PolicyError
 from squeezer.spaces.space import SearchSpace
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 
 X8 = torch.randn(1, 1, 8, 8)
 MODEL = resnet20(num_classes=10, in_channels=1).eval()

@@ -5,14 +5,14 @@ import optuna
 import pytest
 import torch
 
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 from squeezer.policies.policy import Policy
 from squeezer.search.amc_agent import AmcAgent
 from squeezer.search.baselines import uniform_at, uniform_policy, uniform_sweep
 from squeezer.search.budget import Budget
 from squeezer.search.objectives import make_objective
 from squeezer.search.searcher import trial_attrs
-from squeezer.search.testing import FakeEvaluator
+from fakes import FakeEvaluator
 from squeezer.spaces.space import SearchSpace
 
 

@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from squeezer.evaluators.measurement import Measurement
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 from squeezer.search.budget import Budget, BudgetError
 from squeezer.search.shrink import cheapest_policy, repair
-from squeezer.search.testing import FakeEvaluator
+from fakes import FakeEvaluator
 from squeezer.spaces.space import SearchSpace
 
 

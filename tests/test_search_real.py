@@ -8,7 +8,7 @@ import pytest
 from squeezer.policies.policy import Policy
 from squeezer.search.baselines import uniform_at
 from squeezer.search.study import run_search
-from squeezer.search.testing import CheapEvaluator, InlinePool
+from fakes import CheapEvaluator, InlinePool
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from squeezer.search.pareto import StudyResult
-from squeezer.search.testing import fake_search
+from fakes import fake_search
 
 
 def _count(out: Path) -> tuple[int, int]:
@@ -27,7 +27,7 @@ def _count(out: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("sampler", ["tpe", pytest.param("ddpg", marks=pytest.mark.slow)])
 def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
     out = tmp_path / "run"
-    code = (f"from squeezer.search.testing import fake_search; "
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from fakes import fake_search; "
             f"fake_search({str(out)!r}, sampler={sampler!r}, trials=14, workers=2, delay=0.4)")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + 90

@@ -8,13 +8,13 @@ import optuna
 import pytest
 import torch
 
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult, hypervolume
-from squeezer.search.report import (LiveDisplay, history_rows, points, write_front_html, write_front_png,
-                                     write_report)
-from squeezer.search.study import SearchError, run_search
-from squeezer.search.testing import FakeEvaluator, InlinePool, ThreadPool
+from squeezer.progress import LiveDisplay
+from squeezer.plots import history_rows, points, write_front_html, write_front_png, write_report
+from squeezer.search.study import SearchError, SearchProgress, run_search
+from fakes import FakeEvaluator, InlinePool, ThreadPool
 from squeezer.spaces.space import SearchSpace
 
 SAMPLERS = ["tpe", "nsga2", "random", "qmc", "ddpg"]
@@ -113,7 +113,7 @@ def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> N
 
     result = run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler="tpe", trials=12,
                         objective="single", repair=True, promote_top_k=2, promote_fn=finetune,
-                        progress=lambda stats: None)
+                        on_progress=lambda stats: None)
     promoted = [r for r in result.rows if r.get("fidelity") == "finetune"]
     assert len(promoted) == len(seen) == min(2, len(result.front()))
     for r in promoted:
@@ -294,8 +294,7 @@ def test_agent_wall_judges_latency_by_the_latency_model(space: SearchSpace, tmp_
 
 def test_the_progress_line_stays_one_line_when_piped(capsys) -> None:
     display = LiveDisplay()
-    display({"done": 24, "total": 24, "feasible": 24, "best_accuracy": 0.9792, "front": 4, "elapsed": 45.0,
-             "eta": 0.0})
+    display(SearchProgress(done=24, total=24, feasible=24, best_accuracy=0.9792, front=4, elapsed=45.0, eta=0.0))
     display.close()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines == ["trials 24/24  feasible 24  best within budget 0.9792  front 4  elapsed 45s  ETA 0s"]

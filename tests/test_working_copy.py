@@ -9,11 +9,11 @@ import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
-from squeezer.evaluators.zoo import resnet20
+from squeezer.models import resnet20
 from squeezer.search.budget import Budget
 from squeezer.search.objectives import make_objective
 from squeezer.search.study import open_study, resolve_storage, run_search
-from squeezer.search.testing import FakeEvaluator, InlinePool
+from fakes import FakeEvaluator, InlinePool
 from squeezer.search.trial_rows import RowWriter
 from squeezer.search.working_copy import ConcurrentWriterError, WorkingCopy
 from squeezer.spaces.space import SearchSpace

@@ -1,4 +1,4 @@
-"""Rendering a search: the live progress display, the front (HTML and PNG) and a one-page run report.
+"""Drawing a run: the front (HTML and PNG) and a one-page run report.
 
 Data first: `points`, `policy_rows` and `history_rows` return plain rows that tests check; the renderers below
 them only draw those rows.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import html
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,8 @@ from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult
 from squeezer.spaces.knobs import KNOBS
 
-__all__ = ["LiveDisplay", "points", "policy_rows", "history_rows", "write_front_html", "write_front_png",
-           "write_report"]
+__all__ = ["points", "policy_rows", "history_rows", "write_front_html", "write_front_png",
+           "write_report", "write_front_files"]
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -154,33 +152,8 @@ def _level(knob: str, value: Any) -> float:
     return 0.0 if value == "keep" else 1.0
 
 
-def terminal_console() -> Any:
-    """A rich Console as wide as the terminal, or 160 columns when piped (logs, CI, tests), where rich would wrap
-    at 80: tables lost columns and the progress line broke before its ETA."""
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160)
-
-
-class LiveDisplay:
-    """A rich live line: trials done/total, feasible, best accuracy within budget, front size, elapsed, ETA."""
-
-    def __init__(self) -> None:
-        from rich.live import Live
-
-        self.live = Live("", console=terminal_console(), refresh_per_second=4, transient=False)
-        self.live.start()
-        self.start = time.perf_counter()
-
-    def __call__(self, stats: dict[str, Any]) -> None:
-        best = stats.get("best_accuracy")
-        eta = stats.get("eta")
-        self.live.update(
-            f"trials {stats['done']}/{stats['total']}  feasible {stats['feasible']}  "
-            f"best within budget {'-' if best is None else f'{best:.4f}'}  front {stats['front']}  "
-            f"elapsed {stats['elapsed']:.0f}s  ETA {'-' if eta is None else f'{eta:.0f}s'}")
-
-    def close(self) -> None:
-        self.live.stop()
-        if not self.live.console.is_terminal:  # piped: end the progress line before what follows
-            self.live.console.print()
+def write_front_files(result: Any, out: Path, metric_x: str) -> list[Path]:
+    files = list(result.write_front(out, metric_x=metric_x))
+    if result.completed():
+        files += [write_front_html(result, out, metric_x=metric_x), write_front_png(result, out, metric_x=metric_x)]
+    return files

@@ -1,4 +1,4 @@
-"""Resolving a (model, data) pair into a ready model, and training the baseline the demo compresses."""
+"""Training a baseline from scratch: the checkpoint the demo compresses and any job accepts as --model."""
 from __future__ import annotations
 
 import time
@@ -7,31 +7,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
+from squeezer.datasets import load_data
 from squeezer.evaluators.accuracy import recalibrate_bn
-from squeezer.evaluators.data import DataBundle, load_data
-from squeezer.evaluators.train import FitConfig, evaluate, fit
-from squeezer.evaluators.zoo import ModelError, is_checkpoint, load_checkpoint, load_model, save_checkpoint
-
-
-def resolve_model(ref: str, data: DataBundle) -> nn.Module:
-    """The model for `ref`, shaped for `data` (classes, input channels), checked to run on its inputs."""
-    if is_checkpoint(ref) and ":" not in Path(ref).name:
-        model, _ = load_checkpoint(ref)
-    else:
-        model = load_model(ref, num_classes=data.num_classes, in_channels=data.in_channels)
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(data.example_inputs(2))
-    except Exception as exc:
-        raise ModelError(f"model {ref!r} does not accept {data.name} inputs of shape {tuple(data.input_shape)} "
-                         f"({type(exc).__name__}): pass a model built for this data") from None
-    if out.dim() != 2 or out.shape[1] != data.num_classes:
-        raise ModelError(f"model {ref!r} outputs {tuple(out.shape)} but {data.name} has {data.num_classes} "
-                         "classes: pass a model built for this data")
-    return model
+from squeezer.evaluators.data import DataBundle
+from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+from squeezer.devices import check_device
+from squeezer.models import is_checkpoint, load_model, save_checkpoint
+from squeezer.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -64,3 +47,14 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
                            data=bundle.name, val_accuracy=val, test_accuracy=test, steps=steps,
                            **bundle.preprocessing())
     return TrainResult(Path(path), val, test, seconds)
+
+
+def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
+          lr: float = 0.05, seed: int = 0, device: str = "cpu", progress: bool = False) -> TrainResult:
+    """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model."""
+    check_device(device)
+    if not progress:
+        return train_baseline(model, data, out=out, steps=steps, lr=lr, seed=seed, device=device)
+    bar, update = progress_bar(steps, f"training {model}")
+    with bar:
+        return train_baseline(model, data, out=out, steps=steps, lr=lr, seed=seed, device=device, on_step=update)

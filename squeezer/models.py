@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from squeezer.evaluators.data import DataBundle
+
 
 class ModelError(ValueError):
     """A model reference that cannot be turned into a model; the message names the fix."""
@@ -324,3 +326,30 @@ def load_model(ref: str, *, num_classes: int = 10, in_channels: int = 3, state_d
             raise ModelError(f"weights {state_dict!r} do not match model {ref!r} "
                              f"({str(exc).splitlines()[0]})") from None
     return model.eval()
+
+
+def resolve_model(ref: str, data: DataBundle) -> nn.Module:
+    """The model for `ref`, shaped for `data` (classes, input channels), checked to run on its inputs."""
+    if is_checkpoint(ref) and ":" not in Path(ref).name:
+        model, _ = load_checkpoint(ref)
+    else:
+        model = load_model(ref, num_classes=data.num_classes, in_channels=data.in_channels)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(data.example_inputs(2))
+    except Exception as exc:
+        raise ModelError(f"model {ref!r} does not accept {data.name} inputs of shape {tuple(data.input_shape)} "
+                         f"({type(exc).__name__}): pass a model built for this data") from None
+    if out.dim() != 2 or out.shape[1] != data.num_classes:
+        raise ModelError(f"model {ref!r} outputs {tuple(out.shape)} but {data.name} has {data.num_classes} "
+                         "classes: pass a model built for this data")
+    return model
+
+
+def load_workload(*, model: str, data: str) -> tuple[nn.Module, DataBundle]:
+    """A model reference and a data reference, loaded together: the model shaped for (and checked on) the data."""
+    from squeezer.datasets import load_data
+
+    bundle = load_data(data)
+    return resolve_model(model, bundle), bundle

@@ -11,6 +11,9 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable
 
+import torch
+from torch import nn
+
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
@@ -124,7 +127,7 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     """A whole search with the fake evaluator on resnet20/8x8 inputs (the resume test runs and kills this)."""
     import torch
 
-    from squeezer.evaluators.zoo import resnet20
+    from squeezer.models import resnet20
     from squeezer.search.study import run_search
 
     torch.manual_seed(0)
@@ -150,9 +153,9 @@ class CheapEvaluator:
                  knobs: tuple[str, ...] = ("prune",), bn_batches: int = 10) -> None:
         import torch
 
-        from squeezer.evaluators.data import load_data
-        from squeezer.evaluators.train import FitConfig, evaluate, fit
-        from squeezer.evaluators.zoo import load_model
+        from squeezer.datasets import load_data
+        from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+        from squeezer.models import load_model
 
         self.data = load_data(data)
         torch.manual_seed(seed)
@@ -188,3 +191,14 @@ class CheapEvaluator:
         return Measurement(accuracy=self.accuracy, loss=0.0, macs=cost.macs, params=cost.params, bops=cost.bops,
                            size_mb=cost.size_bytes / 1e6, recovery="none", fingerprint=self.space.fingerprint,
                            hardware={"machine": "local"})
+
+
+class BrokenModel(nn.Module):
+    """A model whose forward pass always fails: workers cannot build an evaluator for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("broken on purpose")

@@ -1,0 +1,114 @@
+"""The apply job: a found policy on a fresh copy of the model, recovered as the search did, re-measured and saved."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squeezer.datasets import load_data
+from squeezer.devices import check_device
+from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+from squeezer.evaluators.measurement import Measurement
+from squeezer.inspection import load_result
+from squeezer.models import resolve_model, save_checkpoint
+from squeezer.policies.export import export_onnx, with_metadata
+from squeezer.policies.policy import Policy
+from squeezer.progress import progress_bar
+from squeezer.run_folder import BASE_FILE, read_run
+
+__all__ = ["ApplySummary", "apply"]
+
+
+@dataclass
+class ApplySummary:
+    """The compressed model as saved, its measurement now, and what the search recorded for it (if it came from one)."""
+
+    out: Path
+    onnx: Path | None
+    policy: str
+    measured: Measurement
+    recorded: dict[str, Any] | None
+    base: Measurement | None
+    test_accuracy: float
+    finetuned: bool
+    inputs: dict[str, Any] = field(default_factory=dict)  # how raw images are preprocessed (DataBundle.preprocessing)
+
+
+def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
+    row = next((r for r in result.rows if r["number"] == trial), None)
+    if row is None or "policy" not in row:
+        numbers = [r["number"] for r in result.completed()]
+        shown = f"{min(numbers)}..{max(numbers)}" if numbers else "none yet"
+        raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r} (trials {shown}): pick one from "
+                          f"`squeezer front {run}`")
+    if row["state"] != "COMPLETE":
+        raise LookupError(f"trial {trial} of {str(run)!r} did not complete ({row.get('fail_reason', row['state'])}): "
+                          f"pick one from `squeezer front {run}`")
+    return Policy.from_json(row["policy"]), row
+
+
+def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
+          model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
+          finetune_steps: int = 0, device: str = "cpu", latency: bool = True,
+          progress: bool = False) -> ApplySummary:
+    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it."""
+    check_device(device)
+    if (trial is None) == (policy is None):
+        raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
+    settings: dict[str, Any] = {}
+    recorded = None
+    result = load_result(run) if run is not None else None
+    if run is not None:
+        info = read_run(run)
+        settings = dict(info.get("eval", {}))
+        base_file = Path(run) / BASE_FILE
+        model = model or (str(base_file) if base_file.is_file() else info["model"])
+        data = data or info["data"]
+    if trial is not None:
+        if run is None:
+            raise ValueError("--trial needs the run folder it belongs to: squeezer apply RUN --trial N --out FILE")
+        chosen, recorded = _trial_policy(result, Path(run), trial)
+    else:
+        chosen = Policy.load(policy)
+    if model is None:
+        raise ValueError("no model to apply the policy to: pass a run folder or --model")
+    data = data or "digits"
+    settings.update(device=device, latency="measure" if latency else "none")
+    known = set(EvalSettings.__dataclass_fields__)
+    eval_settings = EvalSettings(**{k: v for k, v in settings.items() if k in known})
+    bundle = load_data(data)
+    net = resolve_model(model, bundle)
+    evaluator = Evaluator(net, bundle, eval_settings)
+    chosen.validate(evaluator.space)
+    compressed = evaluator.compress(chosen)
+    if finetune_steps > 0:
+        config = FitConfig(steps=finetune_steps, batch_size=eval_settings.batch_size, lr=eval_settings.finetune_lr,
+                           seed=eval_settings.seed, kd_weight=eval_settings.kd_weight,
+                           kd_temperature=eval_settings.kd_temperature)  # distilled as the run's kd recovery is
+        if progress:
+            bar, update = progress_bar(finetune_steps, "fine-tuning")
+            with bar:
+                compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device,
+                                 on_step=update).eval()
+        else:
+            compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device).eval()
+    measured = evaluator.measure(compressed, chosen, latency=latency)
+    if not isinstance(measured, Measurement):
+        raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")
+    test_accuracy, _ = evaluate(compressed, bundle.test, device=device)
+    compressed = compressed.cpu().eval()
+    out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(),
+                               val_accuracy=measured.accuracy, test_accuracy=test_accuracy, **bundle.preprocessing())
+    onnx_path = None
+    if onnx is not None:
+        onnx_path = Path(onnx)
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx_path.write_bytes(with_metadata(export_onnx(compressed, bundle.example_inputs()), bundle.preprocessing()))
+    base = result.base if result is not None else None
+    if base is None:  # no search recorded it: measure the unchanged model the same way
+        base = evaluator.measure(evaluator.base_model, Policy(fingerprint=evaluator.space.fingerprint),
+                                 latency=latency)
+    return ApplySummary(out=Path(out_path), onnx=onnx_path, policy=chosen.summary(), measured=measured,
+                        recorded=recorded, base=base if isinstance(base, Measurement) else None,
+                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0, inputs=bundle.preprocessing())
