@@ -96,6 +96,7 @@ def test_more_repetitions_split_the_runs_among_more_sessions(vgg, tmp_path, monk
     assert result.rel > 0 and result.spread >= 0
 
 
+@pytest.mark.slow  # timed against the base on a possibly busy machine
 def test_pruned_model_is_faster(vgg, tmp_path) -> None:
     model, x, space, onnx = vgg
     pruned = apply_policy(model, Policy.uniform(space, prune=0.5), [x], space=space)

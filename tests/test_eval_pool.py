@@ -46,6 +46,7 @@ def test_inline_pool_returns_everything(digits) -> None:
     assert isinstance(out[0], Measurement) and isinstance(out[1], Measurement) and isinstance(out[2], EvalFailure)
 
 
+@pytest.mark.slow
 def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
     pool = LocalPool(_net(), digits, FAST, workers=2)
     try:
@@ -65,6 +66,7 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
         pool.close()
 
 
+@pytest.mark.slow
 def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) -> None:
     pool = LocalPool(_net(), digits, FAST, workers=2)
     try:

@@ -100,7 +100,8 @@ def test_report_writes_html(capsys, run: Path) -> None:
 # ---- bad input: one line, exit code 2, nothing lost ------------------------------------------------------------------
 @pytest.mark.parametrize("budget,needle", [("macs<=fifty", "cannot read 'macs<=fifty'"),
                                            ("speed<=2ms", "unknown metric 'speed'"),
-                                           ("macs<=0.01%", "unreachable")])
+                                           pytest.param("macs<=0.01%", "unreachable",
+                                                        marks=pytest.mark.slow)])
 def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str) -> None:
     code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", budget, "--out",
                        str(tmp_path / "r"), "--knobs", "prune", "--latency", "none")
@@ -120,6 +121,7 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
     assert row["hardware"]["threads"] == 2 and row["latency_ms"] > 0  # the fingerprint names the pinned threads
 
 
+@pytest.mark.slow
 def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
     summary = jobs.search_policies(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
                           trials=2, knobs=("prune",), latency="predict", settings=QUICK, workers=1)
