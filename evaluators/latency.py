@@ -46,7 +46,7 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -168,9 +168,6 @@ class LatencyResult:
     rel: float
     ref_ms: float
     ref_spread: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def _spread(medians: list[float]) -> float:

@@ -6,7 +6,7 @@ for, so applying it to another model fails with a clear message instead of a sha
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,7 +78,7 @@ class Policy:
         return cls.from_params(params, space, kind="uniform", **{k: v for k, v in knobs.items()})
 
     def to_params(self) -> dict[str, Any]:
-        """Flat params, every knob of every named unit (neutral values included, so samplers can enqueue them)."""
+        """Flat params of the knobs each unit changes; a neutral knob has no param (absent means keep)."""
         out = {}
         for unit, choice in self.layers.items():
             for knob, value in choice.changed().items():
@@ -181,7 +181,3 @@ class Policy:
             for knob in choice.changed():
                 counts[knob] = counts.get(knob, 0) + 1
         return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "unchanged"
-
-
-def as_dict(choice: LayerChoice) -> dict[str, Any]:
-    return asdict(choice)

@@ -140,8 +140,3 @@ def apply_prune(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Modul
     return model
 
 
-def kept_out_channels(model: nn.Module, name: str) -> int:
-    module = model.get_submodule(name)
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-

@@ -10,14 +10,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from squeezer.evaluators.measurement import Measurement, Outcome
+from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import Budget, predicted_fraction
 from squeezer.search.shrink import compression_order
 from squeezer.spaces.knobs import BLOCK, KEEP, KNOBS, RANK
 from squeezer.spaces.space import SearchSpace
 
-__all__ = ["uniform_policy", "uniform_sweep", "evaluate_sweep", "uniform_at", "budget_starts"]
+__all__ = ["uniform_policy", "uniform_sweep", "uniform_at", "budget_starts"]
 
 
 def uniform_policy(space: SearchSpace, level: float, *, knob: str | None = None) -> Policy:
@@ -54,21 +54,6 @@ def uniform_sweep(space: SearchSpace, *, levels: int | Sequence[float] = 11, kno
                 continue
         out.append(policy)
     return out
-
-
-def evaluate_sweep(policies: Sequence[Policy], evaluate: Callable[[Policy], Outcome], *,
-                   base: Measurement, budget: Budget | None = None) -> list[dict[str, Any]]:
-    """Rows (level, accuracy, cost fractions, feasible) for each evaluated uniform policy."""
-    rows = []
-    for policy in policies:
-        outcome = evaluate(policy)
-        if not isinstance(outcome, Measurement):
-            rows.append({"level": policy.meta.get("level"), "failed": getattr(outcome, "reason", "")})
-            continue
-        rows.append({"level": policy.meta.get("level"), "accuracy": outcome.accuracy,
-                     "macs_frac": outcome.macs / max(1, base.macs), "size_frac": outcome.size_mb / base.size_mb,
-                     "feasible": budget.is_feasible(outcome, base) if budget else True, "policy": policy})
-    return rows
 
 
 def uniform_at(space: SearchSpace, fraction: float, *, metric: str = "macs", knob: str | None = "prune",

@@ -29,10 +29,6 @@ def row_from_trial(trial: FrozenTrial) -> dict[str, Any]:
             "values": list(trial.values) if trial.values else None}
 
 
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] >= b[0] and a[1] <= b[1] and a != b
-
-
 def front_rows(rows: Iterable[dict[str, Any]], *, cost_key: str = "cost_frac") -> list[dict[str, Any]]:
     """Feasible, non-dominated rows (max accuracy, min cost), cheapest first; ties keep the earliest trial."""
     pts = [r for r in rows if r.get("feasible") and r.get("accuracy") is not None and r.get(cost_key) is not None]
