@@ -64,7 +64,7 @@ class DataBundle:
 
     def without_test(self) -> DataBundle:
         """The bundle as evaluation workers need it: the search never looks at the test split, so each worker need
-        not hold a copy (CIFAR-10: 123 MB of its 737 MB)."""
+        not hold a copy."""
         return replace(self, test=Split(self.test.x[:0], self.test.y[:0]))
 
     def preprocessing(self) -> dict[str, Any]:

@@ -1,14 +1,14 @@
 """Latency of an exported model in onnxruntime, measured so that two numbers taken minutes apart can be compared.
 
-On a 2-core machine batch-1 timings vary 4-12% when quiet and 40-87% when another process competes, and the
-machine has phases of 2-4x slow-down (FACTS.md). So a measurement here: pins intra-op threads (inter-op 1,
+Batch-1 timings on a small shared machine vary from run to run, far more when another process competes, and the
+machine has phases of slow-down (benchmarks/RESULTS.md). So a measurement here: pins intra-op threads (inter-op 1,
 sequential execution, all graph optimisations), warms up >= 30 runs, takes the median and p90 of >= 200 timed
 runs (perf_counter_ns) in each of >= 3 repetitions, and reports the spread of the per-repetition medians. A fixed
 reference model (the uncompressed base) is timed interleaved with the candidate, alternating which goes first,
 in short alternating blocks, so drift shows up in the reference and `rel` (candidate / reference, median of
 per-repetition ratios) survives it. What the reference cannot cancel: int8 kernels drift against the fp32 reference
-with the machine's phases. A policy with int8 units timed twice in a row gives a `rel` within 1-2%, but timed again
-minutes later within 4.5-6% (benchmarks/eval_latency.py), which bounds how well any prediction made earlier can do.
+with the machine's phases: a policy with int8 units timed twice in a row agrees more closely than timed again minutes
+later (benchmarks/eval_latency.py), which bounds how well any prediction made earlier can do.
 
 Timing never runs beside torch work. `MachineLock` is a readers-writer lock on two files (fcntl.flock, so it works
 across processes, Ray actors included): torch work (apply, recovery, accuracy, export) holds it *shared*; timing
@@ -186,11 +186,9 @@ class LatencyMeter:
     """Times candidates against a fixed reference model, interleaved, under the machine lock.
 
     How fast an onnxruntime session runs is settled when it is made: sessions of one model differ by far more than
-    one session's timings do (ResNet-20 on 8x8 digits: 11% between 8 sessions, 0.6% within one). So every
-    repetition times both models in sessions made for it, and the relative latency is a median over those pairs.
-    Before, the meter's one reference session lived as long as the meter, and how fast it happened to run shifted
-    everything the meter timed: a new meter for each pass over the same 24 models moved their mean by 9-15%; now by
-    2-5% (benchmarks/latency_noise.py, 2026-11-30 (7)). `runs` is per repetition, at least MIN_RUNS in all: more
+    one session's timings do (benchmarks/latency_noise.py). So every repetition times both models in sessions made
+    for it, and the relative latency is a median over those pairs: one reference session kept for the meter's life
+    would shift everything the meter timed by how fast it happened to run. `runs` is per repetition, at least MIN_RUNS in all: more
     repetitions of fewer runs each buy precision for the cost of making their sessions."""
 
     def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
@@ -343,10 +341,8 @@ def fit_slopes(points: list[list[float]]) -> tuple[float, float, float, float]:
     shapes, knows the product, and the fit weighs it against the timed deltas, which know what MACs do not (a form's
     extra operators, a small input's per-operator overhead). The bit widths need two slopes: int8 costs partly per
     MAC (int8-heavy policies follow the scaled sum) and partly per quantize step around an int8 unit, whatever its
-    MACs (a few int8 units in a pruned float model follow the unscaled one). ResNet-20, every knob, 96 random
-    policies, 300 draws of 16 to fit (median error of the rest; benchmarks/latency_fit.py): 28x28 inputs 6.0% with
-    the MAC term, 10.5% with the structural sum as it was and the bits' slopes alone; 8x8 inputs 9.7% and 9.5%, where
-    per-operator overhead rather than MACs sets float latency (benchmarks/RESULTS.md, 2026-11-30 (6))."""
+    MACs (a few int8 units in a pruned float model follow the unscaled one). How well this predicts held-out
+    policies is measured by benchmarks/latency_fit.py (benchmarks/RESULTS.md)."""
     if len(points) < MIN_POINTS:
         return UNCORRECTED
     x = np.array([[p[0], p[3], p[1], p[2]] for p in points], dtype=float)

@@ -1,10 +1,10 @@
 """MACs counted in one plain forward pass with fvcore's formulas, trusted once they match fvcore's traced count.
 
-fvcore counts by tracing the whole model with torch.jit: ~80 ms for ResNet-20 on one 8x8 digit, as long as half a
-digits evaluation's forward passes. Applying a policy changes the shapes a model's ops run on, and swaps units for
+fvcore counts by tracing the whole model with torch.jit, which costs as much as a good part of a cheap evaluation's
+forward passes. Applying a policy changes the shapes a model's ops run on, and swaps units for
 the convolutions and linears squeezer builds, but not which other ops the model runs. So `mac_counter` compares the
 two counts once, on the base model; where they agree, each applied model is counted by `forward_macs`, which records
-the shapes of every conv/linear/matmul a batch-1 forward runs and prices them as fvcore's handles do (a few ms).
+the shapes of every conv/linear/matmul a batch-1 forward runs and prices them as fvcore's handles do (much quicker).
 Where they do not (an einsum, or attention fvcore does not count as this pass does), fvcore counts every model.
 """
 from __future__ import annotations

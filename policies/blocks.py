@@ -7,10 +7,8 @@ as pruned and decomposed), so errors of earlier swaps are corrected instead of c
 
 The fit is closed-form: the block's output is linear in the pointwise weights for a fixed depthwise kernel and
 linear in the depthwise kernel for fixed pointwise weights, so one alternating least-squares sweep solves each
-exactly. On ResNet-20 / digits with all 19 units swapped, this fit keeps 94% validation accuracy (14% unfitted)
-and the whole apply takes ~2 s on one core; the 300 Adam steps per block it replaces took 25 s (201 s on a loaded
-machine) and reached 22%. Optional Adam steps (`distill_steps`) can follow; after the closed-form fit they barely
-lower the error, hence the default 0.
+exactly, far faster and closer than gradient steps per block (benchmarks/RESULTS.md, dwsep_apply.py). Optional
+Adam steps (`distill_steps`) can follow; after the closed-form fit they barely lower the error, hence the default 0.
 """
 from __future__ import annotations
 

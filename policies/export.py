@@ -12,7 +12,7 @@ OPSET = 17
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | Path | None = None) -> bytes:
-    """Export with the TorchScript exporter (fast: 0.1-0.9 s for small CNNs) and a dynamic batch axis.
+    """Export with the TorchScript exporter (far quicker than the dynamo one for small CNNs) and a dynamic batch axis.
 
     Returns the serialized model; also writes it to `path` when given.
     """

@@ -116,7 +116,7 @@ def _hosvd_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors of the output- and input-channel unfoldings of a conv kernel, strongest first.
 
     Only the left vectors are needed, so they come from the small Gram matrix (eigh) instead of a full SVD of the
-    wide unfolding: ~10x faster on a 512-channel kernel.
+    wide unfolding, which is much slower on wide kernels.
     """
     def leading(mode: int) -> torch.Tensor:
         with tl.backend_context("pytorch"):
@@ -161,12 +161,11 @@ def _cp_full(w: torch.Tensor, rank: int) -> tuple[int, torch.Tensor, list[torch.
 def _parafac_context(numel: int) -> Iterator[None]:
     """PyTorch backend, a memory-lean MTTKRP and (for small kernels) one thread for tensorly's parafac, restored after.
 
-    ALS on a small kernel is hundreds of tiny matmuls: on a busy 2-core machine two threads waited on each other
-    and took 70x longer (10 s instead of 0.14 s for 64 x 64 x 3 x 3); kernels above SINGLE_THREAD_NUMEL keep every
-    thread, their matmuls are big enough to share.
+    ALS on a small kernel is hundreds of tiny matmuls: on a busy machine threads wait on each other far longer than
+    the matmuls take; kernels above SINGLE_THREAD_NUMEL keep every thread, their matmuls are big enough to share.
 
     tensorly's default MTTKRP materialises the Khatri-Rao product of the other factors: for the 3-long spatial
-    modes of a 512-channel kernel that is a 786k x R matrix per ALS step (minutes per layer). `_mttkrp` contracts the
+    modes of a 512-channel kernel that is a 786k x R matrix per ALS step (slow, and large). `_mttkrp` contracts the
     largest other mode first with one matmul instead. Registering it is tensorly's documented way to swap MTTKRP.
     """
     backend = tl.tenalg.current_backend()

@@ -7,16 +7,16 @@ grid (b <= 8) are exactly representable in int8, so one QDQ form serves every wi
 A layer whose weights *and* inputs are quantized also quantizes its output to 8 bits, with any BatchNorm right
 after it folded in and a ReLU/ReLU6 right after it absorbed into the output range. That gives ONNX Runtime the
 DQ -> Conv -> Q pattern it fuses into QLinearConv/QGemm (int8 kernels); without it the runtime dequantizes and runs
-the float convolution, slower than no quantization at all (2.8-3.7x fp32 on ResNet-20, benchmarks/int8_latency.py).
+the float convolution, slower than no quantization at all (benchmarks/int8_latency.py).
 
 8-bit weights need care. ONNX Runtime's uint8 x int8 kernels on AVX2 / AVX-512 CPUs without VNNI add pairs of
-products in int16, which saturates for full-range int8 weights (255 * 127 * 2 > 2^15): on ResNet-20 / digits that
-moved logits by up to 4.0 (range 15) and flipped 1% of predictions against the torch model. `WEIGHT8` picks the way
+products in int16, which saturates for full-range int8 weights (255 * 127 * 2 > 2^15): logits move and some
+predictions flip against the torch model. `WEIGHT8` picks the way
 out. "reduce" (default, ORT's own `reduce_range`): int8 weights on a 7-bit grid (|q| <= 63), which cannot saturate,
 so the fast kernels stay exact on every CPU. "uint8": the full 255-level grid as uint8 around zero point 128, exact
-8 bits but run by uint8 x uint8 kernels: on an AVX2 EPYC, ResNet-20 at 32x32 ran 1.24x fp32 that way against
-0.80-0.86x with int8 weights. Widths up to 7 bits cannot saturate and are unaffected. (At the digits' 8x8 even int8
-weights ran 1.12-1.15x fp32: the convolutions are too small to repay the Q/DQ around the float residual adds.)
+8 bits but run by uint8 x uint8 kernels, which are slower than fp32 where int8 weights are faster
+(benchmarks/RESULTS.md). Widths up to 7 bits cannot saturate and are unaffected. (On tiny inputs even int8 weights
+can be slower than fp32: the convolutions are too small to repay the Q/DQ around the float residual adds.)
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class QuantizedLayer(nn.Module):
         # Below 8 bits the scale is widened by TIE_NUDGE: the clipped range is then an exact rational multiple of the
         # grid the values already lie on (the previous layer's 8-bit output range times 0.4, say), which puts values
         # exactly halfway between two levels. torch's fake quantization multiplies by 1/scale where ONNX Runtime
-        # divides, so such ties round apart: at w2a4 on ResNet-20 that moved 70% of logits by 1-17 steps. At 8 bits
+        # divides, so such ties round apart, and most logits move by whole steps at low widths. At 8 bits
         # the range is the previous output range itself (no ties), and equal scales let ORT drop the Q/DQ pair.
         scale, zero = activation_qparams(lo, hi, self.a_bits, widen=TIE_NUDGE if self.a_bits < 8 else 0.0)
         self.in_scale.fill_(scale)

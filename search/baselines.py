@@ -72,12 +72,10 @@ def budget_starts(space: SearchSpace, budget: Budget, base: Measurement, *, most
     """Where a budgeted search starts: for each knob, then for all at once, the least-compressed uniform policy
     predicted within `budget` (at most `most` of them, none where the budget has no limits). A latency limit is
     predicted by `latency` when the search has a lookup table, else by MACs, which cannot see that int8 units can
-    run slower than float ones (ResNet-20 on digits: uniform int8 at 0.84 of the MACs ran 4.5x the base latency).
+    run slower than float ones on small inputs.
 
     Uniform compression is the baseline a search must beat, and a short search does not find it by itself: drawn at
-    random, every knob of every unit compresses nearly everything. ResNet-20 on digits, every knob, `macs<=40%`, 16
-    TPE trials (3 seeds, scratch): best accuracy 0.45-0.62 at 12-32% of the MACs; started from these, 0.948, the
-    uniform depthwise-separable swap at 15% of the MACs (uniform rank: 0.944 at 37%, uniform pruning: 0.740 at 29%).
+    random, every knob of every unit compresses nearly everything, far below what a uniform policy keeps.
     """
     if not budget.limits or most < 1:
         return []

@@ -1,8 +1,7 @@
 """A new SQLite study file starts as a copy of an empty one this Optuna version made before.
 
-Why: Optuna stamps a new database's schema version by loading alembic's ~30 revision scripts, 0.4-0.5 s of every
-new search (on a 100-trial digits search, a third of what orchestration adds over the evaluations); opening an
-existing file takes ~50 ms. The empty file is kept per Optuna and SQLAlchemy version in the user's cache
+Why: Optuna stamps a new database's schema version by loading alembic's revision scripts, a large share of what a
+short search's orchestration costs; opening an existing file is far quicker. The empty file is kept per Optuna and SQLAlchemy version in the user's cache
 ($SQUEEZER_CACHE, else $XDG_CACHE_HOME/squeezer, else ~/.cache/squeezer). Any failure here only means Optuna
 creates the file itself, as it would without this module.
 """

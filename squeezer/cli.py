@@ -154,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size timed")
     p.add_argument("--latency-table-reps", type=_positive_int, default=3, metavar="N",
                    help="sessions each lookup-table entry is timed over, its runs split among them (predict, "
-                        "hybrid): more help on tiny inputs (12 on 8x8 digits: median error 6.9%%, not 7.7%%), "
-                        "the table taking ~40%% longer to build")
+                        "hybrid): more help on tiny inputs, and take longer to build")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
     p.add_argument("--promote", type=int, default=0, help="re-evaluate the best K front trials with a fine-tune")

@@ -124,8 +124,8 @@ def _held_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """The uint8 images and labels a torchvision dataset already holds in memory (MNIST's and CIFAR's `data` and
     `targets`, SVHN's `labels`), scaled as ToTensor scales them; None when it holds none, or when its first image
     differs from what indexing it gives (the dataset changes its images on the way: then each is read in turn).
-    Why: indexing makes a PIL image of each array and a tensor of it again (4,000 MNIST images: 0.78 s one by one,
-    7 ms at once; CIFAR-10 holds 60,000)."""
+    Why: indexing makes a PIL image of each array and a tensor of it again, which is slow for tens of thousands of
+    images."""
     data, labels = getattr(ds, "data", None), getattr(ds, "targets", getattr(ds, "labels", None))
     if data is None or labels is None:
         return None

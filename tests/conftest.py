@@ -46,7 +46,7 @@ def torch_threads(n: int) -> Iterator[None]:
 @pytest.fixture()
 def one_thread() -> Iterator[None]:
     """One torch thread for tests of many small ops: with two threads on a 2-core machine that another process keeps
-    busy, every op waits for the descheduled thread (a dwsep apply on ResNet-20 took 83 s instead of 2 s)."""
+    busy, every op waits for the descheduled thread."""
     with torch_threads(1):
         yield
 
@@ -59,7 +59,7 @@ def trained_resnet(digits: DataBundle) -> torch.nn.Module:
     from squeezer.evaluators.finetune import FitConfig, fit
 
     torch.manual_seed(0)
-    with torch_threads(1):  # 5 s; two threads on a busy 2-core machine took 170-250 s
+    with torch_threads(1):  # two threads on a busy 2-core machine wait on each other
         return fit(resnet20(num_classes=10, in_channels=1), digits.train, FitConfig(steps=80)).eval()
 
 

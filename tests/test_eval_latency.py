@@ -53,7 +53,7 @@ def test_latency_positive_and_repeatable(vgg, tmp_path) -> None:
 
 def test_each_repetition_times_both_models_in_sessions_made_for_it(vgg, tmp_path, monkeypatch) -> None:
     """A session's speed is settled when it is made; one reference session kept for the meter's life shifted every
-    relative latency the meter gave by its luck (9-15% between meters, benchmarks/latency_noise.py)."""
+    relative latency the meter gave by its luck (benchmarks/latency_noise.py)."""
     from squeezer.evaluators import latency
 
     model, x, space, onnx = vgg

@@ -57,7 +57,7 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
         out = _drain(pool)
         assert sorted(out) == [0, 1, 2] and isinstance(out[1], Measurement)
         pool.submit(10, Policy(layers={"layer2.0.conv1": LayerChoice(prune=0.25)}))
-        # Kill at once: an evaluation takes ~0.1 s, so any wait here could let it finish before the kill.
+        # Kill at once: an evaluation is quick, so any wait here could let it finish before the kill.
         for pid in pool.worker_pids():
             os.kill(pid, signal.SIGKILL)
         out = _drain(pool)

@@ -33,7 +33,7 @@ def onnx_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 def test_uniform_rank_matches_prediction_and_exports(request, name, decomposition) -> None:
     model = request.getfixturevalue(name)
     x = torch.randn(2, 3, 32, 32) if name == "resnet18" else torch.randn(2, 1, 8, 8)
-    # CP of ResNet-18's 256/512-channel kernels takes ~5 s each, so CP there covers the first two stages only.
+    # CP of ResNet-18's 256/512-channel kernels is slow, so CP there covers the first two stages only.
     include = ("conv1", "layer1.*", "layer2.*") if (name, decomposition) == ("resnet18", "cp") else ("*",)
     space = SearchSpace.from_model(model, x[:1], decomposition=decomposition, include=include)
     policy = Policy.uniform(space, rank=0.5)

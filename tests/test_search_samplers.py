@@ -324,8 +324,8 @@ def test_a_new_budgeted_study_starts_from_uniform_policies_within_the_budget(spa
 
 def test_budget_starts_judge_a_latency_limit_by_the_latency_table_when_the_search_has_one(space: SearchSpace,
                                                                                        tmp_path: Path) -> None:
-    """MACs cannot see that int8 units run slower than float ones on small inputs (ResNet-20 on digits: uniform int8
-    at 0.84 of the MACs ran 4.5x the base latency), so a start chosen by MACs can be far over a latency limit."""
+    """MACs cannot see that int8 units run slower than float ones on small inputs, so a start chosen by MACs can be
+    far over a latency limit."""
     from squeezer.search.baselines import budget_starts
     from squeezer.search.budget import Budget
 
