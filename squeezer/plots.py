@@ -72,10 +72,25 @@ def _front_figure(result: StudyResult, metric_x: str):
     return fig
 
 
+PLOTLY_JS = "plotly.min.js"
+
+
+def _plotly_js(folder: Path) -> str:
+    """plotly.js written once into the run folder, which every page of the run references rather than inlining it."""
+    path = folder / PLOTLY_JS
+    if not path.is_file():
+        from plotly.offline import get_plotlyjs
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(get_plotlyjs())
+        tmp.replace(path)
+    return PLOTLY_JS
+
+
 def write_front_html(result: StudyResult, out: str | Path, *, metric_x: str = "macs") -> Path:
     path = Path(out) / "front.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _front_figure(result, metric_x).write_html(str(path), include_plotlyjs=True)
+    _front_figure(result, metric_x).write_html(str(path), include_plotlyjs=_plotly_js(path.parent))
     return path
 
 
@@ -113,7 +128,7 @@ def write_report(result: StudyResult, out: str | Path, *, metric_x: str = "macs"
     chosen = next((r for r in result.rows if r["number"] == trial), None) if trial is not None else (
         max(front, key=lambda r: r["accuracy"]) if front else None)
     parts = [f"<h1>Squeezer search</h1><h2>Settings</h2><pre>{html.escape(json.dumps(_settings(result), indent=2))}"
-             "</pre>", _front_figure(result, metric_x).to_html(full_html=False, include_plotlyjs=True)]
+             "</pre>", _front_figure(result, metric_x).to_html(full_html=False, include_plotlyjs=_plotly_js(out))]
     if chosen and "policy" in chosen:
         rows = policy_rows(Policy.from_json(chosen["policy"]))
         fig = go.Figure([go.Bar(name=k, x=[r["unit"] for r in rows], y=[_level(k, r[k]) for r in rows])
