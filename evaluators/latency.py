@@ -39,7 +39,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -352,21 +351,11 @@ def fit_slopes(points: list[list[float]]) -> tuple[float, float, float, float]:
 
 
 def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients of y ~ x, each >= 0 (all 0 where no fit beats that).
+    """Least-squares coefficients of y ~ x, each >= 0 (all 0 where no fit beats that): scipy's NNLS."""
+    from scipy.optimize import nnls
 
-    The constrained optimum is the free fit on some subset of the columns with the rest at 0, so with the two or
-    three columns a latency fit has, trying every subset is exact and cheap."""
-    best, best_err = np.zeros(x.shape[1]), float(y @ y)
-    for r in range(1, x.shape[1] + 1):
-        for columns in itertools.combinations(range(x.shape[1]), r):
-            coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
-            if np.all(coef >= 0):
-                full = np.zeros(x.shape[1])
-                full[list(columns)] = coef
-                err = float(np.sum((x @ full - y) ** 2))
-                if err < best_err - 1e-12:
-                    best, best_err = full, err
-    return best
+    coef, _ = nnls(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+    return coef
 
 
 def is_bits(part: LayerChoice) -> bool:

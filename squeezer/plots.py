@@ -6,13 +6,17 @@ them only draw those rows.
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult
 from squeezer.spaces.knobs import KNOBS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["points", "policy_rows", "history_rows", "write_front_html", "write_front_png",
            "write_report", "write_front_files"]
@@ -121,6 +125,8 @@ def write_front_png(result: StudyResult, out: str | Path, *, metric_x: str = "ma
 
 def write_report(result: StudyResult, out: str | Path, *, metric_x: str = "macs", trial: int | None = None) -> Path:
     """report.html: settings, hardware, the front, the chosen trial's per-unit choices, accuracy by trial."""
+    if importlib.util.find_spec("plotly") is None:
+        raise ValueError("the report is drawn with plotly, which is not installed: pip install 'squeezer[plots]'")
     import plotly.graph_objects as go
 
     out = Path(out)
@@ -168,7 +174,12 @@ def _level(knob: str, value: Any) -> float:
 
 
 def write_front_files(result: Any, out: Path, metric_x: str) -> list[Path]:
+    """front.csv and front.json always; the plots where their optional packages are installed ('squeezer[plots]')."""
     files = list(result.write_front(out, metric_x=metric_x))
     if result.completed():
-        files += [write_front_html(result, out, metric_x=metric_x), write_front_png(result, out, metric_x=metric_x)]
+        for package, write in (("plotly", write_front_html), ("matplotlib", write_front_png)):
+            if importlib.util.find_spec(package) is not None:
+                files.append(write(result, out, metric_x=metric_x))
+            else:
+                log.info("%s is not installed: no %s plot (pip install 'squeezer[plots]')", package, write.__name__)
     return files
