@@ -205,14 +205,12 @@ class Evaluator:
 
     def compress(self, policy: Policy) -> nn.Module:
         """The policy applied and recovered exactly as `evaluate` scores it (what `squeezer apply` saves)."""
-        s, r = self.settings, self.settings.recovery
+        s = self.settings
         with self.lock.compute(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             model = self._apply(policy)
-            teacher = self.base_model if r.mode == "kd" else None
-            return recover(model, r.mode, self.data, teacher=teacher, bn_batches=r.bn_batches,
-                           steps=r.finetune_steps, lr=r.finetune_lr, kd_weight=r.kd_weight,
-                           kd_temperature=r.kd_temperature, batch_size=r.batch_size, seed=s.seed, device=self.device)
+            teacher = self.base_model if s.recovery.mode == "kd" else None
+            return recover(model, s.recovery, self.data, teacher=teacher, seed=s.seed, device=self.device)
 
     def _evaluate(self, policy: Policy, start: float) -> Outcome:
         self.count += 1

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from squeezer.evaluators.accuracy import RECOVERY
+__all__ = ["DEVICES", "EvalSettings", "LATENCY_MODES", "LatencyConfig", "RECOVERY", "RecoveryConfig"]
 
-__all__ = ["DEVICES", "EvalSettings", "LATENCY_MODES", "LatencyConfig", "RecoveryConfig"]
-
+RECOVERY = ("none", "bn", "finetune", "kd")
 LATENCY_MODES = ("measure", "predict", "hybrid", "none")
 DEVICES = ("cpu", "cuda")
 

@@ -54,7 +54,7 @@ def test_recovery_modes_repeat_exactly(trained, digits, mode) -> None:
     scores = []
     for _ in range(2):
         model = copy.deepcopy(trained)
-        recover(model, mode, digits, teacher=trained, steps=5, bn_batches=5)
+        recover(model, RecoveryConfig(mode=mode, finetune_steps=5, bn_batches=5), digits, teacher=trained)
         scores.append(score(model, digits))
     assert scores[0] == scores[1]
 
