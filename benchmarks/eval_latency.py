@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.evaluators.latency import LatencyTable, calibration_policies, choice_parts, is_bits, table_entries
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -38,8 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ev = Evaluator(*load_workload(model="resnet20", data=args.data),
-                   EvalSettings(latency="measure", latency_batch=args.batch,
-                                                     latency_threads=args.threads))
+                   EvalSettings(latency=LatencyConfig(mode="measure", batch=args.batch, threads=args.threads)))
     meter = ev.meter
     assert meter is not None
     print("same model twice (reference = itself)")

@@ -18,6 +18,7 @@ import torch
 
 import squeezer.evaluators.evaluate as evaluate_module
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.policy import Policy
 from squeezer.models import load_workload
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--times", type=int, default=3, help="timings of each policy's evaluation and bare passes")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    settings = EvalSettings(recovery="bn", latency="none")
+    settings = EvalSettings(latency=LatencyConfig(mode="none"))
     ev = Evaluator(*load_workload(model="resnet20", data=args.data), settings)
     policies = [Policy.uniform(ev.space, prune=r) for r in (0.125, 0.25, 0.375, 0.5, 0.625)][:args.repeats]
     ev.measure(ev.compress(policies[0]), policies[0])  # warm-up: first-call costs are not per-policy costs
@@ -46,7 +47,8 @@ def main() -> None:
         start = time.perf_counter()
         with torch.no_grad():
             model.train()
-            for x, _ in ev.data.train.batches(settings.batch_size, shuffle=True, limit=settings.bn_batches):
+            for x, _ in ev.data.train.batches(settings.recovery.batch_size, shuffle=True,
+                                                limit=settings.recovery.bn_batches):
                 model(x)
             model.eval()
             for x, _ in ev.data.val.batches(256):

@@ -30,6 +30,7 @@ from scipy.stats import kendalltau
 
 from squeezer.training import train_baseline
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 from squeezer.search.shrink import compression_order
@@ -54,9 +55,11 @@ def main() -> None:
         ckpt = Path(tmp) / "r20.pt"
         base = train_baseline("resnet20", args.data, out=ckpt, seed=args.seed)
         print(f"base ResNet-20 on {args.data}: val accuracy {base.val_accuracy:.4f}")
-        modes = {"none": EvalSettings(recovery="none", latency="none"),
-                 "bn": EvalSettings(recovery="bn", latency="none"),
-                 f"kd{args.steps}": EvalSettings(recovery="kd", finetune_steps=args.steps, latency="none")}
+        untimed = LatencyConfig(mode="none")
+        modes = {"none": EvalSettings(recovery=RecoveryConfig(mode="none"), latency=untimed),
+                 "bn": EvalSettings(recovery=RecoveryConfig(mode="bn"), latency=untimed),
+                 f"kd{args.steps}": EvalSettings(recovery=RecoveryConfig(mode="kd", finetune_steps=args.steps),
+                                                 latency=untimed)}
         evaluators = {name: Evaluator(*load_workload(model=str(ckpt), data=args.data), s) for name, s in modes.items()}
         val_size = len(next(iter(evaluators.values())).data.val)
         space = next(iter(evaluators.values())).space

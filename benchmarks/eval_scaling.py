@@ -16,13 +16,15 @@ import random
 import time
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.pool import make_pool, threads_per_worker
+from squeezer.evaluators.settings import LatencyConfig
+from squeezer.evaluators.pool import PoolConfig, make_pool, threads_per_worker
 from squeezer.policies.policy import Policy
 from squeezer.models import load_workload
 
 
 def policies(n: int, seed: int = 0) -> list[Policy]:
-    space = Evaluator(*load_workload(model="resnet20", data="digits"), EvalSettings(latency="none")).space
+    space = Evaluator(*load_workload(model="resnet20", data="digits"),
+                      EvalSettings(latency=LatencyConfig(mode="none"))).space
     rng = random.Random(seed)
     prune_units = [u for u, k in space.param_names() if k == "prune"]
     return [Policy.from_params({f"{u}/prune": rng.choice((0.0, 0.25, 0.5)) for u in prune_units}, space)
@@ -41,13 +43,14 @@ def main() -> None:
         print("ray is not installed here: timing the local pool only")
         args.backends = [b for b in args.backends if b != "ray"]
     todo = policies(args.n)
-    settings = EvalSettings(latency=args.latency, device=args.device)
+    settings = EvalSettings(latency=LatencyConfig(mode=args.latency), device=args.device)
     print(f"{os.cpu_count()} cores, {args.n} policies, device {args.device}")
     print(f"{'backend':>8} {'workers':>7} {'threads':>7} {'start s':>8} {'eval s':>7} {'evals/min':>9}")
     rates: dict[tuple[str, int], float] = {}
     for backend, workers in [(b, w) for b in args.backends for w in args.workers]:
         t = time.perf_counter()
-        pool = make_pool(*load_workload(model="resnet20", data="digits"), settings, workers=workers, backend=backend)
+        pool = make_pool(*load_workload(model="resnet20", data="digits"), settings,
+                         config=PoolConfig(workers=workers, backend=backend))
         # warm every worker (first evaluation pays imports / evaluator build) with a policy not in the set
         for i in range(workers):
             pool.submit(-1 - i, Policy(meta={"warm": i}) if i == 0 else todo[0].with_layer("conv1", w_bits=8))

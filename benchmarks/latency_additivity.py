@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.models import load_workload
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ev = Evaluator(*load_workload(model="resnet20", data="digits"),
-                   EvalSettings(latency="measure", latency_threads=args.threads))
+                   EvalSettings(latency=LatencyConfig(mode="measure", threads=args.threads)))
     assert ev.meter is not None
 
     def delta(layers: dict[str, LayerChoice]) -> float:

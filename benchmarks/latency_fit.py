@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_slopes, is_bits,
                                          nonneg_lstsq, table_entries)
 from squeezer.spaces.knobs import SpaceConfig
@@ -64,9 +65,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default="digits", help="digits (8x8) or mnist (28x28): the input timed")
     ap.add_argument("--save", default=None, help="also write the timings and sums to this JSON file")
-    ap.add_argument("--reps", type=int, default=EvalSettings.latency_reps,
+    ap.add_argument("--reps", type=int, default=LatencyConfig.reps,
                     help="sessions of each model per timing of a whole policy, as a search times a candidate (min 3)")
-    ap.add_argument("--table-reps", type=int, default=EvalSettings.latency_table_reps,
+    ap.add_argument("--table-reps", type=int, default=LatencyConfig.table_reps,
                     help="sessions per timing of a table entry (as many runs in all, split among them)")
     args = ap.parse_args()
     if not {"w_bits", "a_bits"} & set(args.knobs):
@@ -75,9 +76,8 @@ def main() -> None:
         ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")
     torch.set_num_threads(args.threads)
     ev = Evaluator(*load_workload(model="resnet20", data=args.data),
-                   EvalSettings(latency="measure", latency_threads=args.threads,
-                                                        latency_reps=args.reps,
-                                                        latency_table_reps=args.table_reps))
+                   EvalSettings(latency=LatencyConfig(mode="measure", threads=args.threads, reps=args.reps,
+                                                      table_reps=args.table_reps)))
     assert ev.meter is not None
     space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(args.knobs)))
     start = time.perf_counter()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.evaluators.latency import LatencyMeter, table_entries
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
@@ -40,7 +41,7 @@ def main() -> None:
     if args.passes < 2:
         ap.error("--passes must be at least 2: the spread is over passes")
     torch.set_num_threads(args.threads)
-    ev = Evaluator(*load_workload(model="resnet20", data=args.data), EvalSettings(latency="none"))
+    ev = Evaluator(*load_workload(model="resnet20", data=args.data), EvalSettings(latency=LatencyConfig(mode="none")))
     space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=KNOBS))
     entries = random.Random(0).sample(table_entries(space), args.entries)
     models = [ev._onnx_of(Policy(layers={u: p}, fingerprint=space.fingerprint)) for u, p in entries]

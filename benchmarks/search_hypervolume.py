@@ -28,6 +28,7 @@ import optuna
 
 from squeezer.search.baselines import uniform_at
 from squeezer.search.budget import Budget
+from squeezer.search.config import SearchConfig
 from squeezer.search.study import run_search
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the search's stand-ins live with the tests
 from fakes import CheapEvaluator, FakeEvaluator, InlinePool  # noqa: E402
@@ -78,9 +79,10 @@ def run(*, evaluator: str, trials: list[int], seeds: int, samplers: list[str], b
                 with tempfile.TemporaryDirectory() as tmp:
                     start = time.perf_counter()
                     # In memory: storage speed is not what is compared here (search_orchestration.py measures it).
-                    result = run_search(ev.space, InlinePool(score), budget, base, out=Path(tmp), sampler=sampler,
-                                        trials=n, seed=seed, repair=repair and sampler != "ddpg",
-                                        storage=optuna.storages.InMemoryStorage())
+                    config = SearchConfig(budget=budget, sampler=sampler, trials=n, seed=seed,
+                                          repair=repair and sampler != "ddpg",
+                                          storage=optuna.storages.InMemoryStorage())
+                    result = run_search(ev.space, InlinePool(score), base, out=Path(tmp), config=config)
                     seconds.append(time.perf_counter() - start)
                     hvs.append(result.hypervolume("macs", ref=ref))
                     hvs01.append(result.hypervolume("macs"))

@@ -23,8 +23,10 @@ import torch
 
 from squeezer.training import train_baseline
 from squeezer.evaluators.evaluate import EvalSettings
-from squeezer.evaluators.pool import make_pool
+from squeezer.evaluators.pool import PoolConfig, make_pool
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.search_job import _base_measurement
+from squeezer.search.config import SearchConfig
 from squeezer.search.study import preload_storage, run_search
 from squeezer.search.working_copy import WorkingCopy
 from squeezer.spaces.space import SearchSpace
@@ -62,9 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "r20.pt"
         train_baseline("resnet20", args.data, out=ckpt)
-        settings = EvalSettings(recovery=args.recovery, latency="none")
-        pool = make_pool(*load_workload(model=str(ckpt), data=args.data), settings, workers=args.workers,
-                         backend=args.backend)
+        settings = EvalSettings(recovery=RecoveryConfig(mode=args.recovery), latency=LatencyConfig(mode="none"))
+        pool = make_pool(*load_workload(model=str(ckpt), data=args.data), settings,
+                         config=PoolConfig(workers=args.workers, backend=args.backend))
         try:
             from squeezer.models import resolve_model
             from squeezer.datasets import load_data
@@ -75,8 +77,9 @@ def main() -> None:
             base = _base_measurement(pool, space.fingerprint)
             seen: list[float] = []  # the search's own clock (starts once the study is open) at each trial's end
             start = time.perf_counter()
-            result = run_search(space, pool, "macs<=50%", base, out=Path(tmp) / "run", sampler=args.sampler,
-                                trials=args.trials, workers=args.workers, storage=args.storage, repair=True,
+            config = SearchConfig(budget="macs<=50%", sampler=args.sampler, trials=args.trials,
+                                  storage=args.storage, repair=True)
+            result = run_search(space, pool, base, out=Path(tmp) / "run", config=config, workers=args.workers,
                                 on_progress=lambda stats: seen.append(stats.elapsed))
             wall = time.perf_counter() - start
             everything = time.perf_counter() - t0

@@ -13,10 +13,9 @@ from torch import nn
 
 from squeezer.evaluators.data import DataBundle, Split
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+from squeezer.evaluators.settings import RecoveryConfig
 
-__all__ = ["RECOVERY", "recalibrate_bn", "recover", "score"]
-
-RECOVERY = ("none", "bn", "finetune", "kd")
+__all__ = ["recalibrate_bn", "recover", "score"]
 
 
 def _recalibratable(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,24 +55,25 @@ def recalibrate_bn(model: nn.Module, data: Split, *, batches: int = 20, batch_si
     return model
 
 
-def recover(model: nn.Module, mode: str, data: DataBundle, *, teacher: nn.Module | None = None, bn_batches: int = 20,
-            steps: int = 50, lr: float = 0.01, kd_weight: float = 0.5, kd_temperature: float = 4.0,
-            batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
-    """Recover accuracy on the train split by `mode` (none, bn, finetune, kd); returns the model in eval mode."""
-    if mode not in RECOVERY:
-        raise ValueError(f"unknown recovery {mode!r}: choose from {', '.join(RECOVERY)}")
+def recover(model: nn.Module, config: RecoveryConfig, data: DataBundle, *, teacher: nn.Module | None = None,
+            seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """Recover accuracy on the train split as `config` says (none, bn, finetune, kd); returns the model in eval
+    mode."""
+    mode = config.mode
     model.to(device)
     if mode == "none":
         return model.eval()
     if mode == "bn":
-        return recalibrate_bn(model, data.train, batches=bn_batches, batch_size=batch_size, seed=seed, device=device)
+        return recalibrate_bn(model, data.train, batches=config.bn_batches, batch_size=config.batch_size, seed=seed,
+                              device=device)
     if mode == "kd" and teacher is None:
         raise ValueError("recovery 'kd' needs the uncompressed model as teacher")
-    config = FitConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                       kd_weight=kd_weight if mode == "kd" else 0.0, kd_temperature=kd_temperature)
+    fit_config = FitConfig(steps=config.finetune_steps, batch_size=config.batch_size, lr=config.finetune_lr,
+                           seed=seed, kd_weight=config.kd_weight if mode == "kd" else 0.0,
+                           kd_temperature=config.kd_temperature)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return fit(model, data.train, config, teacher=teacher if mode == "kd" else None, device=device)
+        return fit(model, data.train, fit_config, teacher=teacher if mode == "kd" else None, device=device)
 
 
 def score(model: nn.Module, data: DataBundle, *, batch_size: int = 256,

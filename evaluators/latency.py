@@ -401,6 +401,11 @@ class LatencyTable:
                 if self.data.get("base_us") is None:
                     self.data["base_us"] = disk.get("base_us")
 
+    def refresh(self) -> None:
+        """Take in what others saved to the table's file since: a worker's copy reads the timings its search's
+        driver recorded, so its predictions are corrected as the driver's are."""
+        self._load()
+
     @staticmethod
     @functools.lru_cache(maxsize=65536)
     def entry_key(unit: str, part: LayerChoice) -> str:

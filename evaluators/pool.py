@@ -16,6 +16,8 @@ import math
 import os
 import socket
 from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
@@ -29,14 +31,40 @@ from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator, worker_evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
 from squeezer.policies.policy import Policy
+from squeezer.spaces.space import SearchSpace
 
-__all__ = ["EvalPool", "LocalPool", "RayPool", "actor_resources", "cluster_workers", "default_workers", "make_pool"]
+__all__ = ["BACKENDS", "EvalPool", "LocalPool", "PoolConfig", "RayPool", "actor_resources", "cluster_workers",
+           "default_workers", "make_pool"]
 
 RETRIES = 1
+BACKENDS = ("auto", "local", "ray")
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Where and how many evaluations run. `workers` None: one per core (one per GPU with device 'cuda'), of the
+    cluster `ray_address` names when it names one. `backend` "local" (processes), "ray" (actors), or "auto" (Ray
+    when importable and there is more than one worker, a Ray address or a latency resource). `latency_resource`:
+    the custom Ray resource of the node that times latency (the target device). `cache_dir`: where evaluations
+    and the latency table are kept on disk (none: in memory only)."""
+
+    workers: int | None = None
+    backend: str = "auto"
+    ray_address: str | None = None
+    latency_resource: str | None = None
+    cache_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be at least 1 (or None for one per core), got {self.workers}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown pool backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+
+
 class EvalPool(Protocol):
+    workers: int
+
     def submit(self, key: int, policy: Policy) -> None: ...
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, Outcome]]: ...
@@ -63,15 +91,15 @@ def default_workers(device: str = "cpu") -> int:
 _WORKER: Evaluator | EvalFailure | None = None
 
 
-def _init_worker(model: Any, data: Any, settings: EvalSettings, threads: int, options: dict[str, Any],
-                 started: Any = None) -> None:
+def _init_worker(model: Any, data: Any, settings: EvalSettings, space: SearchSpace | None,
+                 cache_dir: str | Path | None, threads: int, started: Any = None) -> None:
     global _WORKER
     torch.set_num_threads(threads)
     if settings.device == "cuda" and started is not None and torch.cuda.is_available():
         with started.get_lock():  # the workers take the GPUs in turn, not all the first one
             ordinal, started.value = started.value, started.value + 1
         torch.cuda.set_device(ordinal % torch.cuda.device_count())
-    _WORKER = worker_evaluator(model, data, settings, options)
+    _WORKER = worker_evaluator(model, data, settings, space=space, cache_dir=cache_dir)
 
 
 def _worker_ready() -> int:
@@ -88,14 +116,15 @@ class LocalPool:
 
     `workers=1` evaluates in the calling process (no start-up cost, same results). A broken process pool (a worker
     killed) is rebuilt and the evaluations it held are retried once. A worker that cannot build its Evaluator fails
-    each evaluation it is handed, with the reason.
+    each evaluation it is handed, with the reason. `space`, the model's traced SearchSpace, saves each worker
+    tracing the model again.
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
-                 workers: int = 1, **options: Any) -> None:
-        self.workers = max(1, workers)
+                 config: PoolConfig = PoolConfig(workers=1), space: SearchSpace | None = None) -> None:
+        self.workers = config.workers or default_workers(settings.device)
         data = data.without_test()
-        self.init_args = (model, data, settings, threads_per_worker(self.workers), options)
+        self.init_args = (model, data, settings, space, config.cache_dir, threads_per_worker(self.workers))
         self._queue: deque[tuple[int, Policy]] = deque()
         self._futures: dict[Future, tuple[int, Policy, int]] = {}
         self._failed: list[tuple[int, Outcome]] = []  # given up on while submitting, returned by the next wait
@@ -103,8 +132,8 @@ class LocalPool:
         self.evaluator: Evaluator | None = None
         self.restarts = 0
         if self.workers == 1:
-            torch.set_num_threads(self.init_args[3])
-            self.evaluator = Evaluator(model, data, settings, **options)
+            torch.set_num_threads(threads_per_worker(1))
+            self.evaluator = Evaluator(model, data, settings, space=space, cache_dir=config.cache_dir)
         else:
             self._executor = self._new_executor()
 
@@ -217,16 +246,16 @@ class RayPool:
     even while another sat idle."""
 
     def __init__(self, model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
-                 workers: int | None = 2, address: str | None = None, latency_resource: str | None = None,
-                 **options: Any) -> None:
+                 config: PoolConfig = PoolConfig(), space: SearchSpace | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
         from squeezer.evaluators import ray_actors
 
         self.ray = ray
+        address = config.ray_address
         # no number given: one per core (GPU) of this machine, or of the cluster once joined
-        self.workers = max(1, workers) if workers else (0 if address else default_workers(settings.device))
+        self.workers = config.workers or (0 if address else default_workers(settings.device))
         data = data.without_test()
         self._owns = False
         if not ray.is_initialized():
@@ -245,20 +274,21 @@ class RayPool:
         offered = ray.cluster_resources()
         if not self.workers:
             self.workers = cluster_workers(settings.device, offered)
-        # Model and data go to the object store once, not once per actor (Ray does not deduplicate arguments), and
-        # the actor class is declared once: each ray.remote() of it would pickle and upload the class again.
-        model_ref, data_ref = ray.put(model), ray.put(data)
+        # Model, data and space go to the object store once, not once per actor (Ray does not deduplicate
+        # arguments), and the actor class is declared once: each ray.remote() of it would pickle and upload the
+        # class again.
+        model_ref, data_ref, space_ref = ray.put(model), ray.put(data), ray.put(space)
         self.latency_actor = None
-        if latency_resource and settings.latency != "none":
-            cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={latency_resource: 1})
-            self.latency_actor = cls.remote(model_ref, data_ref, settings)
-            options = {**options, "latency_actor": self.latency_actor}
+        if config.latency_resource and settings.latency.mode != "none":
+            cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={config.latency_resource: 1})
+            self.latency_actor = cls.remote(model_ref, data_ref, settings.latency)
         threads = threads_per_worker(self.workers)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
         resources = actor_resources(settings.device, self.workers, offered.get("GPU", 0))
         actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address))
-        self._make = lambda: actor.remote(model_ref, data_ref, settings, threads, options)
+        self._make = lambda: actor.remote(model_ref, data_ref, settings, space=space_ref, cache_dir=config.cache_dir,
+                                          threads=threads, latency_service=self.latency_actor)
         self.actors = [self._make() for _ in range(self.workers)]
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
         self._queue: deque[tuple[int, Policy, int]] = deque()  # (key, policy, attempts) waiting for an idle actor
@@ -352,32 +382,30 @@ def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str,
 
 
 def make_pool(model: nn.Module, data: DataBundle, settings: EvalSettings = EvalSettings(), *,
-              workers: int | None = 1, backend: str = "auto", ray_address: str | None = None,
-              latency_resource: str | None = None, **options: Any) -> EvalPool:
-    """A pool of `workers` evaluators: "local", "ray", or "auto" (Ray when importable and workers > 1). `workers`
-    None: one per core (GPU), of the cluster when `ray_address` names one (the pool's `workers` says how many)."""
-    if workers is None and not ray_address:
+              config: PoolConfig = PoolConfig(workers=1), space: SearchSpace | None = None) -> EvalPool:
+    """A pool of `config.workers` evaluators in the backend `config` names (see PoolConfig); `space`, the model's
+    traced SearchSpace, saves each worker tracing it again. The pool's `workers` says how many it holds."""
+    workers = config.workers
+    if workers is None and not config.ray_address:
         workers = default_workers(settings.device)
-    if backend not in ("auto", "local", "ray"):
-        raise ValueError(f"unknown pool backend {backend!r}: choose 'auto', 'local' or 'ray'")
-    chosen = backend
+    remote = bool(config.ray_address or config.latency_resource)
+    backend = config.backend
     if backend == "auto":
         try:
             import ray  # noqa: F401
             has_ray = True
         except ImportError:
             has_ray = False
-        backend = "ray" if (has_ray and ((workers or 0) > 1 or ray_address or latency_resource)) else "local"
+        backend = "ray" if (has_ray and ((workers or 0) > 1 or remote)) else "local"
     if backend == "ray":
         try:
-            return RayPool(model, data, settings, workers=workers, address=ray_address,
-                           latency_resource=latency_resource, **options)
+            return RayPool(model, data, settings, config=replace(config, workers=workers), space=space)
         except Exception as exc:  # noqa: BLE001
-            if chosen != "auto" or ray_address or latency_resource:
+            if config.backend != "auto" or remote:
                 raise
             # Ray was only the default: a machine where it cannot start still evaluates, in local processes.
             log.warning("Ray did not start (%s: %s); evaluating in %d local processes instead", type(exc).__name__,
                         str(exc).splitlines()[0][:200] if str(exc) else "", workers)
-    if ray_address or latency_resource:
+    if remote:
         raise ValueError("a Ray address or latency resource needs the Ray backend: pip install ray, or drop them")
-    return LocalPool(model, data, settings, workers=workers, **options)
+    return LocalPool(model, data, settings, config=replace(config, workers=workers), space=space)

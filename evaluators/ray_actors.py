@@ -3,7 +3,8 @@ with `ray.remote` itself, and the GPU test machine has no Ray)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -11,24 +12,28 @@ from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.evaluate import EvalSettings, worker_evaluator
 from squeezer.evaluators.latency import LatencyMeter, LatencyResult
 from squeezer.evaluators.measurement import EvalFailure, Outcome
+from squeezer.evaluators.settings import LatencyConfig
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
+from squeezer.spaces.space import SearchSpace
 
 
 class EvalActor:
-    """One Evaluator per actor; latency goes to `latency_actor` (a LatencyService) when one is given."""
+    """One Evaluator per actor; latency goes to `latency_service` (a LatencyService actor) when one is given."""
 
-    def __init__(self, model: torch.nn.Module, data: DataBundle, settings: EvalSettings, threads: int,
-                 options: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, data: DataBundle, settings: EvalSettings, *,
+                 space: SearchSpace | None = None, cache_dir: str | Path | None = None, threads: int = 1,
+                 latency_service: Any = None) -> None:
         import ray
 
         torch.set_num_threads(threads)
-        options = dict(options)
-        service = options.pop("latency_actor", None)
-        if service is not None:
-            options["latency_fn"] = lambda onnx: ray.get(service.measure.remote(onnx))
-            options["hardware"] = ray.get(service.hardware.remote())
-        self.evaluator = worker_evaluator(model, data, settings, options)
+        latency_fn: Callable[[bytes], LatencyResult] | None = None
+        hardware = None
+        if latency_service is not None:
+            latency_fn = lambda onnx: ray.get(latency_service.measure.remote(onnx))  # noqa: E731
+            hardware = ray.get(latency_service.hardware.remote())
+        self.evaluator = worker_evaluator(model, data, settings, space=space, cache_dir=cache_dir,
+                                          latency_fn=latency_fn, hardware=hardware)
 
     def evaluate(self, policy: Policy) -> Outcome:
         if isinstance(self.evaluator, EvalFailure):
@@ -42,14 +47,13 @@ class EvalActor:
 class LatencyService:
     """Times ONNX models against the base model's, on whichever node carries the pool's latency resource."""
 
-    def __init__(self, model: torch.nn.Module, data: DataBundle, settings: EvalSettings) -> None:
+    def __init__(self, model: torch.nn.Module, data: DataBundle, latency: LatencyConfig) -> None:
         import ray
 
         example = data.example_inputs(1)
-        self.meter = LatencyMeter(export_onnx(model.eval(), example), tuple(example.shape),
-                                  batch=settings.latency_batch,
-                                  threads=settings.latency_threads, warmup=settings.latency_warmup,
-                                  runs=settings.latency_runs, reps=settings.latency_reps)
+        self.meter = LatencyMeter(export_onnx(model.eval(), example), tuple(example.shape), batch=latency.batch,
+                                  threads=latency.threads, warmup=latency.warmup, runs=latency.runs,
+                                  reps=latency.reps)
         self.node = ray.get_runtime_context().get_node_id()
         self.calls = 0
 

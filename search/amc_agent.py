@@ -26,6 +26,7 @@ resumed agent rebuilds its replay buffer from storage.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,14 +39,14 @@ from torch import nn
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import METRICS, metric_value
-from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel
 from squeezer.search.objectives import Objective
 from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
 from squeezer.search.shrink import compression_order, full_params
 from squeezer.spaces.knobs import A_BITS, BLOCK, KEEP, RANK, W_BITS
 from squeezer.spaces.space import Cost, SearchSpace
 
-__all__ = ["AmcAgent"]
+__all__ = ["AgentConfig", "AmcAgent"]
 
 _KINDS = {"conv": 0.0, "dwconv": 1.0, "gconv": 0.5, "linear": 0.25}
 _WALL_GRID = np.linspace(0.0, 1.0, 21)
@@ -60,22 +61,57 @@ def _mlp(inp: int, hidden: int, outputs: int = 1, out: nn.Module | None = None) 
     return nn.Sequential(*layers, *([out] if out is not None else []))
 
 
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """The agent's learning: `warmup` episodes of random actions, then an actor and a critic (MLPs of `hidden`
+    units, learning rates `lr_actor` and `lr_critic`, targets tracking them by `tau`) trained on batches of
+    `batch_size` from the latest `buffer_size` transitions, exploring with a truncated normal of `sigma` decaying
+    by `sigma_decay` an episode. An episode's reward is accuracy (minus `cost_weight` x cost fraction in
+    multi-objective mode) less a moving-average baseline (`moving_alpha`), discounted by `discount`."""
+
+    warmup: int = 10
+    hidden: int = 300
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-3
+    tau: float = 0.01
+    batch_size: int = 64
+    sigma: float = 0.5
+    sigma_decay: float = 0.95
+    discount: float = 1.0
+    buffer_size: int = 4000
+    cost_weight: float = 0.1
+    moving_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, low in (("warmup", 0), ("hidden", 1), ("batch_size", 1), ("buffer_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("lr_actor", "lr_critic"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("tau", "sigma_decay", "moving_alpha"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("sigma", "cost_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.discount <= 1:
+            raise ValueError(f"discount must be in [0, 1], got {self.discount}")
+
+
 class AmcAgent(StudySearcher):
     """DDPG over per-unit compression levels; `ask`/`tell` like every searcher, trials in the same study."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, objective: Objective, *, seed: int = 0,
-                 warmup: int = 10, hidden: int = 300, lr_actor: float = 1e-4, lr_critic: float = 1e-3,
-                 tau: float = 0.01, batch_size: int = 64, sigma: float = 0.5, sigma_decay: float = 0.95,
-                 discount: float = 1.0, buffer_size: int = 4000, cost_weight: float = 0.1,
-                 moving_alpha: float = 0.5, latency_model: LatencyModel | None = None) -> None:
+                 config: AgentConfig = AgentConfig(), latency_model: LatencyModel | None = None) -> None:
         super().__init__(study, objective)
         self.space = space
         self.rng = np.random.default_rng(seed)
-        self.warmup, self.tau, self.batch_size = warmup, tau, batch_size
-        self.sigma0, self.sigma_decay, self.discount = sigma, sigma_decay, discount
-        self.cost_weight = cost_weight if objective.kind == "multi" else 0.0
-        self.moving_alpha, self.baseline = moving_alpha, None
-        self.buffer_size = buffer_size
+        self.warmup, self.tau, self.batch_size = config.warmup, config.tau, config.batch_size
+        self.sigma0, self.sigma_decay, self.discount = config.sigma, config.sigma_decay, config.discount
+        self.cost_weight = config.cost_weight if objective.kind == "multi" else 0.0
+        self.moving_alpha, self.baseline = config.moving_alpha, None
+        self.buffer_size = config.buffer_size
         self.buffer: list[tuple[np.ndarray, np.ndarray, float, np.ndarray, float]] = []
         self.episodes = 0
         self.latency_model = latency_model if "latency" in objective.budget.metrics else None
@@ -97,11 +133,11 @@ class AmcAgent(StudySearcher):
         dim = self.static.shape[1] + 3 + self.dims
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.actor = _mlp(dim, hidden, self.dims, nn.Sigmoid())
-            self.critic = _mlp(dim + self.dims, hidden)
+            self.actor = _mlp(dim, config.hidden, self.dims, nn.Sigmoid())
+            self.critic = _mlp(dim + self.dims, config.hidden)
         self.actor_target, self.critic_target = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
-        self.opt_actor = torch.optim.Adam(self.actor.parameters(), lr=lr_actor)
-        self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=lr_critic)
+        self.opt_actor = torch.optim.Adam(self.actor.parameters(), lr=config.lr_actor)
+        self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=config.lr_critic)
         self._resume()
 
     # ---- episode -------------------------------------------------------------------------------------------------
@@ -264,7 +300,8 @@ class AmcAgent(StudySearcher):
         return float(m.accuracy) - self.cost_weight * self.objective.cost(m) - (0.0 if feasible else 1.0)
 
     def learn(self, proposal: Proposal, outcome: Outcome) -> None:
-        teach(self.latency_model, self.margin, proposal, outcome)
+        if self.latency_model is not None:  # the search loop records the timing into the model itself
+            self.margin.learn(proposal, outcome)
         actions = proposal.info.get("actions")
         if not isinstance(outcome, Measurement) or not actions:
             return

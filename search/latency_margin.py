@@ -22,7 +22,7 @@ from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.searcher import Proposal, trial_attrs
 
-__all__ = ["LatencyModel", "LatencyMargin", "teach", "prediction_error", "WINDOW", "MIN_POINTS"]
+__all__ = ["LatencyModel", "LatencyMargin", "timed", "prediction_error", "WINDOW", "MIN_POINTS"]
 
 WINDOW = 16  # the latest timed candidates whose measured / predicted latency sets the margin
 MIN_POINTS = 3  # timed candidates before the margin moves from 1
@@ -52,6 +52,12 @@ class LatencyMargin:
         if predicted and measured and record.get("latency_source") == "measured":
             self.ratios = [*self.ratios, measured / predicted][-WINDOW:]
 
+    def learn(self, proposal: Proposal, outcome: Outcome) -> None:
+        """Learn from a told candidate whose latency was timed (the search loop hands the timing to the latency
+        model itself, once)."""
+        if timed(outcome):
+            self.note({**proposal.attrs, **outcome.metrics()})  # type: ignore[union-attr]
+
     def attrs(self, model: LatencyModel, policy: Policy) -> dict[str, float]:
         """What a proposal records for `note` to read back: the policy's predicted latency and the margin aimed by."""
         return {"latency_predicted": model.predict_rel(policy), "latency_margin": self.value()}
@@ -63,12 +69,9 @@ class LatencyMargin:
         return float(min(2.0, max(0.5, statistics.quantiles(self.ratios, n=4, method="inclusive")[2])))
 
 
-def teach(model: LatencyModel | None, margin: LatencyMargin, proposal: Proposal, outcome: Outcome) -> None:
-    """Hand a candidate whose latency was timed to the latency model (which refits) and to the margin."""
-    if (model is not None and isinstance(outcome, Measurement) and outcome.latency_source == "measured"
-            and outcome.latency_rel):
-        model.record(proposal.policy, outcome.latency_rel)
-        margin.note({**proposal.attrs, **outcome.metrics()})
+def timed(outcome: Outcome) -> bool:
+    """Whether `outcome`'s latency was timed (not predicted): what a latency model and a margin learn from."""
+    return isinstance(outcome, Measurement) and outcome.latency_source == "measured" and bool(outcome.latency_rel)
 
 
 def prediction_error(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:

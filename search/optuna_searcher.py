@@ -16,7 +16,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from squeezer.evaluators.measurement import Outcome
 from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.search.objectives import Objective, constraints_func
-from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
+from squeezer.search.latency_margin import LatencyMargin, LatencyModel
 from squeezer.search.searcher import Proposal, StudySearcher
 from squeezer.search.shrink import repair as repair_policy
 from squeezer.spaces.knobs import A_BITS, W_BITS
@@ -148,7 +148,9 @@ class OptunaSearcher(StudySearcher):
         return Proposal(trial.number, policy, trial, attrs=attrs)
 
     def learn(self, proposal: Proposal, outcome: Outcome) -> None:
-        """A timed candidate teaches the latency model what repair's policies cost: its calibration policies are
-        random, and a few int8 units in a heavily pruned model, which repair makes of a latency limit, cost more
-        than those predict (ResNet-20 / digits: measured up to 1.5 of the base where 0.8-0.9 was predicted)."""
-        teach(self.latency_model, self.margin, proposal, outcome)
+        """A timed candidate teaches the margin how far the latency model's predictions of repair's policies are
+        off: its calibration policies are random, and a few int8 units in a heavily pruned model, which repair makes
+        of a latency limit, cost more than those predict (ResNet-20 / digits: measured up to 1.5 of the base where
+        0.8-0.9 was predicted). The search loop records the timing into the model itself."""
+        if self.latency_model is not None:
+            self.margin.learn(proposal, outcome)

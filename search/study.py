@@ -26,7 +26,9 @@ from squeezer.evaluators.latency import MachineLock
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.baselines import budget_starts
-from squeezer.search.budget import Budget, BudgetError
+from squeezer.search.budget import BudgetError
+from squeezer.search.config import SearchConfig, SearchError, check_resume, search_record
+from squeezer.search.latency_margin import timed
 from squeezer.search.objectives import Objective, make_objective
 from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearcher, make_sampler
 from squeezer.search.pareto import StudyResult, front_rows, row_from_trial
@@ -36,10 +38,6 @@ from squeezer.search.working_copy import WorkingCopy
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
 
 STUDY_PREFIX = "squeezer"
-
-
-class SearchError(ValueError):
-    """A search that cannot start or resume; one line naming the fix."""
 
 
 def study_name(out: Path, storage: Any = None) -> str:
@@ -123,32 +121,34 @@ def _sqlite_wal(url: str) -> BaseStorage:
     return rdb
 
 
-def open_study(*, out: Path, storage: str | BaseStorage | None, objective: Objective, sampler: str, seed: int,
-               trials: int, fingerprint: str, settings: dict[str, Any]) -> tuple[optuna.Study, WorkingCopy]:
-    """Create or load the run's study; refuse to resume one made for another model, budget or sampler.
+def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerprint: str,
+               workers: int = 1) -> tuple[optuna.Study, WorkingCopy]:
+    """Create or load the run's study; refuse to resume one made for another model, budget, sampler or knob set
+    (`config.check_resume`, as the run folder is checked).
 
     Returns the study and its working copy (the in-memory study the searcher uses, written through to storage).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
+    sampler, seed = config.sampler, config.seed
     if sampler == "ddpg":
         sampler_obj: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # params come fixed
     else:
-        sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=trials)
-    resolved = resolve_storage(storage, out)
+        sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=config.trials)
+    resolved = resolve_storage(config.storage, out)
     backend = optuna.storages.get_storage(resolved)  # what create_study would wrap it in; the copy writes there
-    study = optuna.create_study(storage=backend, study_name=study_name(out, storage),
+    study = optuna.create_study(storage=backend, study_name=study_name(out, config.storage),
                                 directions=objective.directions, sampler=sampler_obj, load_if_exists=True)
-    expected = {"fingerprint": fingerprint, "budget": str(objective.budget), "objective": objective.kind,
-                "sampler": sampler, "cost_metric": objective.cost_metric}
+    # the cost metric as the objective resolved it (the budget's first metric when the config names none)
+    record = {**search_record(config, fingerprint), "cost_metric": objective.cost_metric}
     attrs = study.user_attrs
     if "fingerprint" in attrs:
-        for key, want in expected.items():
-            if attrs.get(key) != want:
-                raise SearchError(f"{out} holds a search with {key} {attrs.get(key)!r}, not {want!r}: resume with "
-                                  f"the same settings or choose a new output folder")
+        check_resume(attrs, record, out=out)
     else:
-        for key, value in {**expected, "seed": seed, "settings": settings, "base": objective.base.metrics(),
+        # "settings" is what reports and fronts read (and the number of workers, which no record holds)
+        settings = {"trials": config.trials, "workers": workers, "repair": config.repair,
+                    "promote_top_k": config.promote}
+        for key, value in {**record, "settings": settings, "base": objective.base.metrics(),
                            "hardware": dict(objective.base.hardware), "created": time.time()}.items():
             study.set_user_attr(key, value)
     requeue_stale(study)
@@ -208,36 +208,33 @@ def finished_count(study: optuna.Study) -> int:
     return n
 
 
-def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measurement, *, out: str | Path,
-               sampler: str = "tpe", trials: int = 100, workers: int = 1, storage: str | BaseStorage | None = None,
-               objective: str = "multi", cost_metric: str | None = None, repair: bool = False, seed: int = 0,
-               on_progress: Callable[[SearchProgress], None] | None = None, promote_top_k: int = 0,
+def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path,
+               config: SearchConfig = SearchConfig(), workers: int = 1,
+               on_progress: Callable[[SearchProgress], None] | None = None,
                promote_fn: Callable[[Policy], Outcome] | None = None,
-               check: bool = True, latency_model: LatencyModel | None = None,
-               start_latency: Callable[[Policy], float] | None = None) -> StudyResult:
-    """Search `space` for policies within `budget`, evaluating them in `pool`; resumable by re-running.
+               latency_model: LatencyModel | None = None) -> StudyResult:
+    """Search `space` for policies within `config.budget`, evaluating them in `pool`; resumable by re-running.
 
     `base` is the unchanged model's measurement (relative limits and cost fractions refer to it). After the
-    search, the `promote_top_k` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
-    The caller owns `pool` and closes it. `latency_model` (e.g. a `LatencyTable`) is what repair predicts a
-    latency limit with, and it learns from every timed candidate; without one, latency is judged by its MACs proxy.
-    `start_latency` (a table's `predict_rel`) judges a latency limit for the uniform starts of a new study when
-    there is no `latency_model` (a `--latency predict|hybrid` search that does not repair).
+    search, the `config.promote` most accurate front trials are re-evaluated with `promote_fn` (e.g. a fine-tune).
+    The caller owns `pool` (`workers` evaluations at once) and closes it. `latency_model` (e.g. a `LatencyTable`)
+    judges a latency limit for the uniform starts of a new study, for repair and for the agent's action wall
+    (without one, latency is judged by its MACs proxy), and this loop records each candidate timed into it, once.
     """
     out = Path(out)
-    budget = Budget.parse(budget) if isinstance(budget, str) else budget
-    if trials < 1 or workers < 1:
-        raise SearchError(f"trials and workers must be >= 1, got trials={trials}, workers={workers}")
-    if check and budget.limits:
+    budget = config.parsed_budget
+    if workers < 1:
+        raise SearchError(f"workers must be at least 1, got {workers}")
+    if budget.limits:
         budget.check_reachable(space, base)
-    obj = make_objective(objective, budget=budget, base=base, cost_metric=cost_metric)
-    settings = {"trials": trials, "workers": workers, "repair": repair, "promote_top_k": promote_top_k}
-    stored, work = open_study(out=out, storage=storage, objective=obj, sampler=sampler, seed=seed, trials=trials,
-                              fingerprint=space.fingerprint, settings=settings)
+    obj = make_objective(config.objective, budget=budget, base=base, cost_metric=config.cost_metric)
+    stored, work = open_study(out=out, config=config, objective=obj, fingerprint=space.fingerprint, workers=workers)
     study = work.study  # in memory; `work` writes each trial through to `stored`
-    searcher = make_searcher(sampler, study, space, obj, seed=seed, repair=repair, latency_model=latency_model)
+    searcher = make_searcher(config.sampler, study, space, obj, seed=config.seed, repair=config.repair,
+                             latency_model=latency_model)
+    trials = config.trials
     if isinstance(searcher, OptunaSearcher) and not study.get_trials(deepcopy=False):  # a new study
-        latency = latency_model.predict_rel if latency_model is not None else start_latency
+        latency = latency_model.predict_rel if latency_model is not None else None
         for policy in budget_starts(space, budget, base, most=trials // 4, latency=latency):
             searcher.enqueue(policy)
     driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
@@ -268,6 +265,8 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
         for key, outcome in pool.wait(timeout=None):
             proposal = in_flight.pop(key)
             with lock.compute():
+                if latency_model is not None and timed(outcome):
+                    latency_model.record(proposal.policy, outcome.latency_rel)  # type: ignore[union-attr]
                 searcher.tell(proposal, outcome)
                 work.finish(proposal.trial)
             done += 1
@@ -275,8 +274,8 @@ def run_search(space: Any, pool: EvalPool, budget: Budget | str, base: Measureme
                 rows.append({"number": key, **trial_attrs(proposal.trial)})
             if on_progress is not None:
                 on_progress(_stats(rows, done, trials, start, started_with))
-    if promote_top_k and promote_fn is not None:
-        promote(stored, promote_fn, obj, k=promote_top_k)
+    if config.promote and promote_fn is not None:
+        promote(stored, promote_fn, obj, k=config.promote)
     return StudyResult.from_study(stored, trials=study.get_trials(deepcopy=False))  # the copy holds what is stored
 
 

@@ -6,12 +6,16 @@ instant):
     import squeezer
     result = squeezer.search_policies(model="runs/resnet20.pt", data="digits", budget="macs<=50%", out="runs/r20",
                                       trials=40)
+    squeezer.search_policies(model="runs/resnet20.pt", data="digits", out="runs/r20k",
+                             search=squeezer.SearchConfig(budget="latency<=60%", trials=40, repair=True),
+                             recovery=squeezer.RecoveryConfig(mode="kd", finetune_steps=30), latency="hybrid")
     squeezer.front("runs/r20", x="latency_ms")
     squeezer.apply("runs/r20", trial=result.front[0]["number"], out="small.pt", onnx="small.onnx")
 
 The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
-means one thing. Lower-level pieces: `SearchSpace.from_model`, `Policy`, `apply_policy`, `Evaluator`, `make_pool`,
-`Budget`, `run_search`, `StudyResult`.
+means one thing. Settings are frozen configs: `SearchConfig`, `RecoveryConfig`, `LatencyConfig`, `PoolConfig`
+(and `EvalSettings`, recovery and latency with device and seed). Lower-level pieces: `SearchSpace.from_model`,
+`Policy`, `apply_policy`, `Evaluator`, `make_pool`, `Budget`, `run_search`, `StudyResult`.
 """
 from __future__ import annotations
 
@@ -30,10 +34,13 @@ _EXPORTS = {
     "Policy": "squeezer.policies.policy", "apply_policy": "squeezer.policies.apply",
     "export_onnx": "squeezer.policies.export",
     "Evaluator": "squeezer.evaluators.evaluate", "EvalSettings": "squeezer.evaluators.evaluate",
-    "make_pool": "squeezer.evaluators.pool", "Measurement": "squeezer.evaluators.measurement",
+    "RecoveryConfig": "squeezer.evaluators.settings", "LatencyConfig": "squeezer.evaluators.settings",
+    "make_pool": "squeezer.evaluators.pool", "PoolConfig": "squeezer.evaluators.pool",
+    "Measurement": "squeezer.evaluators.measurement",
     "load_data": "squeezer.datasets", "save_data": "squeezer.datasets",
     "load_model": "squeezer.models",
-    "Budget": "squeezer.search.budget", "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
+    "Budget": "squeezer.search.budget", "SearchConfig": "squeezer.search.config",
+    "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,7 +1,7 @@
 """The apply job: a found policy on a fresh copy of the model, recovered as the search did, re-measured and saved."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +56,15 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     check_device(device)
     if (trial is None) == (policy is None):
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
-    settings: dict[str, Any] = {}
+    settings = EvalSettings()
     recorded = None
     result = load_result(run) if run is not None else None
     if run is not None:
         info = read_run(run)
-        settings = dict(info.get("eval", {}))
+        settings = info.eval
         base_file = Path(run) / BASE_FILE
-        model = model or (str(base_file) if base_file.is_file() else info["model"])
-        data = data or info["data"]
+        model = model or (str(base_file) if base_file.is_file() else info.model)
+        data = data or info.data
     if trial is not None:
         if run is None:
             raise ValueError("--trial needs the run folder it belongs to: squeezer apply RUN --trial N --out FILE")
@@ -74,18 +74,17 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     if model is None:
         raise ValueError("no model to apply the policy to: pass a run folder or --model")
     data = data or "digits"
-    settings.update(device=device, latency="measure" if latency else "none")
-    known = set(EvalSettings.__dataclass_fields__)
-    eval_settings = EvalSettings(**{k: v for k, v in settings.items() if k in known})
+    settings = replace(settings, device=device,
+                       latency=replace(settings.latency, mode="measure" if latency else "none"))
     bundle = load_data(data)
     net = resolve_model(model, bundle)
-    evaluator = Evaluator(net, bundle, eval_settings)
+    evaluator = Evaluator(net, bundle, settings)
     chosen.validate(evaluator.space)
     compressed = evaluator.compress(chosen)
     if finetune_steps > 0:
-        config = FitConfig(steps=finetune_steps, batch_size=eval_settings.batch_size, lr=eval_settings.finetune_lr,
-                           seed=eval_settings.seed, kd_weight=eval_settings.kd_weight,
-                           kd_temperature=eval_settings.kd_temperature)  # distilled as the run's kd recovery is
+        r = settings.recovery
+        config = FitConfig(steps=finetune_steps, batch_size=r.batch_size, lr=r.finetune_lr, seed=settings.seed,
+                           kd_weight=r.kd_weight, kd_temperature=r.kd_temperature)  # distilled as the run's kd is
         if progress:
             bar, update = progress_bar(finetune_steps, "fine-tuning")
             with bar:

@@ -209,17 +209,24 @@ def _run(args: argparse.Namespace) -> int:
                                include=_split(args.include), exclude=_split(args.exclude))
         render.space(space)
     elif args.command == "search":
-        summary = squeezer.search_policies(
-            model=args.model, data=args.data, budget=args.budget, trials=args.trials, sampler=args.sampler,
-            workers=getattr(args, "workers", None), storage=args.storage, ray_address=args.ray_address,
-            device=args.device, out=args.out, objective=args.objective, recovery=args.recovery,
-            latency=args.latency, knobs=_split(args.knobs), repair=args.repair, promote=args.promote, seed=args.seed,
-            backend=args.pool, latency_on=args.latency_on,
-            settings={"latency_threads": args.latency_threads, "latency_batch": args.latency_batch,
-                      "latency_table_reps": args.latency_table_reps, "bn_batches": args.bn_batches,
-                      "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
-                      "kd_temperature": args.kd_temperature, "kd_weight": args.kd_weight},
-            progress=True)
+        from squeezer.evaluators.pool import PoolConfig
+        from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
+        from squeezer.search.config import SearchConfig
+        from squeezer.spaces.knobs import KNOBS
+
+        search = SearchConfig(budget=args.budget, trials=args.trials, sampler=args.sampler, objective=args.objective,
+                              knobs=_split(args.knobs) or KNOBS, repair=args.repair, promote=args.promote,
+                              seed=args.seed, storage=args.storage)
+        recovery = RecoveryConfig(mode=args.recovery, bn_batches=args.bn_batches, finetune_steps=args.finetune_steps,
+                                  finetune_lr=args.finetune_lr, kd_temperature=args.kd_temperature,
+                                  kd_weight=args.kd_weight)
+        latency = LatencyConfig(mode=args.latency, threads=args.latency_threads, batch=args.latency_batch,
+                                table_reps=args.latency_table_reps)
+        pool = PoolConfig(workers=getattr(args, "workers", None), backend=args.pool, ray_address=args.ray_address,
+                          latency_resource=args.latency_on)
+        summary = squeezer.search_policies(model=args.model, data=args.data, out=args.out, search=search,
+                                           recovery=recovery, latency=latency, pool=pool, device=args.device,
+                                           progress=True)
         render.search(summary)
     elif args.command == "front":
         render.front(squeezer.front(args.run, x=args.x, under=args.under))

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from squeezer.apply_job import ApplySummary, apply
+from squeezer.evaluators.pool import PoolConfig
+from squeezer.evaluators.settings import RecoveryConfig
+from squeezer.search.config import SearchConfig
 from squeezer.search_job import SearchSummary, search_policies
 from squeezer.training import TrainResult, train
 
@@ -19,7 +22,7 @@ DEMO_KNOBS = ("prune", "w_bits")
 # Short but honest: every candidate is distilled from the base for 30 steps (a 50%-pruned ResNet-20 scores 0.68 on
 # digits after BN recalibration alone, 0.97 after this); latency is timed as in every search (the meter's floor:
 # 30 warm-up runs, then 3 repetitions of 200 runs interleaved with the reference).
-DEMO_SETTINGS = {"finetune_steps": 30}
+DEMO_RECOVERY = RecoveryConfig(mode="kd", finetune_steps=30)
 
 
 @dataclass
@@ -41,9 +44,10 @@ def demo(*, out: str | Path = "runs/demo", trials: int = 24, workers: int | None
         say("training ResNet-20 on the bundled digits")
         trained = train(model="resnet20", data="digits", out=checkpoint, progress=progress)
     say(f"searching {trials} policies under {budget}")
-    summary = search_policies(model=str(checkpoint), data="digits", budget=budget, out=out / "search", trials=trials,
-                     sampler=sampler, workers=workers, recovery="kd", knobs=DEMO_KNOBS, repair=True,
-                     progress=progress, settings=DEMO_SETTINGS)
+    summary = search_policies(model=str(checkpoint), data="digits", out=out / "search",
+                              search=SearchConfig(budget=budget, trials=trials, sampler=sampler, knobs=DEMO_KNOBS,
+                                                  repair=True),
+                              recovery=DEMO_RECOVERY, pool=PoolConfig(workers=workers), progress=progress)
     applied = None
     if summary.front:
         best = max(summary.front, key=lambda r: r["accuracy"])

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from squeezer.search.config import RunConfig, check_resume, run_from_json, run_to_json
+
 __all__ = ["BASE_FILE", "RUN_FILE", "abs_ref", "check_run", "read_run", "saved_inputs", "write_run"]
 
 RUN_FILE = "run.json"
@@ -21,49 +23,27 @@ def abs_ref(ref: str) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
-def read_run(run: str | Path) -> dict[str, Any]:
+def read_run(run: str | Path) -> RunConfig:
+    """The settings a run folder was searched with (run.json, as written now or by earlier versions)."""
     path = Path(run) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a squeezer run folder (no {RUN_FILE}): pass the --out "
                                 "folder of a `squeezer search`")
-    return json.loads(path.read_text())
+    return run_from_json(json.loads(path.read_text()))
 
 
-def write_run(out: Path, settings: dict[str, Any]) -> None:
+def write_run(out: Path, run: RunConfig) -> None:
     """Record the run's settings (after `check_run` has refused a folder holding another study)."""
     path = out / RUN_FILE
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    path.write_text(json.dumps(run_to_json(run), indent=2) + "\n")
 
 
-def check_run(out: Path, settings: dict[str, Any]) -> None:
+def check_run(out: Path, run: RunConfig) -> None:
     """Refuse early (before any evaluation) to resume a folder holding a different study."""
     path = out / RUN_FILE
     if path.is_file():
-        _write_run_check(json.loads(path.read_text()), settings, out)
-
-
-def _write_run_check(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    for key in ("fingerprint", "budget", "objective", "knobs", "sampler"):
-        if old.get(key) != new.get(key):
-            raise FileExistsError(
-                f"output folder {str(out)!r} holds a different study ({key} {old.get(key)!r} there, "
-                f"{new.get(key)!r} now): choose another --out or delete the folder")
-    if "eval" in old:  # trials scored another way would share one front with the new ones
-        there, now = _scoring(old["eval"]), _scoring(new["eval"])
-        changed = [k for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k)]
-        if changed:
-            diff = ", ".join(f"{k} {there.get(k)!r} there, {now.get(k)!r} now" for k in changed)
-            raise FileExistsError(
-                f"output folder {str(out)!r} holds a study scored with other evaluation settings ({diff}): resume "
-                "with the settings it was started with, or choose another --out")
-
-
-def _scoring(settings: dict[str, Any]) -> dict[str, Any]:
-    from squeezer.evaluators.evaluate import EvalSettings
-
-    known = set(EvalSettings.__dataclass_fields__)
-    return EvalSettings(**{k: v for k, v in settings.items() if k in known}).scoring()
+        check_resume(json.loads(path.read_text()), run_to_json(run), out=out)
 
 
 def saved_inputs(model: Any, data: Any, out: Path) -> tuple[str, str]:

@@ -12,15 +12,17 @@ import torch
 
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
-from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.evaluate import Evaluator
+from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
-from squeezer.evaluators.pool import make_pool
+from squeezer.evaluators.pool import PoolConfig, make_pool
+from squeezer.evaluators.settings import EvalSettings, LatencyConfig, RecoveryConfig
 from squeezer.models import resolve_model, save_checkpoint
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
 from squeezer.run_folder import BASE_FILE, abs_ref, check_run, saved_inputs, write_run
-from squeezer.search.budget import Budget
+from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.study import preload_storage, run_search
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
@@ -31,27 +33,25 @@ log = logging.getLogger(__name__)
 __all__ = ["SearchSummary", "closest_to_budget", "knob_list", "search_policies"]
 
 
-def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: Any, space_: SearchSpace, cache: Path,
-                         progress: bool) -> Any:
+def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: EvalSettings, space_: SearchSpace,
+                         cache: Path | None, progress: bool) -> LatencyTable:
     """Time every lookup-table entry the search can need before it starts (a few minutes once per machine and
     model; a resumed search finds them cached), so predictions during the search cost microseconds; returns the
-    table. A one-worker local pool's own evaluator does it; otherwise one is made here and the workers read the
-    table from disk (with --latency measure, the table only serves repair)."""
+    table. A one-worker local pool's own evaluator does it (its table is then the one it predicts from); otherwise
+    one is made here and the workers read the table from disk (with --latency measure, the table only serves
+    repair and the agent)."""
     evaluator = getattr(pool, "evaluator", None)
-    if evaluator is None or evaluator.table is None:
-        mode = settings.latency if settings.latency in ("predict", "hybrid") else "predict"
-        evaluator = Evaluator(net, bundle, replace(settings, latency=mode), cache_dir=cache)
+    if evaluator is None or evaluator.meter is None:
+        evaluator = Evaluator(net, bundle, settings, space=space_, cache_dir=cache)
     if not progress:
-        evaluator.build_latency_table(space_)
-        return evaluator.table
+        return evaluator.build_latency_table(space_)
     bar, _ = progress_bar(1, "latency table", loss=False)  # the total is known once the cache is read
 
     def report(done: int, total: int) -> None:
         bar.update(bar.task_ids[0], completed=done, total=total)
 
     with bar:
-        evaluator.build_latency_table(space_, report)
-    return evaluator.table
+        return evaluator.build_latency_table(space_, report)
 
 
 @dataclass
@@ -92,76 +92,73 @@ def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
                 return outcome
 
 
-def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str | Path, trials: int = 50,
-           sampler: str = "tpe", workers: int | None = None, storage: str | None = None,
-           ray_address: str | None = None,
-           device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
-           knobs: tuple[str, ...] | None = None, repair: bool = False, promote: int = 0, seed: int = 0,
-           backend: str = "auto", latency_on: str | None = None, progress: bool = False,
-           settings: dict[str, Any] | None = None) -> SearchSummary:
+def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget: str | None = None,
+                    trials: int | None = None, search: SearchConfig | None = None,
+                    recovery: RecoveryConfig | str = "bn", latency: LatencyConfig | str = "measure",
+                    pool: PoolConfig | None = None, device: str = "cpu", progress: bool = False) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
-    label tensors (an (x, y) pair, or a dict of pairs under 'train', 'val', 'test'), saved into `out`.
-    `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
-    custom Ray resource of the node that times latency (the target device). `workers` defaults to one per core
-    (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`), or to one per core (GPU) of
-    the cluster `ray_address` names.
+    label tensors (an (x, y) pair, or a dict of pairs under 'train', 'val', 'test'), saved into `out`. `budget`
+    and `trials`, when given, replace those of `search` (the sampler, objective, knobs, repair, promotion, seed
+    and storage: SearchConfig). `recovery` and `latency` are a mode ("kd", "predict") or a whole config; `pool`
+    says how many workers evaluate, where (local processes, Ray, a cluster), and on which Ray node latency is timed
+    (by default one worker per core, or per GPU with device 'cuda').
     """
-    check_device(device, cluster=bool(ray_address))
-    parsed = Budget.parse(budget)
+    config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
+                                                  if v is not None})
+    pool_config = pool or PoolConfig()
+    check_device(device, cluster=bool(pool_config.ray_address))
+    parsed = config.parsed_budget
     if not parsed.limits:
         raise ValueError("the budget is empty: pass a limit such as --budget 'macs<=50%'")
-    if "latency" in parsed.metrics and latency == "none":
+    settings = EvalSettings(recovery=RecoveryConfig(mode=recovery) if isinstance(recovery, str) else recovery,
+                            latency=LatencyConfig(mode=latency) if isinstance(latency, str) else latency,
+                            device=device, seed=config.seed)
+    if "latency" in parsed.metrics and settings.latency.mode == "none":
         raise ValueError("the budget limits latency but --latency none measures none: use --latency measure")
-    chosen = knob_list(knobs)
-    eval_settings = EvalSettings(recovery=recovery, latency=latency, device=device, seed=seed, **(settings or {}))
     out = Path(out)
     model, data = saved_inputs(model, data, out)
-    preload_storage(storage)  # the storage's imports overlap loading data, model and evaluators
+    preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
     bundle = load_data(data)
     base_path = out / BASE_FILE
     net = resolve_model(str(base_path) if base_path.is_file() else model, bundle)
-    example = bundle.example_inputs()
-    space_ = SearchSpace.from_model(net, example, SpaceConfig(knobs=chosen))
-    run_settings = {"model": abs_ref(model), "data": abs_ref(data), "fingerprint": space_.fingerprint,
-                    "budget": str(parsed), "objective": objective, "knobs": list(chosen), "sampler": sampler,
-                    "seed": seed, "eval": {k: v for k, v in eval_settings.__dict__.items()}}
-    check_run(out, run_settings)
+    # the one trace of the model: every evaluator of this process, and every worker, is handed this space
+    space_ = SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(knobs=config.knobs))
+    run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, search=config,
+                    eval=settings)
+    check_run(out, run)
     start = time.perf_counter()
-    pool = make_pool(net, bundle, eval_settings, workers=workers, backend=backend, ray_address=ray_address,
-                     latency_resource=latency_on, cache_dir=out / "cache")
+    pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
+    evaluators = make_pool(net, bundle, settings, config=pool_config, space=space_)
     try:
-        base = _base_measurement(pool, space_.fingerprint)
+        base = _base_measurement(evaluators, space_.fingerprint)
         parsed.check_reachable(space_, base)
         _warn_if_untrained(base, bundle, model, data)
-        write_run(out, run_settings)
+        write_run(out, run)
         # Repair and the agent's action wall judge a latency limit by the lookup table (int8 units can be slower than
         # float ones, which MACs cannot see), so such a search builds the table even when every candidate is timed.
-        latency_model = table = None
-        judges_latency = (repair or sampler == "ddpg") and "latency" in parsed.metrics
-        if (latency in ("predict", "hybrid") or judges_latency) and latency_on is None:
-            table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
-            latency_model = table if judges_latency else None
+        judges_latency = (config.repair or config.sampler == "ddpg") and "latency" in parsed.metrics
+        table = None
+        if (settings.latency.mode in ("predict", "hybrid") or judges_latency) and not pool_config.latency_resource:
+            table = _build_latency_table(evaluators, net, bundle, settings, space_, pool_config.cache_dir, progress)
         if not base_path.is_file():
             save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None
-        if promote:
-            fine = Evaluator(net, bundle, replace(eval_settings, recovery="kd", latency="none"),
-                             cache_dir=out / "cache")
+        if config.promote:
+            fine = Evaluator(net, bundle, replace(settings, recovery=replace(settings.recovery, mode="kd"),
+                                                  latency=LatencyConfig(mode="none")),
+                             space=space_, cache_dir=pool_config.cache_dir)
             promote_fn = fine.evaluate
         display = LiveDisplay() if progress else None
         try:
-            result = run_search(space_, pool, parsed, base, out=out, sampler=sampler, trials=trials,
-                                workers=pool.workers, storage=storage, objective=objective, repair=repair, seed=seed,
-                                on_progress=display, promote_top_k=promote, promote_fn=promote_fn, check=False,
-                                latency_model=latency_model,
-                                start_latency=table.predict_rel if table is not None else None)
+            result = run_search(space_, evaluators, base, out=out, config=config, workers=evaluators.workers,
+                                on_progress=display, promote_fn=promote_fn, latency_model=table)
         finally:
             if display is not None:
                 display.close()
     finally:
-        pool.close()
+        evaluators.close()
     metric_x = result.attrs.get("cost_metric", "macs")
     files = write_front_files(result, out, metric_x)
     states = [r["state"] for r in result.rows]
@@ -170,7 +167,7 @@ def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str |
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=front,
                          completed=states.count("COMPLETE"), failed=states.count("FAIL"),
                          seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
-                         closest=None if front else closest_to_budget(result.rows, parsed, repair=repair),
+                         closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
                          latency_check=prediction_error(result.rows))
 
 

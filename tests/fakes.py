@@ -128,6 +128,7 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     import torch
 
     from squeezer.models import resnet20
+    from squeezer.search.config import SearchConfig
     from squeezer.search.study import run_search
 
     torch.manual_seed(0)
@@ -136,8 +137,8 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     ev = FakeEvaluator(space, delay=delay)
     pool = ThreadPool(ev, workers=workers)
     try:
-        run_search(space, pool, budget, ev.base(), out=out, sampler=sampler, trials=trials, workers=workers,
-                   seed=seed, repair=sampler != "ddpg")
+        config = SearchConfig(budget=budget, sampler=sampler, trials=trials, seed=seed, repair=sampler != "ddpg")
+        run_search(space, pool, ev.base(), out=out, config=config, workers=workers)
     finally:
         pool.close()
 

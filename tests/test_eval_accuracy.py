@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from squeezer.evaluators.accuracy import recalibrate_bn, recover, score
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 
@@ -26,7 +27,8 @@ def test_unmodified_accuracy_equals_plain_loop(trained, digits) -> None:
             logits = trained(x)
             correct += int((logits.argmax(1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
-    evaluator = Evaluator(trained, digits, EvalSettings(recovery="none", latency="none"))
+    settings = EvalSettings(recovery=RecoveryConfig(mode="none"), latency=LatencyConfig(mode="none"))
+    evaluator = Evaluator(trained, digits, settings)
     out = evaluator.base_measurement()
     assert isinstance(out, Measurement)
     assert out.accuracy == pytest.approx(correct / len(digits.val))
@@ -52,13 +54,14 @@ def test_recovery_modes_repeat_exactly(trained, digits, mode) -> None:
     scores = []
     for _ in range(2):
         model = copy.deepcopy(trained)
-        recover(model, mode, digits, teacher=trained, steps=5, bn_batches=5)
+        recover(model, RecoveryConfig(mode=mode, finetune_steps=5, bn_batches=5), digits, teacher=trained)
         scores.append(score(model, digits))
     assert scores[0] == scores[1]
 
 
 def test_same_policy_twice_identical_numbers(trained, digits) -> None:
-    settings = EvalSettings(recovery="finetune", finetune_steps=5, latency="none")
+    settings = EvalSettings(recovery=RecoveryConfig(mode="finetune", finetune_steps=5),
+                            latency=LatencyConfig(mode="none"))
     a = Evaluator(trained, digits, settings)
     b = Evaluator(trained, digits, settings)
     policy = Policy.uniform(a.space, prune=0.25)

@@ -158,11 +158,13 @@ def test_data_that_cannot_be_loaded_is_named_with_the_fix(ref: str, message: str
 
 def test_evaluation_workers_get_no_test_split(digits) -> None:
     from squeezer.evaluators.evaluate import EvalSettings
-    from squeezer.evaluators.pool import LocalPool
+    from squeezer.evaluators.pool import LocalPool, PoolConfig
+    from squeezer.evaluators.settings import LatencyConfig
 
     from squeezer.models import resnet20
 
-    pool = LocalPool(resnet20(num_classes=10, in_channels=1), digits, EvalSettings(latency="none"), workers=2)
+    pool = LocalPool(resnet20(num_classes=10, in_channels=1), digits, EvalSettings(latency=LatencyConfig(mode="none")),
+                     config=PoolConfig(workers=2))
     try:
         sent = pool.init_args[1]  # what each worker process unpickles
         assert len(sent.test) == 0 and len(sent.val) == len(digits.val) and len(sent.train) == len(digits.train)

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.evaluators.measurement import EvalFailure, Measurement
 from squeezer.policies.policy import LayerChoice, Policy
 
-FAST = EvalSettings(latency="none", bn_batches=2)
+FAST = EvalSettings(recovery=RecoveryConfig(bn_batches=2), latency=LatencyConfig(mode="none"))
 
 
 def test_repeated_policy_hits_cache(resnet, digits, tmp_path) -> None:
@@ -46,10 +48,12 @@ def test_measurement_carries_fingerprints(resnet, digits) -> None:
 
 
 def test_bad_settings_are_one_line_errors() -> None:
-    with pytest.raises(ValueError, match="unknown latency mode"):
-        EvalSettings(latency="fast")
-    with pytest.raises(ValueError, match="unknown recovery"):
-        EvalSettings(recovery="magic")
+    with pytest.raises(ValueError, match="unknown latency mode 'fast': choose from measure, predict, hybrid, none"):
+        LatencyConfig(mode="fast")
+    with pytest.raises(ValueError, match="unknown recovery mode 'magic': choose from none, bn, finetune, kd"):
+        RecoveryConfig(mode="magic")
+    with pytest.raises(ValueError, match="recovery must be a RecoveryConfig, got 'kd'"):
+        EvalSettings(recovery="kd")
 
 
 def test_hybrid_latency_keeps_the_prediction_beside_each_timing(resnet, digits, tmp_path) -> None:
@@ -57,7 +61,8 @@ def test_hybrid_latency_keeps_the_prediction_beside_each_timing(resnet, digits, 
     error. The others carry the prediction as their latency."""
     from squeezer.search.latency_margin import prediction_error
 
-    ev = Evaluator(resnet, digits, EvalSettings(latency="hybrid", measure_every=2, bn_batches=2), cache_dir=tmp_path)
+    ev = Evaluator(resnet, digits, EvalSettings(latency=LatencyConfig(mode="hybrid", measure_every=2),
+                                                 recovery=RecoveryConfig(bn_batches=2)), cache_dir=tmp_path)
     units = [u for u, knob in ev.space.param_names() if knob == "prune"][:4]
     outs = [ev.evaluate(Policy(layers={u: LayerChoice(prune=0.5)}, fingerprint=ev.space.fingerprint)) for u in units]
     assert all(isinstance(o, Measurement) for o in outs)
@@ -75,8 +80,9 @@ def test_the_lookup_table_can_time_each_entry_over_more_sessions(resnet, digits,
     table can spread a candidate's runs over more sessions, and keeps a file of its own for that."""
     tables = {}
     for reps in (3, 12):
-        ev = Evaluator(resnet, digits, EvalSettings(latency="predict", bn_batches=2, latency_table_reps=reps),
-                       cache_dir=tmp_path)
+        settings = EvalSettings(latency=LatencyConfig(mode="predict", table_reps=reps),
+                                recovery=RecoveryConfig(bn_batches=2))
+        ev = Evaluator(resnet, digits, settings, cache_dir=tmp_path)
         assert ev.meter is not None and ev.table is not None and ev.table.path is not None
         assert (ev.meter.reps, ev.table.meter.reps) == (3, reps) and (ev.table.meter is ev.meter) == (reps == 3)
         assert ev.table.meter.runs * ev.table.meter.reps == ev.meter.runs * ev.meter.reps == 600
@@ -87,7 +93,7 @@ def test_the_lookup_table_can_time_each_entry_over_more_sessions(resnet, digits,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_cpu(resnet, digits) -> None:
     cpu = Evaluator(resnet, digits, FAST).base_measurement()
-    gpu = Evaluator(resnet, digits, EvalSettings(latency="none", bn_batches=2, device="cuda")).base_measurement()
+    gpu = Evaluator(resnet, digits, replace(FAST, device="cuda")).base_measurement()
     assert isinstance(gpu, Measurement)
     assert gpu.accuracy == pytest.approx(cpu.accuracy, abs=0.02) and gpu.macs == cpu.macs
 
@@ -97,7 +103,7 @@ def test_cuda_matches_cpu(resnet, digits) -> None:
 def test_a_pruned_and_quantized_policy_on_cuda_matches_cpu(resnet, digits, device) -> None:
     """The copy, the replayed pruning plans and the quantized layers on the GPU give the CPU's model."""
     cpu = Evaluator(resnet, digits, FAST)
-    other = Evaluator(resnet, digits, EvalSettings(latency="none", bn_batches=2, device=device))
+    other = Evaluator(resnet, digits, replace(FAST, device=device))
     policy = Policy.uniform(cpu.space, prune=0.5, w_bits=8)
     a, b = cpu.evaluate(policy), other.evaluate(policy)
     assert isinstance(a, Measurement) and isinstance(b, Measurement), (a, b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,11 +13,12 @@ from fakes import BrokenModel
 
 from squeezer.evaluators.evaluate import EvalSettings
 from squeezer.evaluators.measurement import EvalFailure, Measurement
-from squeezer.evaluators.pool import LocalPool, make_pool
+from squeezer.evaluators.pool import LocalPool, PoolConfig, make_pool
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.models import resnet20
 from squeezer.policies.policy import LayerChoice, Policy
 
-FAST = EvalSettings(latency="none", bn_batches=2)
+FAST = EvalSettings(recovery=RecoveryConfig(bn_batches=2), latency=LatencyConfig(mode="none"))
 
 
 def _net() -> torch.nn.Module:
@@ -37,7 +39,7 @@ def _drain(pool, timeout=120.0):
 
 
 def test_inline_pool_returns_everything(digits) -> None:
-    pool = make_pool(_net(), digits, FAST, workers=1, backend="auto")
+    pool = make_pool(_net(), digits, FAST, config=PoolConfig(workers=1, backend="auto"))
     assert isinstance(pool, LocalPool) and pool.in_process
     for i, p in enumerate(_policies()):
         pool.submit(i, p)
@@ -48,7 +50,7 @@ def test_inline_pool_returns_everything(digits) -> None:
 
 @pytest.mark.slow
 def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
-    pool = LocalPool(_net(), digits, FAST, workers=2)
+    pool = LocalPool(_net(), digits, FAST, config=PoolConfig(workers=2))
     try:
         # both workers start with the pool, not the second one only once a search is under way
         assert len(pool.worker_pids()) == 2 and not pool.in_process
@@ -68,7 +70,7 @@ def test_local_pool_two_workers_and_killed_worker_retried(digits) -> None:
 
 @pytest.mark.slow
 def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) -> None:
-    pool = LocalPool(_net(), digits, FAST, workers=2)
+    pool = LocalPool(_net(), digits, FAST, config=PoolConfig(workers=2))
     try:
         pool.submit(0, Policy())
         assert isinstance(_drain(pool)[0], Measurement)
@@ -79,7 +81,8 @@ def test_local_workers_killed_while_idle_or_unable_to_start(digits, tmp_path) ->
         assert isinstance(_drain(pool)[1], Measurement) and pool.restarts == 1
     finally:
         pool.close()
-    pool = LocalPool(BrokenModel(), digits, FAST, workers=2)  # each worker fails to trace it: a reason, not a crash
+    # each worker fails to trace it: a reason, not a crash
+    pool = LocalPool(BrokenModel(), digits, FAST, config=PoolConfig(workers=2))
     try:
         pool.submit(0, Policy())
         out = _drain(pool)
@@ -93,18 +96,20 @@ def test_a_ray_actor_that_cannot_build_its_evaluator_fails_each_evaluation_with_
     pytest.importorskip("ray")
     from squeezer.evaluators.ray_actors import EvalActor
 
-    actor = EvalActor(BrokenModel(), digits, FAST, 1, {})  # the class itself, as Ray would build it
+    actor = EvalActor(BrokenModel(), digits, FAST)  # the class itself, as Ray would build it
     out = actor.evaluate(Policy())
     assert isinstance(out, EvalFailure) and "could not build its evaluator" in out.reason
     assert "broken on purpose" in out.reason
 
 
 def test_unknown_backend_and_unreachable_address(digits) -> None:
-    with pytest.raises(ValueError, match="unknown pool backend"):
-        make_pool(_net(), digits, FAST, backend="dask")
+    with pytest.raises(ValueError, match="unknown pool backend 'dask': choose from auto, local, ray"):
+        PoolConfig(backend="dask")
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        PoolConfig(workers=0)
     pytest.importorskip("ray")
     with pytest.raises(ValueError, match="ray start --head"):
-        make_pool(_net(), digits, FAST, workers=2, backend="ray", ray_address="127.0.0.1:1")
+        make_pool(_net(), digits, FAST, config=PoolConfig(workers=2, backend="ray", ray_address="127.0.0.1:1"))
 
 
 def test_default_pool_size_is_one_worker_per_core_and_one_per_gpu() -> None:
@@ -129,13 +134,13 @@ def test_cuda_workers_each_get_a_gpu_of_their_own(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(pool_module, "worker_evaluator", lambda *args: None)
+    monkeypatch.setattr(pool_module, "worker_evaluator", lambda *args, **kwargs: None)
     started = mp.get_context("spawn").Value("i", 0)
     threads = torch.get_num_threads()
     for _ in range(3):
-        pool_module._init_worker("resnet20", "digits", EvalSettings(device="cuda"), threads, {}, started)
+        pool_module._init_worker("resnet20", "digits", EvalSettings(device="cuda"), None, None, threads, started)
     assert chosen == [0, 1, 0]
-    pool_module._init_worker("resnet20", "digits", EvalSettings(), threads, {}, started)  # cpu: no GPU chosen
+    pool_module._init_worker("resnet20", "digits", EvalSettings(), None, None, threads, started)  # cpu: no GPU
     assert chosen == [0, 1, 0]
 
     assert pool_module.actor_resources("cpu", 4, 0) == {"num_cpus": 1}
@@ -154,20 +159,20 @@ def test_auto_pool_evaluates_locally_when_ray_cannot_start(digits, monkeypatch, 
         raise RuntimeError("raylet failed to start")
 
     monkeypatch.setattr(pool_module, "RayPool", broken)
-    pool = make_pool(_net(), digits, FAST, workers=2, backend="auto")
+    pool = make_pool(_net(), digits, FAST, config=PoolConfig(workers=2, backend="auto"))
     try:
         assert isinstance(pool, LocalPool) and pool.workers == 2
         assert "Ray did not start (RuntimeError: raylet failed to start)" in caplog.text
     finally:
         pool.close()
     with pytest.raises(RuntimeError):  # asked for by name, Ray's failure is the user's to see
-        make_pool(_net(), digits, FAST, workers=2, backend="ray")
+        make_pool(_net(), digits, FAST, config=PoolConfig(workers=2, backend="ray"))
 
 
 @pytest.mark.slow
 def test_ray_pool_retries_killed_actor(digits) -> None:
     pytest.importorskip("ray")
-    pool = make_pool(_net(), digits, FAST, workers=2, backend="ray")
+    pool = make_pool(_net(), digits, FAST, config=PoolConfig(workers=2, backend="ray"))
     try:
         for i, p in enumerate(_policies()):
             pool.submit(i, p)
@@ -197,9 +202,9 @@ def test_ray_latency_runs_on_device_node(digits) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     device = cluster.add_node(num_cpus=0, resources={"device:test": 1})  # as the README starts a device: no CPUs
     try:  # offered, so no evaluation is placed there, and the pool defaults to one worker per CPU offered
-        settings = EvalSettings(latency="measure", bn_batches=2)
-        pool = make_pool(_net(), digits, settings, workers=None, backend="ray", ray_address=cluster.address,
-                         latency_resource="device:test")
+        settings = replace(FAST, latency=LatencyConfig(mode="measure"))
+        config = PoolConfig(workers=None, backend="ray", ray_address=cluster.address, latency_resource="device:test")
+        pool = make_pool(_net(), digits, settings, config=config)
         assert pool.workers == 2
         pool.submit(0, Policy())
         out = _drain(pool)[0]
@@ -245,7 +250,7 @@ def test_a_module_function_model_from_the_current_folder_builds_here_and_in_work
     monkeypatch.delenv("PYTHONPATH", raising=False)
     model = build_model("squeezer_user_nets:net", num_classes=10, in_channels=1)
     assert type(model).__module__ == "squeezer_user_nets" and str(tmp_path) in os.environ["PYTHONPATH"]
-    pool = LocalPool(model, digits, FAST, workers=2)
+    pool = LocalPool(model, digits, FAST, config=PoolConfig(workers=2))
     try:
         pool.submit(0, Policy(layers={"conv.0": LayerChoice(prune=0.5)}))
         out = _drain(pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,10 +16,15 @@ import torch
 
 from squeezer.cli import main
 import squeezer as jobs
+from squeezer.evaluators.pool import PoolConfig
+from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
+from squeezer.search.config import SearchConfig
 from squeezer.inspection import FrontSummary
 from squeezer.search_job import SearchSummary, _warn_if_untrained, closest_to_budget
 
-QUICK = {"latency_runs": 20, "latency_reps": 2, "latency_warmup": 5, "bn_batches": 4}
+QUICK_LATENCY = LatencyConfig(runs=20, reps=2, warmup=5)
+QUICK_RECOVERY = RecoveryConfig(bn_batches=4)
+ONE = PoolConfig(workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,8 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jobs")
     jobs.train(model="resnet20", data="digits", out=root / "base.pt", steps=60)
     summary = jobs.search_policies(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
-                          trials=3, knobs=("prune",), settings=QUICK, workers=1)
+                                   trials=3, search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,
+                                   recovery=QUICK_RECOVERY, pool=ONE)
     assert summary.completed == 3 and summary.front
     return root / "run"
 
@@ -115,8 +122,8 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
                        "--latency-threads", "2", "--latency-batch", "2", "--latency-table-reps", "6")
     assert code == 0, err
     info = json.loads((tmp_path / "t" / "run.json").read_text())
-    assert info["eval"]["latency_threads"] == 2 and info["eval"]["latency_batch"] == 2
-    assert info["eval"]["latency_table_reps"] == 6
+    assert info["eval"]["latency"]["threads"] == 2 and info["eval"]["latency"]["batch"] == 2
+    assert info["eval"]["latency"]["table_reps"] == 6
     row = jobs.front(tmp_path / "t").front[0]
     assert row["hardware"]["threads"] == 2 and row["latency_ms"] > 0  # the fingerprint names the pinned threads
 
@@ -124,7 +131,8 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
 @pytest.mark.slow
 def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Path) -> None:
     summary = jobs.search_policies(model=str(run / "base.pt"), data="digits", budget="latency<=90%", out=tmp_path / "p",
-                          trials=2, knobs=("prune",), latency="predict", settings=QUICK, workers=1)
+                                   trials=2, search=SearchConfig(knobs=("prune",)),
+                                   latency=replace(QUICK_LATENCY, mode="predict"), recovery=QUICK_RECOVERY, pool=ONE)
     tables = list((tmp_path / "p" / "cache").glob("lut-*.json"))
     assert len(tables) == 1
     deltas = json.loads(tables[0].read_text())["deltas"]
@@ -156,8 +164,8 @@ def test_recovery_settings_reach_the_run_and_a_resume_scored_otherwise_is_refuse
             "--finetune-lr", "0.02", "--kd-temperature", "2", "--kd-weight", "0.7"]
     code, _, err = cli(capsys, *args)
     assert code == 0, err
-    info = json.loads((tmp_path / "kd" / "run.json").read_text())["eval"]
-    assert (info["recovery"], info["finetune_steps"], info["finetune_lr"], info["kd_temperature"],
+    info = json.loads((tmp_path / "kd" / "run.json").read_text())["eval"]["recovery"]
+    assert (info["mode"], info["finetune_steps"], info["finetune_lr"], info["kd_temperature"],
             info["kd_weight"]) == ("kd", 3, 0.02, 2.0, 0.7)
     code, _, err = cli(capsys, *args[:-4], "--kd-temperature", "3", "--kd-weight", "0.7")
     one_line_error(code, err, "scored with other evaluation settings", "kd_temperature 2.0 there, 3.0 now",
@@ -169,12 +177,14 @@ def test_recovery_settings_reach_the_run_and_a_resume_scored_otherwise_is_refuse
 
 def test_the_cli_defaults_are_the_evaluators(tmp_path: Path) -> None:
     from squeezer.cli import build_parser
-    from squeezer.evaluators.evaluate import EvalSettings
 
     args = build_parser().parse_args(["search", "--model", "m", "--budget", "macs<=50%", "--out", "o"])
-    default = EvalSettings()
+    default = RecoveryConfig()
     assert (args.bn_batches, args.finetune_steps, args.finetune_lr, args.kd_temperature, args.kd_weight) == (
         default.bn_batches, default.finetune_steps, default.finetune_lr, default.kd_temperature, default.kd_weight)
+    latency = LatencyConfig()
+    assert (args.latency, args.latency_batch, args.latency_threads, args.latency_table_reps) == (
+        latency.mode, latency.batch, latency.threads, latency.table_reps)
 
 
 @pytest.mark.parametrize("flag, value, needle", [("--kd-weight", "1.5", "must be 0 to 1"),
@@ -189,12 +199,10 @@ def test_bad_recovery_settings_are_usage_errors(capsys, flag: str, value: str, n
 
 
 def test_bad_evaluation_settings_from_python_say_which() -> None:
-    from squeezer.evaluators.evaluate import EvalSettings
-
     with pytest.raises(ValueError, match="kd_weight"):
-        EvalSettings(kd_weight=2.0)
+        RecoveryConfig(kd_weight=2.0)
     with pytest.raises(ValueError, match="bn_batches must be at least 1"):
-        EvalSettings(bn_batches=0)
+        RecoveryConfig(bn_batches=0)
 
 
 def test_trial_not_in_study(capsys, run: Path, tmp_path: Path) -> None:
@@ -285,8 +293,8 @@ def test_an_untrained_model_is_searched_with_a_warning_that_says_so(tmp_path, ca
     torch.manual_seed(0)  # the untrained model's initialisation, whatever ran before
     with caplog.at_level(logging.WARNING, logger="squeezer.search_job"):
         summary = jobs.search_policies(model="resnet20", data="digits", budget="macs<=60%", out=tmp_path / "run",
-                                       trials=1,
-                              knobs=("prune",), settings=QUICK, workers=1, latency="none")
+                                       trials=1, search=SearchConfig(knobs=("prune",)), recovery=QUICK_RECOVERY,
+                                       pool=ONE, latency="none")
     assert summary.completed == 1
     assert "no better than always answering its commonest class" in caplog.text
     assert "squeezer train --model resnet20 --data digits" in caplog.text
@@ -354,10 +362,80 @@ def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, t
     d = load_digits()
     x, y = torch.from_numpy(d.images[:, None] / 16.0).float(), torch.from_numpy(d.target)
     summary = jobs.search_policies(model=model, data=(x, y), budget="macs<=60%", out=tmp_path / "mem", trials=2,
-                          knobs=("prune",), settings=QUICK, workers=1, latency="none")
+                                   search=SearchConfig(knobs=("prune",)), recovery=QUICK_RECOVERY, pool=ONE,
+                                   latency="none")
     assert summary.completed == 2 and summary.base.accuracy > 0.5 and summary.front
     saved = json.loads((tmp_path / "mem/run.json").read_text())  # found by path by workers, resumes and apply
     assert Path(saved["model"]).name.startswith("model-") and Path(saved["data"]).name.startswith("data-")
     best = max(summary.front, key=lambda r: r["accuracy"])
     applied = jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt")
     assert applied.measured.accuracy == pytest.approx(best["accuracy"]) and applied.measured.macs == best["macs"]
+
+
+def test_a_run_folder_written_before_the_configs_resumes_and_applies(run: Path, tmp_path: Path) -> None:
+    """run.json as earlier versions wrote it (every evaluation setting one level deep under "eval") still reads:
+    the search resumes it with the settings it was scored with, and `apply` rebuilds them from it."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    info = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps({
+        "model": info["model"], "data": info["data"], "fingerprint": info["fingerprint"], "budget": "macs<=60%",
+        "objective": "multi", "knobs": ["prune"], "sampler": "tpe", "seed": 0,
+        "eval": {"recovery": "bn", "bn_batches": 4, "finetune_steps": 50, "finetune_lr": 0.01, "kd_weight": 0.5,
+                 "kd_temperature": 4.0, "batch_size": 64, "latency": "measure", "latency_batch": 1,
+                 "latency_threads": None, "latency_warmup": 5, "latency_runs": 20, "latency_reps": 2,
+                 "latency_table_reps": 3, "measure_every": 5, "distill_steps": 0, "device": "cpu", "seed": 0}}))
+    summary = jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="macs<=60%", out=old,
+                                   trials=4, search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,
+                                   recovery=QUICK_RECOVERY, pool=ONE)
+    assert summary.completed == 4  # three resumed, one new
+    assert json.loads((old / "run.json").read_text())["eval"]["recovery"]["bn_batches"] == 4  # rewritten as now
+    with pytest.raises(ValueError, match="bn_batches 4 there, 5 now"):
+        jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="macs<=60%", out=old, trials=5,
+                             search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,
+                             recovery=RecoveryConfig(bn_batches=5), pool=ONE)
+
+
+@pytest.fixture(scope="module")
+def hybrid_search(run: Path, tmp_path_factory) -> SimpleNamespace:
+    """A one-worker search that times every other candidate and predicts the rest (--latency hybrid), repairs into
+    a latency limit by the lookup table and promotes a trial: every evaluator a search can build, in one process.
+    Counts the model's traces and the timings recorded into the table."""
+    from squeezer.evaluators.latency import LatencyTable
+    from squeezer.search.pareto import StudyResult
+    from squeezer.spaces.space import SearchSpace
+
+    traced, recorded = [], []
+    trace, record = SearchSpace.from_model.__func__, LatencyTable.record
+    out = tmp_path_factory.mktemp("hybrid") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SearchSpace, "from_model", classmethod(lambda cls, *a, **k: traced.append(1) or
+                                                             trace(cls, *a, **k)))
+        patch.setattr(LatencyTable, "record", lambda self, policy, rel: recorded.append((policy, rel)) or
+                      record(self, policy, rel))
+        summary = jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="latency<=95%",
+                                       out=out, trials=4, search=SearchConfig(knobs=("prune",), repair=True, promote=1),
+                                       latency=replace(QUICK_LATENCY, mode="hybrid", measure_every=2),
+                                       recovery=RecoveryConfig(bn_batches=4, finetune_steps=3), pool=ONE)
+    return SimpleNamespace(summary=summary, rows=StudyResult.load(out).rows, traced=len(traced), recorded=recorded)
+
+
+def test_a_one_worker_search_traces_the_model_once(hybrid_search: SimpleNamespace) -> None:
+    """The driver's space serves the in-process evaluator, the one building the latency table and the one
+    promoting trials."""
+    assert hybrid_search.summary.completed == 4
+    assert any(r.get("fidelity") == "finetune" for r in hybrid_search.rows)  # the promoting evaluator ran
+    assert hybrid_search.traced == 1
+
+
+def test_a_hybrid_repaired_search_records_each_timed_candidate_into_the_table_once(
+        hybrid_search: SimpleNamespace) -> None:
+    timed = [r for r in hybrid_search.rows if r["state"] == "COMPLETE" and r.get("latency_source") == "measured"]
+    assert timed
+    for row in timed:
+        policy = json.dumps(row["policy"]["layers"], sort_keys=True)
+        times = [rel for p, rel in hybrid_search.recorded
+                 if json.dumps(p.to_json()["layers"], sort_keys=True) == policy]
+        assert times == [pytest.approx(row["latency_rel"])]
+    calibration = 16  # the random policies the table is fitted to before the search
+    assert len(hybrid_search.recorded) == calibration + len(timed)

@@ -7,7 +7,7 @@ import torch
 
 from squeezer.models import resnet20
 from squeezer.policies.policy import Policy
-from squeezer.search.amc_agent import AmcAgent
+from squeezer.search.amc_agent import AgentConfig, AmcAgent
 from squeezer.search.baselines import uniform_at, uniform_policy, uniform_sweep
 from squeezer.search.budget import Budget
 from squeezer.search.objectives import make_objective
@@ -27,7 +27,7 @@ def test_action_wall_keeps_every_episode_within_the_macs_budget(space: SearchSpa
     ev = FakeEvaluator(space)
     objective = make_objective("single", budget=Budget.parse(f"macs<={limit * 100:g}%"), base=ev.base())
     study = optuna.create_study(direction="maximize")
-    agent = AmcAgent(study, space, objective, seed=1, warmup=3, batch_size=16)
+    agent = AmcAgent(study, space, objective, seed=1, config=AgentConfig(warmup=3, batch_size=16))
     bl = space.baseline().macs
     for _ in range(8):  # warm-up (random actions) and learned episodes, each walled
         proposal = agent.ask()

@@ -7,6 +7,7 @@ import pytest
 
 from squeezer.policies.policy import Policy
 from squeezer.search.baselines import uniform_at
+from squeezer.search.config import SearchConfig
 from squeezer.search.study import run_search
 from fakes import CheapEvaluator, InlinePool
 
@@ -16,8 +17,8 @@ def test_real_search_with_bn_recalibration(tmp_path: Path) -> None:
     ev = CheapEvaluator(steps=150)
     base = ev.base()
     assert base.accuracy > 0.5
-    result = run_search(ev.space, InlinePool(ev), "macs<=60%", base, out=tmp_path, sampler="tpe", trials=8,
-                        repair=True)
+    result = run_search(ev.space, InlinePool(ev), base, out=tmp_path,
+                        config=SearchConfig(budget="macs<=60%", sampler="tpe", trials=8, repair=True))
     done = result.completed()
     assert len(done) == 8
     for row in done:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -13,6 +14,7 @@ from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult, hypervolume
 from squeezer.progress import LiveDisplay
 from squeezer.plots import history_rows, points, write_front_html, write_front_png, write_report
+from squeezer.search.config import SearchConfig
 from squeezer.search.study import SearchError, SearchProgress, run_search
 from fakes import FakeEvaluator, InlinePool, ThreadPool
 from squeezer.spaces.space import SearchSpace
@@ -30,8 +32,9 @@ def space() -> SearchSpace:
 
 def _search(space: SearchSpace, out: Path, sampler: str, *, trials: int = 16, seed: int = 0, **kw):
     ev = FakeEvaluator(space)
-    return run_search(space, InlinePool(ev), BUDGET, ev.base(), out=out, sampler=sampler, trials=trials,
-                      seed=seed, storage=optuna.storages.InMemoryStorage(), **kw)
+    config = SearchConfig(budget=BUDGET, sampler=sampler, trials=trials, seed=seed,
+                          storage=optuna.storages.InMemoryStorage(), **kw)
+    return run_search(space, InlinePool(ev), ev.base(), out=out, config=config)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -65,19 +68,20 @@ def test_without_repair_infeasible_trials_are_marked(space: SearchSpace, sampler
 
 def test_failures_are_recorded_and_parallel_workers(space: SearchSpace, tmp_path: Path) -> None:
     ev = FakeEvaluator(space, fail_unit="layer1.0.conv1")
-    result = run_search(space, ThreadPool(ev, workers=3), BUDGET, ev.base(), out=tmp_path, sampler="random",
-                        trials=12, workers=3, repair=True)
+    config = SearchConfig(budget=BUDGET, sampler="random", trials=12, repair=True)
+    result = run_search(space, ThreadPool(ev, workers=3), ev.base(), out=tmp_path, config=config, workers=3)
     failed = [r for r in result.rows if r["state"] == "FAIL"]
     assert failed and all("fake failure" in r["fail_reason"] for r in failed)
     assert len(result.rows) == 12
     # a second call with the same arguments has nothing left to do; other settings are refused
-    again = run_search(space, ThreadPool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=12,
-                       repair=True)  # read back from storage: the failures kept their state and reason
+    again = run_search(space, ThreadPool(ev), ev.base(), out=tmp_path,
+                       config=config)  # read back from storage: the failures kept their state and reason
     assert len(again.rows) == 12
     assert [(r["number"], r["fail_reason"]) for r in again.rows if r["state"] == "FAIL"] == \
         [(r["number"], r["fail_reason"]) for r in failed]
     with pytest.raises(SearchError, match="budget"):
-        run_search(space, ThreadPool(ev), "macs<=30%", ev.base(), out=tmp_path, sampler="random", trials=12)
+        run_search(space, ThreadPool(ev), ev.base(), out=tmp_path,
+                   config=SearchConfig(budget="macs<=30%", sampler="random", trials=12))
 
 
 class _CountingPool(InlinePool):
@@ -97,8 +101,9 @@ def test_workers_outside_the_process_get_a_policy_queued_ahead(space: SearchSpac
                                                                in_process: bool, workers: int, most: int) -> None:
     ev = FakeEvaluator(space)
     pool = _CountingPool(ev, in_process=in_process)
-    result = run_search(space, pool, BUDGET, ev.base(), out=tmp_path, sampler="random", trials=6, workers=workers,
-                        repair=True, storage=optuna.storages.InMemoryStorage())
+    config = SearchConfig(budget=BUDGET, sampler="random", trials=6, repair=True,
+                          storage=optuna.storages.InMemoryStorage())
+    result = run_search(space, pool, ev.base(), out=tmp_path, config=config, workers=workers)
     assert len(result.completed()) == 6 and pool.most == most
 
 
@@ -111,8 +116,8 @@ def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> N
         m = ev(policy)
         return type(m)(**{**m.metrics(), "accuracy": min(1.0, m.accuracy + 0.01), "recovery": "finetune"})
 
-    result = run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler="tpe", trials=12,
-                        objective="single", repair=True, promote_top_k=2, promote_fn=finetune,
+    config = SearchConfig(budget=BUDGET, sampler="tpe", trials=12, objective="single", repair=True, promote=2)
+    result = run_search(space, InlinePool(ev), ev.base(), out=tmp_path, config=config, promote_fn=finetune,
                         on_progress=lambda stats: None)
     promoted = [r for r in result.rows if r.get("fidelity") == "finetune"]
     assert len(promoted) == len(seen) == min(2, len(result.front()))
@@ -122,7 +127,8 @@ def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> N
 
 def test_front_rows_are_feasible_and_non_dominated(space: SearchSpace, tmp_path: Path) -> None:
     ev = FakeEvaluator(space)
-    run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler="random", trials=20)
+    run_search(space, InlinePool(ev), ev.base(), out=tmp_path,
+               config=SearchConfig(budget=BUDGET, sampler="random", trials=20))
     result = StudyResult.load(tmp_path)  # from storage alone
     front = result.front()
     assert front and all(r["feasible"] for r in front)
@@ -210,8 +216,9 @@ def test_repair_judges_latency_by_the_latency_model_and_teaches_it_each_timing(s
         rel = model.predict_rel(p)
         return dataclasses.replace(m, latency_source="measured", latency_rel=rel) if isinstance(m, Measurement) else m
 
-    result = run_search(space, InlinePool(timed), "latency<=80%", ev.base(), out=tmp_path, sampler="random",
-                        trials=6, storage=optuna.storages.InMemoryStorage(), repair=True, latency_model=model)
+    config = SearchConfig(budget="latency<=80%", sampler="random", trials=6, repair=True,
+                          storage=optuna.storages.InMemoryStorage())
+    result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path, config=config, latency_model=model)
     assert model.calls
     for row in result.completed():
         assert model.predict_rel(Policy.from_json(row["policy"])) <= 0.8 + 1e-9
@@ -254,8 +261,8 @@ def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(spa
         m = ev(p)
         return dataclasses.replace(m, latency_source="measured", latency_rel=1.25 * table.predict_rel(p))
 
-    result = run_search(space, InlinePool(timed), "latency<=25%", ev.base(), out=tmp_path, sampler="random",
-                        trials=8, repair=True, latency_model=table)
+    config = SearchConfig(budget="latency<=25%", sampler="random", trials=8, repair=True)
+    result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path, config=config, latency_model=table)
     rows = sorted(result.completed(), key=lambda r: r["number"])
     assert [r["latency_margin"] for r in rows[:3]] == [1.0, 1.0, 1.0]
     assert not any(r["feasible"] for r in rows[:3])  # predicted within the limit, measured a quarter slower
@@ -279,12 +286,13 @@ def test_agent_wall_judges_latency_by_the_latency_model(space: SearchSpace, tmp_
         return dataclasses.replace(m, latency_source="measured", latency_rel=model.predict_rel(p))
 
     ev = FakeEvaluator(space)
-    by_macs = run_search(space, InlinePool(ev), "latency<=50%", ev.base(), out=tmp_path / "macs", sampler="ddpg",
-                         trials=12, storage=optuna.storages.InMemoryStorage())
+    config = SearchConfig(budget="latency<=50%", sampler="ddpg", trials=12)
+    by_macs = run_search(space, InlinePool(ev), ev.base(), out=tmp_path / "macs",
+                         config=replace(config, storage=optuna.storages.InMemoryStorage()))
     model = _LatencyModel(space)
     assert sum(model.predict_rel(Policy.from_json(r["policy"])) > 0.5 for r in by_macs.completed()) >= 6
-    result = run_search(space, InlinePool(timed), "latency<=50%", ev.base(), out=tmp_path / "lut", sampler="ddpg",
-                        trials=12, storage=optuna.storages.InMemoryStorage(), latency_model=model)
+    result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path / "lut",
+                        config=replace(config, storage=optuna.storages.InMemoryStorage()), latency_model=model)
     rows = result.completed()
     assert len(rows) == 12 and len(model.timed) == 12
     for row in rows:
@@ -312,7 +320,8 @@ def test_a_new_budgeted_study_starts_from_uniform_policies_within_the_budget(spa
     kinds = [p.meta.get("knob") for p in starts]
     assert len(set(kinds)) == len(kinds)  # one per knob (and one of all knobs), each different
     def search(trials: int):  # stored in tmp_path: the second call resumes the first
-        return run_search(space, InlinePool(ev), BUDGET, ev.base(), out=tmp_path, sampler=sampler, trials=trials)
+        return run_search(space, InlinePool(ev), ev.base(), out=tmp_path,
+                          config=SearchConfig(budget=BUDGET, sampler=sampler, trials=trials))
 
     first = sorted(search(16).completed(), key=lambda r: r["number"])[:len(starts)]
     assert [Policy.from_json(r["policy"]).to_params() for r in first] == [p.to_params() for p in starts]
@@ -320,6 +329,16 @@ def test_a_new_budgeted_study_starts_from_uniform_policies_within_the_budget(spa
     resumed = search(24).completed()  # asked for more, the study goes on from where it was, not from the start
     assert len(resumed) == 24
     assert sum(Policy.from_json(r["policy"]).to_params() == starts[0].to_params() for r in resumed) == 1
+
+
+class _Predicting:
+    """A latency model that only predicts: a search that does not repair judges its starts by it alone."""
+
+    def __init__(self, predict) -> None:
+        self.predict_rel = predict
+
+    def record(self, p: Policy, measured_rel: float) -> None:
+        pass
 
 
 def test_budget_starts_judge_a_latency_limit_by_the_latency_table_when_the_search_has_one(space: SearchSpace,
@@ -344,7 +363,8 @@ def test_budget_starts_judge_a_latency_limit_by_the_latency_table_when_the_searc
     assert any(has_int8(p) and int8_is_slow(p) > 0.6 for p in by_macs)
     assert by_table and all(int8_is_slow(p) <= 0.6 for p in by_table)
     ev = FakeEvaluator(space)  # and a search given the table's prediction starts from those
-    result = run_search(space, InlinePool(ev), "latency<=60%", ev.base(), out=tmp_path, trials=16,
-                        storage=optuna.storages.InMemoryStorage(), start_latency=int8_is_slow)
+    config = SearchConfig(budget="latency<=60%", trials=16, storage=optuna.storages.InMemoryStorage())
+    result = run_search(space, InlinePool(ev), ev.base(), out=tmp_path, config=config,
+                        latency_model=_Predicting(int8_is_slow))
     first = sorted(result.completed(), key=lambda r: r["number"])[:len(by_table)]
     assert [Policy.from_json(r["policy"]).to_params() for r in first] == [p.to_params() for p in by_table]

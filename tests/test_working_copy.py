@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from squeezer.models import resnet20
 from squeezer.search.budget import Budget
+from squeezer.search.config import SearchConfig
 from squeezer.search.objectives import make_objective
 from squeezer.search.study import open_study, resolve_storage, run_search
 from fakes import FakeEvaluator, InlinePool
@@ -28,7 +29,8 @@ def space() -> SearchSpace:
 
 def _search(space: SearchSpace, out: Path, storage: str, trials: int = 8) -> optuna.Study:
     ev = FakeEvaluator(space)
-    run_search(space, InlinePool(ev), "macs<=50%", ev.base(), out=out, trials=trials, storage=storage, repair=True)
+    run_search(space, InlinePool(ev), ev.base(), out=out,
+               config=SearchConfig(budget="macs<=50%", trials=trials, storage=storage, repair=True))
     return optuna.load_study(study_name="squeezer", storage=resolve_storage(storage, out))
 
 
@@ -42,8 +44,8 @@ def test_storage_holds_every_trial_as_the_sampler_saw_it(space: SearchSpace, tmp
     # Reloading builds a fresh working copy from storage alone: it must equal what was written.
     ev = FakeEvaluator(space)
     obj = make_objective("multi", budget=Budget.parse("macs<=50%"), base=ev.base())
-    _, work = open_study(out=tmp_path, storage=storage, objective=obj, sampler="tpe", seed=0, trials=8,
-                         fingerprint=space.fingerprint, settings={})
+    config = SearchConfig(budget="macs<=50%", trials=8, storage=storage)
+    _, work = open_study(out=tmp_path, config=config, objective=obj, fingerprint=space.fingerprint)
     trials = stored.get_trials()
     assert [t.number for t in trials] == list(range(8))
     assert all(t.state == TrialState.COMPLETE for t in trials)

@@ -1,0 +1,128 @@
+"""A run's settings as data, written once: the search's own (`SearchConfig`), a whole run's (`RunConfig`: model,
+data, search and evaluation settings), the one function pair that turns a run into run.json's JSON and back, and
+the one check a resumed run must pass.
+
+The search settings are also what the study's own attrs hold (`search_record`), so the run folder and the study
+are refused by the same check with the same keys. Run folders written before the evaluation settings were split
+into configs hold them as one flat "eval" record; they read back the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from optuna.storages import BaseStorage
+
+from squeezer.evaluators.settings import EvalSettings
+from squeezer.search.budget import METRICS, Budget
+from squeezer.search.objectives import KINDS
+from squeezer.search.optuna_searcher import SAMPLERS
+from squeezer.spaces.knobs import KNOBS, SpaceConfig
+
+__all__ = ["RESUME_KEYS", "RUN_VERSION", "RunConfig", "SearchConfig", "SearchError", "check_resume", "run_from_json",
+           "run_to_json", "search_record"]
+
+RUN_VERSION = 2  # run.json with the evaluation settings as configs (1: one flat "eval" record)
+SAMPLER_NAMES = (*SAMPLERS, "ddpg")
+# What a resumed run must share with the one it resumes; absent from an older record, a key is not compared.
+RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric")
+
+
+class SearchError(ValueError):
+    """A search that cannot start or resume; one line naming the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """What is searched and how: the `budget` (hard limits, e.g. "macs<=50%"), `trials` evaluations in all,
+    proposed by `sampler`, towards `objective` ("multi": the accuracy-vs-cost front over `cost_metric`, by default
+    the budget's first metric; "single": the most accurate policy within the budget), over the `knobs` offered;
+    `repair` shrinks each proposal into the budget first, `promote` re-evaluates that many of the front's most
+    accurate trials with a distilled fine-tune, `seed` seeds sampler and evaluation, `storage` is the Optuna storage
+    (None or "sqlite": the run folder's study.db; "journal"; a URL; or a storage object)."""
+
+    budget: str = ""
+    trials: int = 50
+    sampler: str = "tpe"
+    objective: str = "multi"
+    cost_metric: str | None = None
+    knobs: tuple[str, ...] = KNOBS
+    repair: bool = False
+    promote: int = 0
+    seed: int = 0
+    storage: str | BaseStorage | None = None
+
+    def __post_init__(self) -> None:
+        # the budget as Budget prints it, so a record compares equal however the user spaced it
+        object.__setattr__(self, "budget", str(Budget.parse(self.budget)))
+        object.__setattr__(self, "knobs", tuple(self.knobs))
+        if self.trials < 1:
+            raise ValueError(f"trials must be at least 1, got {self.trials}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {self.sampler!r}: choose from {', '.join(SAMPLER_NAMES)}")
+        if self.objective not in KINDS:
+            raise ValueError(f"unknown objective {self.objective!r}: choose from {', '.join(KINDS)}")
+        if self.cost_metric is not None and self.cost_metric not in METRICS:
+            raise ValueError(f"unknown cost_metric {self.cost_metric!r}: choose from {', '.join(METRICS)}")
+        if not self.knobs:
+            raise ValueError(f"knobs is empty: choose one or more of {', '.join(KNOBS)}")
+        SpaceConfig(knobs=self.knobs)  # names an unknown knob and the known ones
+        if self.promote < 0:
+            raise ValueError(f"promote must be 0 or more, got {self.promote}")
+
+    @property
+    def parsed_budget(self) -> Budget:
+        return Budget.parse(self.budget)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One search run: the model and data it searched (references, as the workers and `apply` load them), the
+    fingerprint of the model's space, and its search and evaluation settings."""
+
+    model: str
+    data: str
+    fingerprint: str
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def search_record(config: SearchConfig, fingerprint: str) -> dict[str, Any]:
+    """The search settings as JSON (the storage is left out: a URL can carry a password, an object has no JSON)."""
+    return {"fingerprint": fingerprint, "budget": config.budget, "objective": config.objective,
+            "knobs": list(config.knobs), "sampler": config.sampler, "cost_metric": config.cost_metric,
+            "seed": config.seed, "trials": config.trials, "repair": config.repair, "promote": config.promote}
+
+
+def run_to_json(run: RunConfig) -> dict[str, Any]:
+    """run.json's content: the model and data, the search settings at the top level, the evaluation's under "eval"."""
+    return {"version": RUN_VERSION, "model": run.model, "data": run.data,
+            **search_record(run.search, run.fingerprint), "eval": run.eval.to_json()}
+
+
+def run_from_json(data: Mapping[str, Any]) -> RunConfig:
+    """The run `run_to_json` wrote, or one written before (a flat "eval" record, fewer search settings)."""
+    known = {f.name for f in fields(SearchConfig)} - {"storage"}
+    search = {k: data[k] for k in known if data.get(k) is not None}
+    return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),
+                     search=SearchConfig(**search), eval=EvalSettings.from_json(data.get("eval", {})))
+
+
+def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str | Path) -> None:
+    """Refuse, before anything runs, to resume `there` (a run.json, or a study's attrs) with the settings `now`
+    (`run_to_json` or `search_record` of them) when its trials would not be comparable with the new ones: another
+    model, budget, objective, knob set or sampler, or (where both hold them) other evaluation settings."""
+    for key in RESUME_KEYS:
+        if key in there and key in now and there[key] != now[key]:
+            raise SearchError(f"output folder {str(out)!r} holds a different study ({key} {there[key]!r} there, "
+                              f"{now[key]!r} now): choose another --out or delete the folder")
+    if "eval" in there and "eval" in now:  # trials scored another way would share one front with the new ones
+        was, now_ = EvalSettings.from_json(there["eval"]).scoring(), EvalSettings.from_json(now["eval"]).scoring()
+        changed = [k for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
+        if changed:
+            diff = ", ".join(f"{k} {was.get(k)!r} there, {now_.get(k)!r} now" for k in changed)
+            raise SearchError(
+                f"output folder {str(out)!r} holds a study scored with other evaluation settings ({diff}): resume "
+                "with the settings it was started with, or choose another --out")
+
