@@ -6,8 +6,31 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from squeezer.evaluators.latency import MachineLock
+from squeezer.models import resnet20
+from squeezer.policies.policy import Policy, PolicyError
+from squeezer.spaces.space import SearchSpace
+
+
+# ---- policy files: refused in one short line --------------------------------------------------------------------
+@pytest.mark.parametrize("text,needle", [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"format": "squeezer.policy", "version": 1, "layers": {}, "meta": ' + '{"a": ' * 100 + "1" + "}" * 101,
+     "'meta' nests more than"),
+    ('{"format": "' + "x" * 100_000 + '"}', "not a squeezer policy"),
+    ('{"format": "squeezer.policy", "version": 1, "layers": {"' + "u" * 100_000 + '": {}}}', "not in the model"),
+    ('{"format": "squeezer.policy", "version": 1, "layers": {"fc": {"w_bits": ' + "9" * 5000 + "}}}",
+     "not valid JSON"),
+])
+def test_malformed_policy_files_are_refused_in_one_short_line(tmp_path, text, needle) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    space = SearchSpace.from_model(resnet20(num_classes=10, in_channels=1), torch.randn(1, 1, 8, 8))
+    with pytest.raises(PolicyError, match=needle) as info:
+        Policy.load(path).validate(space)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
 # ---- the timing lock ----------------------------------------------------------------------------------------------
