@@ -8,6 +8,7 @@ instant):
                                       trials=40)
     squeezer.front("runs/r20", x="latency_ms")
     squeezer.apply("runs/r20", trial=result.front[0]["number"], out="small.pt", onnx="small.onnx")
+    small = squeezer.load("small.pt")  # rebuilt from the base architecture, the policy and the saved weights
 
 The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
 means one thing. Lower-level pieces: `SearchSpace.from_model`, `Policy`, `apply_policy`, `Evaluator`, `make_pool`,
@@ -32,7 +33,7 @@ _EXPORTS = {
     "Evaluator": "squeezer.evaluators.evaluate", "EvalSettings": "squeezer.evaluators.evaluate",
     "make_pool": "squeezer.evaluators.pool", "Measurement": "squeezer.evaluators.measurement",
     "load_data": "squeezer.datasets", "save_data": "squeezer.datasets",
-    "load_model": "squeezer.models",
+    "load_model": "squeezer.models", "load": "squeezer.models",
     "Budget": "squeezer.search.budget", "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
 }
 

@@ -15,7 +15,7 @@ from squeezer.devices import check_device
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.measurement import Measurement
 from squeezer.evaluators.pool import make_pool
-from squeezer.models import resolve_model, save_checkpoint
+from squeezer.models import resolve_source, save_checkpoint
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
@@ -98,7 +98,8 @@ def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str |
            device: str = "cpu", objective: str = "multi", recovery: str = "bn", latency: str = "measure",
            knobs: tuple[str, ...] | None = None, repair: bool = False, promote: int = 0, seed: int = 0,
            backend: str = "auto", latency_on: str | None = None, progress: bool = False,
-           settings: dict[str, Any] | None = None) -> SearchSummary:
+           settings: dict[str, Any] | None = None, weights: str | None = None,
+           trust_pickle: bool = False) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
@@ -106,7 +107,8 @@ def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str |
     `settings` overrides EvalSettings fields (e.g. fewer latency runs for a quick demo); `latency_on` names the
     custom Ray resource of the node that times latency (the target device). `workers` defaults to one per core
     (one per GPU with device 'cuda'), in a local Ray when Ray is installed (`backend`), or to one per core (GPU) of
-    the cluster `ray_address` names.
+    the cluster `ray_address` names. `weights` is a state_dict for the architecture `model` names; a pickled model
+    file (and the run's base.pt made from one) loads only with `trust_pickle`.
     """
     check_device(device, cluster=bool(ray_address))
     parsed = Budget.parse(budget)
@@ -117,11 +119,14 @@ def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str |
     chosen = knob_list(knobs)
     eval_settings = EvalSettings(recovery=recovery, latency=latency, device=device, seed=seed, **(settings or {}))
     out = Path(out)
+    given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
     model, data = saved_inputs(model, data, out)
     preload_storage(storage)  # the storage's imports overlap loading data, model and evaluators
     bundle = load_data(data)
     base_path = out / BASE_FILE
-    net = resolve_model(str(base_path) if base_path.is_file() else model, bundle)
+    resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
+    source = str(base_path) if resuming else (model if given is None else given)
+    net, recipe = resolve_source(source, bundle, weights=None if resuming else weights, trust_pickle=trust_pickle)
     example = bundle.example_inputs()
     space_ = SearchSpace.from_model(net, example, SpaceConfig(knobs=chosen))
     run_settings = {"model": abs_ref(model), "data": abs_ref(data), "fingerprint": space_.fingerprint,
@@ -144,7 +149,7 @@ def search_policies(*, model: Any, data: Any = "digits", budget: str, out: str |
             table = _build_latency_table(pool, net, bundle, eval_settings, space_, out / "cache", progress)
             latency_model = table if judges_latency else None
         if not base_path.is_file():
-            save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
+            save_checkpoint(net, base_path, recipe=recipe, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None
         if promote:
             fine = Evaluator(net, bundle, replace(eval_settings, recovery="kd", latency="none"),
