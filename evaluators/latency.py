@@ -14,9 +14,10 @@ Timing never runs beside torch work. `MachineLock` is a readers-writer lock on t
 across processes, Ray actors included): torch work (apply, recovery, accuracy, export) holds it *shared*; timing
 holds it *exclusive*, so a timed run starts only when no torch work is in flight on the machine and none starts
 until it ends. A "gate" file gives the writer priority: a waiting timer holds the gate, so new torch work queues
-behind it instead of starving it. Every evaluator process on one machine uses the same lock files (default under
-the temp dir, or $SQUEEZER_LOCK_DIR), and so does the search driver around its sampler and storage work. On a
-remote timing device (a Ray node with a custom resource) nothing else runs, and the same lock is simply uncontended.
+behind it instead of starving it. Every evaluator process of one user on one machine uses the same lock files (in a
+private directory of that user's under the temp dir, or under $SQUEEZER_LOCK_DIR), and so does the search driver
+around its sampler and storage work. On a remote timing device (a Ray node with a custom resource) nothing else
+runs, and the same lock is simply uncontended.
 
 `LatencyTable` predicts a candidate's latency from per-(unit, choice) deltas measured once per hardware and cached
 on disk: a measured model has only that unit's choice applied (so a pruned group's consumers are included), timed
@@ -36,6 +37,7 @@ counted there and not again among the structural deltas (`sums`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -43,6 +45,7 @@ import json
 import os
 import platform
 import random
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -92,35 +95,37 @@ def fingerprint_hash(hardware: dict[str, Any]) -> str:
 
 # ---- the machine-wide readers-writer lock ---------------------------------------------------------------------------
 class MachineLock:
-    """Shared for torch work, exclusive for timing, across every process on this machine (see module docstring).
+    """Shared for torch work, exclusive for timing, across every process of this user on this machine (see module
+    docstring).
 
+    The lock files live in a directory of this user's own (`lock_dir`), opened without following links: in a
+    shared temp dir, another user could otherwise plant a link there that makes us create or lock a file of theirs.
     Not re-entrant: each use opens its own file, so code holding `compute()` that asks for `timing()` waits forever.
     """
 
     def __init__(self, directory: str | Path | None = None) -> None:
-        root = Path(directory or os.environ.get("SQUEEZER_LOCK_DIR") or tempfile.gettempdir())
-        root.mkdir(parents=True, exist_ok=True)
+        root = lock_dir(Path(directory or os.environ.get("SQUEEZER_LOCK_DIR") or tempfile.gettempdir()))
         self.gate = root / "squeezer-timing.gate"
         self.rw = root / "squeezer-timing.lock"
 
     @contextlib.contextmanager
     def compute(self) -> Iterator[None]:
         """Held around torch work: waits while a timing run holds or waits for the machine."""
-        with open(self.gate, "a") as gate:
+        with _opened(self.gate) as gate:
             fcntl.flock(gate, fcntl.LOCK_EX)
-            rw = open(self.rw, "a")
+            rw = _open(self.rw)
             fcntl.flock(rw, fcntl.LOCK_SH)
             fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
             fcntl.flock(rw, fcntl.LOCK_UN)
-            rw.close()
+            os.close(rw)
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
         """Held around a timing run: waits for in-flight torch work to finish and keeps new work out."""
-        with open(self.gate, "a") as gate, open(self.rw, "a") as rw:
+        with _opened(self.gate) as gate, _opened(self.rw) as rw:
             fcntl.flock(gate, fcntl.LOCK_EX)
             fcntl.flock(rw, fcntl.LOCK_EX)
             try:
@@ -128,6 +133,43 @@ class MachineLock:
             finally:
                 fcntl.flock(rw, fcntl.LOCK_UN)
                 fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def lock_dir(root: Path) -> Path:
+    """This user's lock directory under `root`, made private (0o700); refused unless it is a real directory that
+    this user owns, since whoever owns it could swap the lock files."""
+    path = root / f"squeezer-{os.getuid()}"
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else "not a directory" if not stat.S_ISDIR(info.st_mode) \
+            else f"owned by user {info.st_uid}"
+        raise FileExistsError(f"lock directory {str(path)!r} is {kind}, not this user's own: remove it, or set "
+                              "SQUEEZER_LOCK_DIR to a directory of yours")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _open(path: Path) -> int:
+    """A lock file's descriptor; a link in its place is refused rather than followed."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileExistsError(f"lock file {str(path)!r} is a link: remove it") from None
+        raise
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[int]:
+    fd = _open(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------------
@@ -187,8 +229,8 @@ class LatencyMeter:
     How fast an onnxruntime session runs is settled when it is made: sessions of one model differ by far more than
     one session's timings do (benchmarks/latency_noise.py). So every repetition times both models in sessions made
     for it, and the relative latency is a median over those pairs: one reference session kept for the meter's life
-    would shift everything the meter timed by how fast it happened to run. `runs` is per repetition, at least MIN_RUNS in all: more
-    repetitions of fewer runs each buy precision for the cost of making their sessions."""
+    would shift everything the meter timed by how fast it happened to run. `runs` is per repetition, at least
+    MIN_RUNS in all: more repetitions of fewer runs each buy precision for the cost of making their sessions."""
 
     def __init__(self, reference: bytes, input_shape: tuple[int, ...], *, batch: int = 1, threads: int | None = None,
                  warmup: int = 30, runs: int = 200, reps: int = 3, lock: MachineLock | None = None,

@@ -15,10 +15,34 @@ from squeezer.spaces.space import SearchSpace
 
 FORMAT = "squeezer.policy"
 VERSION = 1
+SHOWN = 80  # characters of a value from the file an error message repeats: one line, however long the value
+META_DEPTH = 16  # nesting of 'meta' a policy may hold: it is saved again (trials, compressed models) and must stay
+#                  well inside what JSON and pickle can write back
 
 
 class PolicyError(ValueError):
     """A policy that cannot be read or does not fit the model; its message is one line naming the fix."""
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message repeats it: its repr cut to SHOWN characters; a JSON array or object by its size
+    alone (one nested a thousand deep has no short repr)."""
+    if isinstance(value, (dict, list)):
+        return f"an {'object' if isinstance(value, dict) else 'array'} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests arrays/objects more than `limit` levels (without recursion: it may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 @dataclass(frozen=True)
@@ -91,8 +115,14 @@ class Policy:
         return replace(self, layers=layers)
 
     # ---- validation ---------------------------------------------------------------------------------------------
-    def validate(self, space: SearchSpace) -> "Policy":
-        """Check the policy fits `space`: same model, known units, offered choices. Returns self for chaining."""
+    def validate(self, space: SearchSpace, *, require_fingerprint: bool = False) -> "Policy":
+        """Check the policy fits `space`: same model, known units, offered choices. Returns self for chaining.
+
+        `require_fingerprint` also refuses a policy that names no model: one read from a file must show it was made
+        for this model, or it would be applied to any model whose unit names happen to match."""
+        if require_fingerprint and not self.fingerprint:
+            raise PolicyError("policy names no model (its fingerprint is empty or missing), so nothing shows it was "
+                              "made for this one: regenerate it with `squeezer search`, or pass --no-model-check")
         if self.fingerprint and self.fingerprint != space.fingerprint:
             raise PolicyError(
                 f"policy was made for another model (fingerprint {self.fingerprint[:12]}, this model "
@@ -102,13 +132,14 @@ class Policy:
             if unit not in space.units:
                 close = space.closest_unit(unit)
                 hint = f" (did you mean {close!r}?)" if close else ""
-                raise PolicyError(f"policy names unit {unit!r}, which is not in the model{hint}: fix the unit name")
+                raise PolicyError(f"policy names unit {shown(unit)}, which is not in the model{hint}: fix the unit "
+                                  "name")
             for knob, value in choice.changed().items():
                 allowed = space.choices(unit, knob)
                 if value not in allowed:
-                    shown = ", ".join(map(str, allowed)) if allowed else "nothing (the knob is not offered here)"
+                    offered = ", ".join(map(str, allowed)) if allowed else "nothing (the knob is not offered here)"
                     raise PolicyError(
-                        f"unit {unit!r}: {knob}={value!r} is not offered; allowed: {shown}"
+                        f"unit {unit!r}: {knob}={shown(value)} is not offered; allowed: {offered}"
                     )
             if choice.block != NEUTRAL[BLOCK] and choice.rank != NEUTRAL[RANK]:
                 raise PolicyError(f"unit {unit!r}: a block swap and a rank cannot both be set; drop one")
@@ -129,10 +160,11 @@ class Policy:
         if not isinstance(data, dict):
             raise PolicyError("policy file must hold a JSON object; regenerate it with `squeezer search` or fix it")
         if data.get("format") != FORMAT:
-            raise PolicyError(f"not a squeezer policy (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise PolicyError(f"not a squeezer policy (format {shown(data.get('format'))}, expected {FORMAT!r})")
         version = data.get("version")
-        if version != VERSION:
-            raise PolicyError(f"policy version {version!r} is not supported (this squeezer reads version {VERSION})")
+        if version != VERSION or isinstance(version, bool):
+            raise PolicyError(f"policy version {shown(version)} is not supported (this squeezer reads version "
+                              f"{VERSION})")
         layers_raw = data.get("layers", {})
         if not isinstance(layers_raw, dict):
             raise PolicyError("policy 'layers' must be an object of unit name -> choices")
@@ -141,18 +173,21 @@ class Policy:
         layers = {}
         for unit, knobs in layers_raw.items():
             if not isinstance(knobs, dict):
-                raise PolicyError(f"unit {unit!r}: choices must be an object like {{\"prune\": 0.5}}")
+                raise PolicyError(f"unit {shown(unit)}: choices must be an object like {{\"prune\": 0.5}}")
             for knob, value in knobs.items():
                 if knob not in names:
-                    raise PolicyError(f"unit {unit!r}: unknown knob {knob!r}; knobs are {', '.join(KNOBS)}")
+                    raise PolicyError(f"unit {shown(unit)}: unknown knob {shown(knob)}; knobs are {', '.join(KNOBS)}")
                 if isinstance(value, bool) or not isinstance(value, types[knob]):
-                    raise PolicyError(f"unit {unit!r}: {knob} must be a {types[knob][0].__name__}, got {value!r}")
+                    raise PolicyError(f"unit {shown(unit)}: {knob} must be a {types[knob][0].__name__}, got "
+                                      f"{shown(value)}")
             cast = {k: (float(v) if k in (PRUNE, RANK) else v) for k, v in knobs.items()}
             layers[unit] = LayerChoice(**cast)
         fp = data.get("fingerprint", "")
         meta = data.get("meta", {})
         if not isinstance(fp, str) or not isinstance(meta, dict):
             raise PolicyError("policy 'fingerprint' must be a string and 'meta' an object")
+        if _deeper_than(meta, META_DEPTH):
+            raise PolicyError(f"policy 'meta' nests more than {META_DEPTH} levels: keep it a flat record")
         return cls(layers=layers, fingerprint=fp, meta=meta)
 
     def save(self, path: str | Path) -> Path:
@@ -168,8 +203,10 @@ class Policy:
             raise PolicyError(f"policy file {str(path)!r} does not exist: check the path")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            reason = exc.msg if hasattr(exc, "msg") else exc
+        except RecursionError:
+            raise PolicyError(f"policy file {str(path)!r} nests too deeply to read: regenerate it") from None
+        except ValueError as exc:  # invalid JSON or text, or a number too long to convert
+            reason = (exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).partition("\n")[0])[:SHOWN]
             raise PolicyError(f"policy file {str(path)!r} is not valid JSON ({reason}): regenerate it or fix the "
                               "syntax") from None
         return cls.from_json(data)

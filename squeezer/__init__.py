@@ -11,6 +11,7 @@ instant):
                              recovery=squeezer.RecoveryConfig(mode="kd", finetune_steps=30), latency="hybrid")
     squeezer.front("runs/r20", x="latency_ms")
     squeezer.apply("runs/r20", trial=result.front[0]["number"], out="small.pt", onnx="small.onnx")
+    small = squeezer.load("small.pt")  # rebuilt from the base architecture, the policy and the saved weights
 
 The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
 means one thing. Settings are frozen configs: `SearchConfig`, `RecoveryConfig`, `LatencyConfig`, `PoolConfig`
@@ -38,7 +39,7 @@ _EXPORTS = {
     "make_pool": "squeezer.evaluators.pool", "PoolConfig": "squeezer.evaluators.pool",
     "Measurement": "squeezer.evaluators.measurement",
     "load_data": "squeezer.datasets", "save_data": "squeezer.datasets",
-    "load_model": "squeezer.models",
+    "load_model": "squeezer.models", "load": "squeezer.models",
     "Budget": "squeezer.search.budget", "SearchConfig": "squeezer.search.config",
     "run_search": "squeezer.search.study", "StudyResult": "squeezer.search.pareto",
 }

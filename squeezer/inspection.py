@@ -19,10 +19,12 @@ __all__ = ["FrontSummary", "X_METRICS", "front", "load_result", "report", "space
 
 
 def space(*, model: str, data: str = "digits", knobs: tuple[str, ...] | None = None,
-          include: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None) -> SearchSpace:
-    """The search space of `model` on inputs shaped like `data`'s, optionally restricted."""
+          include: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None,
+          weights: str | Path | None = None, trust_pickle: bool = False) -> SearchSpace:
+    """The search space of `model` (with `weights`, a state_dict for it) on inputs shaped like `data`'s, optionally
+    restricted; a pickled model file only with `trust_pickle`."""
     bundle = load_data(data)
-    net = resolve_model(model, bundle)
+    net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
     options: dict[str, Any] = {}
     if knobs:
         options["knobs"] = knob_list(knobs)

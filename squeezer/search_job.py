@@ -17,7 +17,7 @@ from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
 from squeezer.evaluators.pool import PoolConfig, make_pool
 from squeezer.evaluators.settings import EvalSettings, LatencyConfig, RecoveryConfig
-from squeezer.models import resolve_model, save_checkpoint
+from squeezer.models import resolve_source, save_checkpoint
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
@@ -95,7 +95,8 @@ def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
 def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget: str | None = None,
                     trials: int | None = None, search: SearchConfig | None = None,
                     recovery: RecoveryConfig | str = "bn", latency: LatencyConfig | str = "measure",
-                    pool: PoolConfig | None = None, device: str = "cpu", progress: bool = False) -> SearchSummary:
+                    pool: PoolConfig | None = None, device: str = "cpu", weights: str | None = None,
+                    trust_pickle: bool = False, progress: bool = False) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
@@ -103,7 +104,9 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     and `trials`, when given, replace those of `search` (the sampler, objective, knobs, repair, promotion, seed
     and storage: SearchConfig). `recovery` and `latency` are a mode ("kd", "predict") or a whole config; `pool`
     says how many workers evaluate, where (local processes, Ray, a cluster), and on which Ray node latency is timed
-    (by default one worker per core, or per GPU with device 'cuda').
+    (by default one worker per core, or per GPU with device 'cuda'). `weights` is a state_dict for the
+    architecture `model` names; a pickled model file (and the run's base.pt made from one) loads only with
+    `trust_pickle`.
     """
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
                                                   if v is not None})
@@ -118,11 +121,14 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     if "latency" in parsed.metrics and settings.latency.mode == "none":
         raise ValueError("the budget limits latency but --latency none measures none: use --latency measure")
     out = Path(out)
+    given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
     bundle = load_data(data)
     base_path = out / BASE_FILE
-    net = resolve_model(str(base_path) if base_path.is_file() else model, bundle)
+    resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
+    source = str(base_path) if resuming else (model if given is None else given)
+    net, recipe = resolve_source(source, bundle, weights=None if resuming else weights, trust_pickle=trust_pickle)
     # the one trace of the model: every evaluator of this process, and every worker, is handed this space
     space_ = SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(knobs=config.knobs))
     run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, search=config,
@@ -143,7 +149,7 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
         if (settings.latency.mode in ("predict", "hybrid") or judges_latency) and not pool_config.latency_resource:
             table = _build_latency_table(evaluators, net, bundle, settings, space_, pool_config.cache_dir, progress)
         if not base_path.is_file():
-            save_checkpoint(net, base_path, data=bundle.name, accuracy=base.accuracy)
+            save_checkpoint(net, base_path, recipe=recipe, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None
         if config.promote:
             fine = Evaluator(net, bundle, replace(settings, recovery=replace(settings.recovery, mode="kd"),

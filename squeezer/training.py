@@ -1,6 +1,7 @@
 """Training a baseline from scratch: the checkpoint the demo compresses and any job accepts as --model."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from squeezer.evaluators.accuracy import recalibrate_bn
 from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.devices import check_device
-from squeezer.models import is_checkpoint, load_model, save_checkpoint
+from squeezer.models import load_source, save_checkpoint
 from squeezer.progress import progress_bar
 
 
@@ -27,11 +28,14 @@ class TrainResult:
 
 def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *, out: str | Path,
                    steps: int = 300, lr: float = 0.05, seed: int = 0, device: str = "cpu",
+                   weights: str | Path | None = None, trust_pickle: bool = False,
                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train a model from scratch on `data` and save a checkpoint that every other job accepts."""
+    """Train a model on `data` (from scratch, or from `weights` or a checkpoint) and save a checkpoint that every
+    other job accepts."""
     bundle = data if isinstance(data, DataBundle) else load_data(data)
     torch.manual_seed(seed)
-    net = load_model(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+    net, recipe = load_source(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                              weights=weights, trust_pickle=trust_pickle)
     start = time.perf_counter()
     fit(net, bundle.train, FitConfig(steps=steps, lr=lr, seed=seed), device=device, on_step=on_step)
     # BatchNorm statistics of the final weights ("precise BN"): running averages lag the weights, and with a small
@@ -42,19 +46,24 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
     net.cpu()
     val, _ = evaluate(net, bundle.val)
     test, _ = evaluate(net, bundle.test)
-    arch = model if not is_checkpoint(model) else None
-    path = save_checkpoint(net, out, arch=arch, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+    path = save_checkpoint(net, out, recipe=recipe, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                            data=bundle.name, val_accuracy=val, test_accuracy=test, steps=steps,
                            **bundle.preprocessing())
     return TrainResult(Path(path), val, test, seconds)
 
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
-          lr: float = 0.05, seed: int = 0, device: str = "cpu", progress: bool = False) -> TrainResult:
-    """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model."""
+          lr: float = 0.05, seed: int = 0, device: str = "cpu", weights: str | Path | None = None,
+          trust_pickle: bool = False, progress: bool = False) -> TrainResult:
+    """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model.
+
+    The checkpoint is the architecture's name and a state_dict, so it loads without unpickling code; a model that
+    came from a pickle (`trust_pickle`) names no architecture and is saved pickled, needing trust_pickle again."""
     check_device(device)
+    run = functools.partial(train_baseline, model, data, out=out, steps=steps, lr=lr, seed=seed, device=device,
+                            weights=weights, trust_pickle=trust_pickle)
     if not progress:
-        return train_baseline(model, data, out=out, steps=steps, lr=lr, seed=seed, device=device)
+        return run()
     bar, update = progress_bar(steps, f"training {model}")
     with bar:
-        return train_baseline(model, data, out=out, steps=steps, lr=lr, seed=seed, device=device, on_step=update)
+        return run(on_step=update)

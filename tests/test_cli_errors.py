@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from squeezer.cli import main
-from squeezer.models import resnet20, save_checkpoint
+from squeezer.models import arch_recipe, resnet20, save_checkpoint
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -23,7 +23,7 @@ def wrong_checkpoint(tmp_path_factory) -> Path:
     """A resnet20 checkpoint whose weights are for 3 input channels but which claims 1."""
     path = tmp_path_factory.mktemp("ckpt") / "bad.pt"
     model = resnet20(num_classes=10, in_channels=3)
-    save_checkpoint(model, path, arch="resnet20", num_classes=10, in_channels=1)
+    save_checkpoint(model, path, recipe=arch_recipe("resnet20", num_classes=10, in_channels=1))
     return path
 
 
@@ -54,22 +54,25 @@ def test_missing_checkpoint(capsys, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 3}])
-def test_a_state_dict_is_refused_with_how_to_save_the_model(capsys, tmp_path, wrap) -> None:
+def test_a_state_dict_is_refused_with_how_to_pass_its_architecture(capsys, tmp_path, wrap) -> None:
     import torch
 
     from squeezer.models import build_model
 
-    torch.save(wrap(build_model("resnet20").state_dict()), tmp_path / "weights.pt")
+    torch.save(wrap(build_model("resnet20", in_channels=1).state_dict()), tmp_path / "weights.pt")
     code, err = run_cli(capsys, "space", "--model", str(tmp_path / "weights.pt"))
-    assert code == 2 and "holds weights only (a state_dict)" in err and "torch.save(model, " in err
+    assert code == 2 and "holds weights only (a state_dict)" in err and "--model ARCH --weights" in err
     assert len(err.strip().splitlines()) == 1
+    assert run_cli(capsys, "space", "--model", "resnet20", "--weights", str(tmp_path / "weights.pt"))[0] == 0
 
 
-def test_a_training_scripts_checkpoint_holding_the_model_loads(capsys, tmp_path) -> None:
+def test_a_training_scripts_checkpoint_holding_the_model_loads_when_trusted(capsys, tmp_path) -> None:
     from squeezer.models import build_model
 
     torch.save({"model": build_model("resnet20", in_channels=1), "epoch": 3}, tmp_path / "last.pt")
-    assert run_cli(capsys, "space", "--model", str(tmp_path / "last.pt"))[0] == 0
+    code, err = run_cli(capsys, "space", "--model", str(tmp_path / "last.pt"))
+    assert code == 2 and "--trust-pickle" in err
+    assert run_cli(capsys, "space", "--model", str(tmp_path / "last.pt"), "--trust-pickle")[0] == 0
 
 
 def test_missing_data_path(capsys, tmp_path) -> None:
@@ -105,7 +108,7 @@ def test_every_command_has_help_with_an_example() -> None:
 
 def test_a_pickled_model_whose_module_is_elsewhere_names_it_and_loads_from_its_folder(capsys, tmp_path,
                                                                                       monkeypatch) -> None:
-    """A search saves a module:function model whole (base.pt); resuming or applying it needs the user's module."""
+    """A trusted pickle of a model whose classes live in the user's module needs that module to load."""
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods/squeezer_user_cnn.py").write_text(
         "import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
@@ -121,10 +124,10 @@ def test_a_pickled_model_whose_module_is_elsewhere_names_it_and_loads_from_its_f
     sys.modules.pop("squeezer_user_cnn")
     sys.path.remove(str(tmp_path / "mods"))
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(capsys, "space", "--model", "model.pt")
+    code, err = run_cli(capsys, "space", "--model", "model.pt", "--trust-pickle")
     assert code == 2 and "needs module 'squeezer_user_cnn'" in err and "run from the folder that holds it" in err
     monkeypatch.chdir(tmp_path / "mods")
     try:
-        assert run_cli(capsys, "space", "--model", str(tmp_path / "model.pt"))[0] == 0
+        assert run_cli(capsys, "space", "--model", str(tmp_path / "model.pt"), "--trust-pickle")[0] == 0
     finally:
         sys.modules.pop("squeezer_user_cnn", None)

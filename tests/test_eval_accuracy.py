@@ -75,16 +75,16 @@ def test_a_trained_baseline_keeps_the_statistics_of_its_final_weights(digits, tm
     still lean on their initial values, and the saved model scored at chance (MobileNetV3-small, 200 steps on 32x32
     digits: 0.08 in eval mode, 0.99 once recalibrated). The baseline recalibrates them before it is scored and saved."""
     from squeezer import training as baseline
-    from squeezer.models import load_checkpoint, load_model
+    from squeezer.models import load_checkpoint, load_source
 
     def slow_bn_model(ref: str, **kwargs):
-        model = load_model(ref, **kwargs)
+        model, recipe = load_source(ref, **kwargs)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = 0.001
-        return model
+        return model, recipe
 
-    monkeypatch.setattr(baseline, "load_model", slow_bn_model)
+    monkeypatch.setattr(baseline, "load_source", slow_bn_model)
     result = baseline.train_baseline("resnet20", digits, out=tmp_path / "r20.pt", steps=60)
     model, _ = load_checkpoint(result.path)
     fresh = recalibrate_bn(copy.deepcopy(model), digits.train, batches=50)

@@ -368,7 +368,9 @@ def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, t
     saved = json.loads((tmp_path / "mem/run.json").read_text())  # found by path by workers, resumes and apply
     assert Path(saved["model"]).name.startswith("model-") and Path(saved["data"]).name.startswith("data-")
     best = max(summary.front, key=lambda r: r["accuracy"])
-    applied = jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="pass --trust-pickle again"):  # its base.pt is the module, pickled
+        jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt")
+    applied = jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt", trust_pickle=True)
     assert applied.measured.accuracy == pytest.approx(best["accuracy"]) and applied.measured.macs == best["macs"]
 
 
