@@ -3,8 +3,9 @@
 Every evaluation starts from a fresh copy of the base model. `copy.deepcopy` walks every attribute of every module
 through the pickle protocol, a visible share of a cheap evaluation. Most of those attributes are empty hook
 dictionaries and immutable settings (ints, tuples, strings), which need no copy at all. This clone copies what can
-change (parameters, buffers, submodules, containers) directly and hands anything else to `copy.deepcopy` with one shared memo, so it has deepcopy's meaning (shared weights stay
-shared, nothing is aliased with the original) at a fraction of its cost.
+change (parameters, buffers, submodules, containers) directly and hands anything else to `copy.deepcopy` with one
+shared memo, so it has deepcopy's meaning (shared weights stay shared, nothing is aliased with the original) at a
+fraction of its cost.
 """
 from __future__ import annotations
 
