@@ -2,8 +2,8 @@
 
 Why: Optuna stamps a new database's schema version by loading alembic's revision scripts, a large share of what a
 short search's orchestration costs; opening an existing file is far quicker. The empty file is kept per Optuna and
-SQLAlchemy version in the user's cache ($SQUEEZER_CACHE, else $XDG_CACHE_HOME/squeezer, else ~/.cache/squeezer). Any failure here only means Optuna
-creates the file itself, as it would without this module.
+SQLAlchemy version in the user's cache ($SQUEEZER_CACHE, else $XDG_CACHE_HOME/squeezer, else ~/.cache/squeezer).
+Any failure here only means Optuna creates the file itself, as it would without this module.
 """
 from __future__ import annotations
 
