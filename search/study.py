@@ -124,7 +124,7 @@ def _sqlite_wal(url: str) -> BaseStorage:
 def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerprint: str,
                workers: int = 1) -> tuple[optuna.Study, WorkingCopy]:
     """Create or load the run's study; refuse to resume one made for another model, budget, sampler or knob set
-    (`config.check_resume`, as the run folder is checked).
+    (by `check_resume`, the check a run folder's run.json passes too).
 
     Returns the study and its working copy (the in-memory study the searcher uses, written through to storage).
     """
