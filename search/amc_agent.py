@@ -37,7 +37,8 @@ from torch import nn
 
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
-from squeezer.search.budget import METRICS, metric_value
+from squeezer.search.budget import metric_value
+from squeezer.search.metrics import cost_field
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel, teach
 from squeezer.search.objectives import Objective
 from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
@@ -89,7 +90,7 @@ class AmcAgent(StudySearcher):
         self.units = [u for u, ladder in self.ladders.items() if ladder]
         self.dists = {k: CategoricalDistribution(list(c)) for k, c in space.distributions().items()}
         self.base_cost = space.baseline()
-        self.field = {"size": "size_bytes", "params": "params", "bops": "bops"}.get(objective.cost_metric, "macs")
+        self.field = cost_field(objective.cost_metric)
         # An episode's cost target is on predicted latency when that is the cost and there is a latency model.
         self.latency_target = self.latency_model is not None and objective.cost_metric == "latency"
         self.target_range = self._target_range()
@@ -132,7 +133,7 @@ class AmcAgent(StudySearcher):
         hi = 1.0
         for lim in self.objective.budget.limits:
             on_cost = (lim.metric == "latency" if self.latency_target
-                       else lim.metric != "latency" and (METRICS[lim.metric][1] or "macs") == self.field)
+                       else lim.metric != "latency" and cost_field(lim.metric) == self.field)
             ref = 1.0 if lim.relative else metric_value(self.objective.base, lim.metric)
             if on_cost and ref:
                 hi = min(hi, lim.value / ref)

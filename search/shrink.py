@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from squeezer.policies.policy import Policy
+from squeezer.search.metrics import cost_field
 from squeezer.spaces.knobs import A_BITS, BLOCK, DWSEP, KEEP, NEUTRAL, PRUNE, RANK, W_BITS
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["compression_order", "full_params", "cheapest_policy", "repair"]
 
-# The Cost fields a metric's cheapest policy should minimise, and the knobs that can lower it.
-_FIELD = {"macs": "macs", "params": "params", "size": "size_bytes", "bops": "bops", "latency": "macs"}
+# The knobs that can lower each metric.
 _KNOBS_FOR = {
     "macs": (PRUNE, RANK, BLOCK), "params": (PRUNE, RANK, BLOCK), "latency": (PRUNE, RANK, BLOCK),
     "size": (PRUNE, RANK, BLOCK, W_BITS), "bops": (PRUNE, RANK, BLOCK, W_BITS, A_BITS),
@@ -46,7 +46,7 @@ def cheapest_policy(space: SearchSpace, metric: str = "macs") -> Policy:
     Given the pruning, each unit's cost no longer depends on the others, so choosing rank/block (and bits for
     size/BOPs) one unit at a time is exact.
     """
-    field = _FIELD[metric]
+    field = cost_field(metric)
     knobs = _KNOBS_FOR[metric]
     params: dict[str, Any] = {}
     for key, choices in space.distributions().items():
