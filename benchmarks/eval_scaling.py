@@ -18,14 +18,15 @@ import time
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.pool import make_pool, threads_per_worker
 from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import PRUNE, param_key
 from squeezer.models import load_workload
 
 
 def policies(n: int, seed: int = 0) -> list[Policy]:
     space = Evaluator(*load_workload(model="resnet20", data="digits"), EvalSettings(latency="none")).space
     rng = random.Random(seed)
-    prune_units = [u for u, k in space.param_names() if k == "prune"]
-    return [Policy.from_params({f"{u}/prune": rng.choice((0.0, 0.25, 0.5)) for u in prune_units}, space)
+    prune_units = [u for u, k in space.param_names() if k == PRUNE]
+    return [Policy.from_params({param_key(u, PRUNE): rng.choice((0.0, 0.25, 0.5)) for u in prune_units}, space)
             for _ in range(n)]
 
 
