@@ -17,6 +17,7 @@ import torchvision
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.lowrank import clear_cache
 from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import split_key
 from squeezer.spaces.space import SearchSpace
 
 
@@ -24,7 +25,7 @@ def mixed_policy(space: SearchSpace, seed: int) -> Policy:
     """Every unit gets a random prune ratio, rank and weight width from its offered choices (seeded)."""
     rng = random.Random(seed)
     params = {key: rng.choice(choices) for key, choices in space.distributions().items()
-              if key.rsplit("/", 1)[1] in ("prune", "rank", "w_bits")}
+              if split_key(key)[1] in ("prune", "rank", "w_bits")}
     return Policy.from_params(params, space)
 
 

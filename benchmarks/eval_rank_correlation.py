@@ -33,7 +33,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
-from squeezer.search.shrink import compression_order
+from squeezer.spaces.knobs import split_key
 from squeezer.spaces.space import SearchSpace
 from squeezer.models import load_workload
 
@@ -99,13 +99,12 @@ def main() -> None:
 def draw_policies(space: SearchSpace, knobs: tuple[str, ...], n: int, how: str, seed: int) -> list[Policy]:
     """`n` policies: "uniform" draws every choice independently; "graded" steps from light to heavy compression."""
     rng = random.Random(seed)
-    keys = [k for k in space.distributions() if k.rsplit("/", 1)[1] in knobs]
+    keys = [k for k in space.distributions() if split_key(k)[1] in knobs]
     policies = []
     for i in range(n):
         params = {}
         for key in keys:
-            unit, _, knob = key.rpartition("/")
-            options = compression_order(space, unit, knob)
+            options = space.choices(*split_key(key))
             if how == "uniform":
                 params[key] = rng.choice(options)
             else:

@@ -19,6 +19,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.settings import LatencyConfig
 from squeezer.evaluators.pool import PoolConfig, make_pool, threads_per_worker
 from squeezer.policies.policy import Policy
+from squeezer.spaces.knobs import PRUNE, param_key
 from squeezer.models import load_workload
 
 
@@ -26,8 +27,8 @@ def policies(n: int, seed: int = 0) -> list[Policy]:
     space = Evaluator(*load_workload(model="resnet20", data="digits"),
                       EvalSettings(latency=LatencyConfig(mode="none"))).space
     rng = random.Random(seed)
-    prune_units = [u for u, k in space.param_names() if k == "prune"]
-    return [Policy.from_params({f"{u}/prune": rng.choice((0.0, 0.25, 0.5)) for u in prune_units}, space)
+    prune_units = [u for u, k in space.param_names() if k == PRUNE]
+    return [Policy.from_params({param_key(u, PRUNE): rng.choice((0.0, 0.25, 0.5)) for u in prune_units}, space)
             for _ in range(n)]
 
 

@@ -64,12 +64,13 @@ def main() -> None:
     space = SearchSpace.from_model(model, x)
     policy = Policy.uniform(space, w_bits=args.w_bits, a_bits=8)
     int8 = apply_policy(model, policy, calibration, space=space)
-    original = apply_module.APPLIERS["quantize"]
-    apply_module.APPLIERS["quantize"] = functools.partial(apply_quantize, int8_outputs=False)
+    original = dict(apply_module.APPLIERS)
+    qdq = functools.partial(apply_quantize, int8_outputs=False)  # one object under both bit widths: it runs once
+    apply_module.APPLIERS.update({knob: qdq for knob, applier in original.items() if applier is apply_quantize})
     try:
         qdq_only = apply_policy(model, policy, calibration, space=space)
     finally:
-        apply_module.APPLIERS["quantize"] = original
+        apply_module.APPLIERS.update(original)
 
     fp32_onnx, int8_onnx, qdq_onnx = (export_onnx(m, x) for m in (model, int8, qdq_only))
     session = ort.InferenceSession(int8_onnx, providers=["CPUExecutionProvider"])

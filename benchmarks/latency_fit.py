@@ -31,7 +31,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.settings import LatencyConfig
 from squeezer.evaluators.latency import (LatencyTable, calibration_policies, choice_parts, fit_slopes, is_bits,
                                          nonneg_lstsq, table_entries)
-from squeezer.spaces.knobs import SpaceConfig
+from squeezer.spaces.knobs import BITS, KNOBS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
 from squeezer.models import load_workload
 
@@ -59,7 +59,7 @@ FITS: dict[str, Fit] = {"now": _now, "no MAC term": _no_mac_term, "structure as 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--knobs", nargs="+", default=["prune", "w_bits", "a_bits", "rank", "block"])
+    ap.add_argument("--knobs", nargs="+", default=list(KNOBS))
     ap.add_argument("--per-kind", type=int, default=32, help="timed policies of each kind (half to calibrate)")
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--table-reps", type=int, default=LatencyConfig.table_reps,
                     help="sessions per timing of a table entry (as many runs in all, split among them)")
     args = ap.parse_args()
-    if not {"w_bits", "a_bits"} & set(args.knobs):
+    if not any(KNOBS[k].role == BITS for k in args.knobs if k in KNOBS):
         ap.error("give w_bits or a_bits among --knobs: errors are reported for policies with and without int8 units")
     if args.per_kind < 8:
         ap.error("--per-kind must be at least 8: 16 policies calibrate, the rest are predicted")

@@ -42,7 +42,7 @@ def main() -> None:
         ap.error("--passes must be at least 2: the spread is over passes")
     torch.set_num_threads(args.threads)
     ev = Evaluator(*load_workload(model="resnet20", data=args.data), EvalSettings(latency=LatencyConfig(mode="none")))
-    space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=KNOBS))
+    space = SearchSpace.from_model(ev.base, ev.example, SpaceConfig(knobs=tuple(KNOBS)))
     entries = random.Random(0).sample(table_entries(space), args.entries)
     models = [ev._onnx_of(Policy(layers={u: p}, fingerprint=space.fingerprint)) for u, p in entries]
     reference = ev._onnx_of(Policy(fingerprint=space.fingerprint))

@@ -41,6 +41,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from squeezer.policies.policy import LayerChoice, Policy
-from squeezer.spaces.knobs import A_BITS, FLOAT_BITS, W_BITS
+from squeezer.spaces.knobs import BITS, CHANNELS, FORM, KNOBS, param_key, split_key
 
 __all__ = ["LatencyResult", "LatencyMeter", "LatencyTable", "choice_parts", "table_entries", "MachineLock",
            "calibration_policies", "fit_slopes", "nonneg_lstsq", "hardware_fingerprint", "make_session",
@@ -279,13 +280,17 @@ class LatencyMeter:
 
 
 # ---- lookup table ----------------------------------------------------------------------------------------------------
+INT8 = 8  # every bit width up to 8 is exported as int8 (policies/quantize.py)
+
+
 @functools.lru_cache(maxsize=4096)  # a search's repair asks for the same few choices thousands of times
 def _parts(choice: LayerChoice) -> tuple[LayerChoice, ...]:
     return tuple(choice_parts(choice))
 
 
 def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
-    """A unit's choice as the parts the table times separately: prune, rank, block, and both bit widths together.
+    """A unit's choice as the parts the table times separately: each structural knob (prune, rank, block) alone,
+    and the bit widths together (the knobs' roles in the registry).
 
     Bit widths are timed in their int8 form: the export stores every width up to 8 bits as int8
     (policies/quantize.py), so w4 and w8 run the same kernels and one entry serves both. They are timed on the
@@ -294,28 +299,33 @@ def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
     dwsep unit -0.01 of the base, the same unit in int8 +0.05 to +0.19, the plain unit in int8 +0.05 to +0.08).
     """
     changed = choice.changed()
-    parts = [LayerChoice(**{k: v}) for k, v in changed.items() if k in ("prune", "rank", "block")]
-    bits = {k: (8 if v <= 8 else FLOAT_BITS) for k, v in changed.items() if k in ("w_bits", "a_bits")}
+    parts = [LayerChoice(**{k: v}) for k, v in changed.items() if KNOBS[k].role != BITS]
+    bits = {k: (INT8 if v <= INT8 else KNOBS[k].neutral) for k, v in changed.items() if KNOBS[k].role == BITS}
     if bits:
         parts.append(LayerChoice(**bits, **_form(changed)))
     return parts
 
 
+def _with_role(role: str) -> list[str]:
+    return [k for k, knob in KNOBS.items() if knob.role == role]
+
+
 def _form(changed: dict[str, Any]) -> dict[str, Any]:
     """The structural form a unit's bit widths are timed on: its rank or block, not its pruning."""
-    return {k: v for k, v in changed.items() if k in ("rank", "block")}
+    return {k: v for k, v in changed.items() if KNOBS[k].role == FORM}
 
 
 def table_entries(space: Any) -> list[tuple[str, LayerChoice]]:
     """Every distinct (unit, part) a policy of `space` can contain: each prune/rank/block choice, and each int8
     form on each rank and block."""
     entries: list[tuple[str, LayerChoice]] = []
+    bits = _with_role(BITS)
     for unit in space.units:
-        forms = [LayerChoice(**{knob: v}) for knob in ("prune", "rank", "block") for v in space.choices(unit, knob)]
-        shapes = [{}] + [f.changed() for f in forms if set(f.changed()) & {"rank", "block"}]
-        forms += [LayerChoice(w_bits=w, a_bits=a, **shape) for shape in shapes
-                  for w in space.choices(unit, "w_bits") or (FLOAT_BITS,)
-                  for a in space.choices(unit, "a_bits") or (FLOAT_BITS,)]
+        forms = [LayerChoice(**{knob: v}) for knob in KNOBS if KNOBS[knob].role != BITS
+                 for v in space.choices(unit, knob)]
+        shapes = [{}] + [f.changed() for f in forms if _form(f.changed())]
+        widths = list(itertools.product(*(space.choices(unit, k) or (KNOBS[k].neutral,) for k in bits)))
+        forms += [LayerChoice(**dict(zip(bits, combo)), **shape) for shape in shapes for combo in widths]
         entries += [(unit, part) for part in dict.fromkeys(p for form in forms for p in choice_parts(form))]
     return entries
 
@@ -332,7 +342,7 @@ def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
     """
     rng = random.Random(seed)
     dists = space.distributions()
-    bits_units = sorted({k.rpartition("/")[0] for k in dists if _is_bits_knob(k)})
+    bits_units = sorted({split_key(k)[0] for k in dists if _is_bits_knob(k)})
     out = []
     for i in range(n):
         share = rng.random()
@@ -341,19 +351,19 @@ def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
         params = {}
         for k, c in dists.items():
             if _is_bits_knob(k) and kind:
-                params[k] = rng.choice(c[1:]) if k.rpartition("/")[0] in few and rng.random() < 0.5 else c[0]
+                params[k] = rng.choice(c[1:]) if split_key(k)[0] in few and rng.random() < 0.5 else c[0]
             else:
                 params[k] = rng.choice(c) if rng.random() < share else c[0]
         if kind == 2 and not any(params[k] != dists[k][0] for k in dists if _is_bits_knob(k)):
             for unit in few:  # at least one unit's weights in int8
-                key = f"{unit}/{W_BITS}" if f"{unit}/{W_BITS}" in dists else f"{unit}/{A_BITS}"
+                key = next(param_key(unit, k) for k in _with_role(BITS) if param_key(unit, k) in dists)
                 params[key] = dists[key][1]
         out.append(Policy.from_params(params, space))
     return out
 
 
 def _is_bits_knob(key: str) -> bool:
-    return key.rpartition("/")[2] in (W_BITS, A_BITS)
+    return KNOBS[split_key(key)[1]].role == BITS
 
 
 MIN_POINTS = 4  # whole policies timed before the sums are corrected
@@ -401,7 +411,11 @@ def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def is_bits(part: LayerChoice) -> bool:
-    return part.w_bits != FLOAT_BITS or part.a_bits != FLOAT_BITS
+    return any(KNOBS[k].role == BITS for k in part.changed())
+
+
+def _prunes(part: LayerChoice) -> bool:
+    return any(KNOBS[k].role == CHANNELS for k in part.changed())
 
 
 Progress = Callable[[int, int], None]
@@ -524,7 +538,7 @@ class LatencyTable:
                     share = costs[unit][0] / max(1, self._form_macs(unit, form)) if costs else 1.0
                     bits += extra * share
                     unscaled += extra
-                elif not (part.prune and self._touches.get(unit, {unit}) & int8):
+                elif not (_prunes(part) and self._touches.get(unit, {unit}) & int8):
                     parts += self.delta(unit, part)
         return parts, bits, unscaled, macs
 

@@ -1,8 +1,9 @@
 """apply_policy: turn a policy into a new, physically changed model.
 
-The appliers run in a fixed order, each on the output of the one before: prune (channels leave every layer of a
-group), decompose (a layer becomes its factor layers), swap blocks (a conv becomes a depthwise-separable block,
-distilled to mimic the original), then quantize (weights and activations of whatever layers now exist).
+Each knob of the registry (spaces/knobs.py) has its applier here, in `APPLIERS`. They run in a fixed order, each on
+the output of the one before: prune (channels leave every layer of a group), decompose (a layer becomes its factor
+layers), swap blocks (a conv becomes a depthwise-separable block, distilled to mimic the original), then quantize
+(weights and activations of whatever layers now exist).
 """
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
 from squeezer.policies.quantize import apply_quantize
+from squeezer.spaces.knobs import A_BITS, BLOCK, PRUNE, RANK, W_BITS
 from squeezer.spaces.space import SearchSpace
 
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
 
-# name -> applier, in the order they run. Register a new knob's applier here.
-APPLIERS: dict[str, Applier] = {"prune": apply_prune, "rank": apply_lowrank, "block": apply_blocks,
-                                 "quantize": apply_quantize}
+# Knob name -> its applier, in the order they run. Register a new knob's applier here. An applier serving several
+# knobs (quantize: both bit widths, one wrapper per layer) is listed under each and runs once, at its first place.
+APPLIERS: dict[str, Applier] = {PRUNE: apply_prune, RANK: apply_lowrank, BLOCK: apply_blocks,
+                                 W_BITS: apply_quantize, A_BITS: apply_quantize}
 
 
 def register_applier(name: str, applier: Applier, *, before: str | None = None) -> None:
-    """Add an applier (optionally before an existing one) so `apply_policy` runs it."""
+    """Add the applier of knob `name` (optionally before another knob's) so `apply_policy` runs it."""
     items = list(APPLIERS.items())
     index = [k for k, _ in items].index(before) if before else len(items)
     items.insert(index, (name, applier))
@@ -73,6 +76,6 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
                        distill_steps=distill_steps, seed=seed, memo={} if memo is None else memo)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
-        for applier in APPLIERS.values():
+        for applier in dict.fromkeys(APPLIERS.values()):
             work = applier(work, policy, ctx)
     return work.eval()

@@ -6,11 +6,11 @@ for, so applying it to another model fails with a clear message instead of a sha
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from squeezer.spaces.knobs import A_BITS, BLOCK, KNOBS, NEUTRAL, PRUNE, RANK, W_BITS
+from squeezer.spaces.knobs import KNOBS, param_key, settle, split_key
 from squeezer.spaces.space import SearchSpace
 
 FORMAT = "squeezer.policy"
@@ -45,21 +45,42 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False)
 class LayerChoice:
-    """The choice for one unit; each field at its neutral value leaves the unit as it is."""
+    """The choice for one unit: `LayerChoice(prune=0.5)`. Every registered knob reads as an attribute, at its
+    neutral value unless set, so a new knob needs no field here."""
 
-    prune: float = 0.0
-    w_bits: int = 32
-    a_bits: int = 32
-    rank: float = 1.0
-    block: str = "keep"
+    pairs: tuple[tuple[str, Any], ...]  # (knob, value) of the knobs not at neutral, in registry order
+
+    def __init__(self, **knobs: Any) -> None:
+        if not knobs.keys() <= KNOBS.keys():
+            unknown = next(k for k in knobs if k not in KNOBS)
+            raise TypeError(f"unknown knob {unknown!r}: knobs are {', '.join(KNOBS)}")
+        pairs = tuple([(k, knobs[k]) for k, knob in KNOBS.items() if k in knobs and knobs[k] != knob.neutral])
+        self.__dict__.update(pairs)  # set knobs are instance attributes, neutral ones class attributes (below)
+        self.__dict__["pairs"] = pairs
+
+    def __getattr__(self, name: str) -> Any:
+        """A knob registered after this module was imported, at neutral (the others are plain attributes)."""
+        if name not in KNOBS:
+            raise AttributeError(f"'LayerChoice' object has no attribute {name!r}")
+        return KNOBS[name].neutral
+
+    def __repr__(self) -> str:
+        return f"LayerChoice({', '.join(f'{k}={v!r}' for k, v in self.pairs)})"
 
     def is_neutral(self) -> bool:
-        return all(getattr(self, k) == NEUTRAL[k] for k in KNOBS)
+        return not self.pairs
 
     def changed(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in KNOBS if getattr(self, k) != NEUTRAL[k]}
+        return dict(self.pairs)
+
+    def updated(self, **knobs: Any) -> "LayerChoice":
+        return LayerChoice(**{**self.changed(), **knobs})
+
+
+for _name, _knob in KNOBS.items():  # neutral values as plain class attributes: cost prediction reads them in loops
+    setattr(LayerChoice, _name, _knob.neutral)
 
 
 @dataclass(frozen=True)
@@ -75,19 +96,18 @@ class Policy:
     def from_params(cls, params: Mapping[str, Any], space: SearchSpace, **meta: Any) -> "Policy":
         """Build from flat Optuna-style params ("layer1.0.conv1/prune": 0.5), normalised to a legal policy.
 
-        A block swap replaces the convolution, so a rank sampled for the same unit is dropped (the swap wins).
+        A knob that excludes another sends it back to neutral (a block swap replaces the convolution, so a rank
+        sampled for the same unit is dropped: the swap wins).
         """
         per_unit: dict[str, dict[str, Any]] = {}
         for key, value in params.items():
-            unit, _, knob = key.rpartition("/")
+            unit, knob = split_key(key)
             if knob not in KNOBS or not unit:
                 raise PolicyError(f"parameter {key!r} is not of the form 'unit/knob' with knob in {', '.join(KNOBS)}")
             per_unit.setdefault(unit, {})[knob] = value
         layers = {}
         for unit, knobs in per_unit.items():
-            if knobs.get(BLOCK, NEUTRAL[BLOCK]) != NEUTRAL[BLOCK]:
-                knobs[RANK] = NEUTRAL[RANK]
-            choice = LayerChoice(**knobs)
+            choice = LayerChoice(**settle(knobs))
             if not choice.is_neutral():
                 layers[unit] = choice
         return cls(layers=layers, fingerprint=space.fingerprint, meta=dict(meta))
@@ -98,7 +118,7 @@ class Policy:
         params = {}
         for name, knob in space.param_names():
             if knob in knobs:
-                params[f"{name}/{knob}"] = space.nearest(name, knob, knobs[knob])
+                params[param_key(name, knob)] = space.nearest(name, knob, knobs[knob])
         return cls.from_params(params, space, kind="uniform", **{k: v for k, v in knobs.items()})
 
     def to_params(self) -> dict[str, Any]:
@@ -106,12 +126,12 @@ class Policy:
         out = {}
         for unit, choice in self.layers.items():
             for knob, value in choice.changed().items():
-                out[f"{unit}/{knob}"] = value
+                out[param_key(unit, knob)] = value
         return out
 
     def with_layer(self, unit: str, **knobs: Any) -> "Policy":
         layers = dict(self.layers)
-        layers[unit] = replace(layers.get(unit, LayerChoice()), **knobs)
+        layers[unit] = layers.get(unit, LayerChoice()).updated(**knobs)
         return replace(self, layers=layers)
 
     # ---- validation ---------------------------------------------------------------------------------------------
@@ -141,8 +161,10 @@ class Policy:
                     raise PolicyError(
                         f"unit {unit!r}: {knob}={shown(value)} is not offered; allowed: {offered}"
                     )
-            if choice.block != NEUTRAL[BLOCK] and choice.rank != NEUTRAL[RANK]:
-                raise PolicyError(f"unit {unit!r}: a block swap and a rank cannot both be set; drop one")
+            for knob in choice.changed():
+                both = [other for other in KNOBS[knob].excludes if other in choice.changed()]
+                if both:
+                    raise PolicyError(f"unit {unit!r}: {knob} and {both[0]} cannot both be set; drop one")
         return self
 
     # ---- JSON ---------------------------------------------------------------------------------------------------
@@ -168,19 +190,17 @@ class Policy:
         layers_raw = data.get("layers", {})
         if not isinstance(layers_raw, dict):
             raise PolicyError("policy 'layers' must be an object of unit name -> choices")
-        names = {f.name for f in fields(LayerChoice)}
-        types = {PRUNE: (int, float), W_BITS: (int,), A_BITS: (int,), RANK: (int, float), BLOCK: (str,)}
         layers = {}
         for unit, knobs in layers_raw.items():
             if not isinstance(knobs, dict):
                 raise PolicyError(f"unit {shown(unit)}: choices must be an object like {{\"prune\": 0.5}}")
             for knob, value in knobs.items():
-                if knob not in names:
+                if knob not in KNOBS:
                     raise PolicyError(f"unit {shown(unit)}: unknown knob {shown(knob)}; knobs are {', '.join(KNOBS)}")
-                if isinstance(value, bool) or not isinstance(value, types[knob]):
-                    raise PolicyError(f"unit {shown(unit)}: {knob} must be a {types[knob][0].__name__}, got "
-                                      f"{shown(value)}")
-            cast = {k: (float(v) if k in (PRUNE, RANK) else v) for k, v in knobs.items()}
+                if not KNOBS[knob].accepts(value):
+                    raise PolicyError(f"unit {shown(unit)}: {knob} must be a {KNOBS[knob].value_type.__name__}, "
+                                      f"got {shown(value)}")
+            cast = {k: KNOBS[k].value_type(v) for k, v in knobs.items()}
             layers[unit] = LayerChoice(**cast)
         fp = data.get("fingerprint", "")
         meta = data.get("meta", {})

@@ -38,12 +38,13 @@ from torch import nn
 
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
-from squeezer.search.budget import METRICS, metric_value
+from squeezer.search.budget import metric_value
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel
+from squeezer.search.metrics import cost_field
 from squeezer.search.objectives import Objective
 from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
-from squeezer.search.shrink import compression_order, full_params
-from squeezer.spaces.knobs import A_BITS, BLOCK, KEEP, RANK, W_BITS
+from squeezer.search.shrink import full_params
+from squeezer.spaces.knobs import BITS, KNOBS, param_key, settle
 from squeezer.spaces.space import Cost, SearchSpace
 
 __all__ = ["AgentConfig", "AmcAgent"]
@@ -51,7 +52,6 @@ __all__ = ["AgentConfig", "AmcAgent"]
 _KINDS = {"conv": 0.0, "dwconv": 1.0, "gconv": 0.5, "linear": 0.25}
 _WALL_GRID = np.linspace(0.0, 1.0, 21)
 _FAST_GRID = np.linspace(0.0, 1.0, 5)  # levels tried per action for each unit's fastest action
-_BITS = (W_BITS, A_BITS)
 Action = tuple[float, ...]  # (structure level,) or (structure level, bits level)
 
 
@@ -119,13 +119,12 @@ class AmcAgent(StudySearcher):
         self._fastest: list[Action] | None = None
         # Each knob follows action 0 (structure) or, for bit widths when the space has them, action 1 (bits).
         knobs = {u: _knob_names(space, u) for u in space.units}
-        self.dims = 2 if any(k in _BITS for ks in knobs.values() for k in ks) else 1
-        self.ladders = {u: [(k, compression_order(space, u, k), int(self.dims == 2 and k in _BITS)) for k in ks]
-                        for u, ks in knobs.items()}
+        self.dims = 2 if any(KNOBS[k].role == BITS for ks in knobs.values() for k in ks) else 1
+        self.ladders = {u: [(k, int(self.dims == 2 and KNOBS[k].role == BITS)) for k in ks] for u, ks in knobs.items()}
         self.units = [u for u, ladder in self.ladders.items() if ladder]
         self.dists = {k: CategoricalDistribution(list(c)) for k, c in space.distributions().items()}
         self.base_cost = space.baseline()
-        self.field = {"size": "size_bytes", "params": "params", "bops": "bops"}.get(objective.cost_metric, "macs")
+        self.field = cost_field(objective.cost_metric)
         # An episode's cost target is on predicted latency when that is the cost and there is a latency model.
         self.latency_target = self.latency_model is not None and objective.cost_metric == "latency"
         self.target_range = self._target_range()
@@ -145,8 +144,7 @@ class AmcAgent(StudySearcher):
         rows = []
         for t, name in enumerate(self.units):
             info = self.space.units[name].layer
-            macs, params = self.space.layer_cost(self.space.units[name], info.in_channels, info.out_channels,
-                                                 1.0, KEEP)
+            macs, params = self.space.layer_cost(self.space.units[name], info.in_channels, info.out_channels)
             rows.append([t, _KINDS.get(info.kind, 0.0), info.in_channels, info.out_channels, info.kernel[0],
                          info.stride[0], info.positions, macs, params])
         x = np.asarray(rows, dtype=np.float64)
@@ -168,7 +166,7 @@ class AmcAgent(StudySearcher):
         hi = 1.0
         for lim in self.objective.budget.limits:
             on_cost = (lim.metric == "latency" if self.latency_target
-                       else lim.metric != "latency" and (METRICS[lim.metric][1] or "macs") == self.field)
+                       else lim.metric != "latency" and cost_field(lim.metric) == self.field)
             ref = 1.0 if lim.relative else metric_value(self.objective.base, lim.metric)
             if on_cost and ref:
                 hi = min(hi, lim.value / ref)
@@ -189,10 +187,8 @@ class AmcAgent(StudySearcher):
             a = actions[t] if (upto is None or t < upto) and t < len(actions) else None
             if a is None:
                 continue
-            for knob, order, dim in self.ladders[unit]:
-                params[f"{unit}/{knob}"] = order[int(round(float(a[dim]) * (len(order) - 1)))]
-            if params.get(f"{unit}/{BLOCK}", KEEP) != KEEP and f"{unit}/{RANK}" in params:
-                params[f"{unit}/{RANK}"] = 1.0
+            chosen = settle({knob: self.space.at_level(unit, knob, a[dim]) for knob, dim in self.ladders[unit]})
+            params.update({param_key(unit, knob): value for knob, value in chosen.items()})
         return params
 
     def _cost(self, params: dict) -> Any:

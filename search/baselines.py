@@ -13,8 +13,7 @@ import numpy as np
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import Budget, predicted_fraction
-from squeezer.search.shrink import compression_order
-from squeezer.spaces.knobs import BLOCK, KEEP, KNOBS, RANK
+from squeezer.spaces.knobs import KNOBS, param_key
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["uniform_policy", "uniform_sweep", "uniform_at", "budget_starts"]
@@ -22,14 +21,8 @@ __all__ = ["uniform_policy", "uniform_sweep", "uniform_at", "budget_starts"]
 
 def uniform_policy(space: SearchSpace, level: float, *, knob: str | None = None) -> Policy:
     """Every unit at compression `level` (0 = untouched, 1 = most), for all knobs or only `knob`."""
-    params: dict[str, Any] = {}
-    for unit, k in space.param_names():
-        if knob is not None and k != knob:
-            continue
-        order = compression_order(space, unit, k)
-        params[f"{unit}/{k}"] = order[int(round(level * (len(order) - 1)))]
-    for key in [k for k in params if k.endswith(f"/{BLOCK}") and params[k] != KEEP]:
-        params.pop(key.rpartition("/")[0] + f"/{RANK}", None)
+    params: dict[str, Any] = {param_key(unit, k): space.at_level(unit, k, level) for unit, k in space.param_names()
+                              if knob is None or k == knob}
     return Policy.from_params(params, space, kind="uniform", level=float(level), knob=knob or "all")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from squeezer.evaluators.measurement import Measurement
+from squeezer.search.metrics import METRICS, cost_field
 from squeezer.spaces.space import Cost, SearchSpace
 
 __all__ = ["Budget", "Limit", "BudgetError", "METRICS", "metric_value", "predicted_fraction"]
@@ -19,14 +20,6 @@ __all__ = ["Budget", "Limit", "BudgetError", "METRICS", "metric_value", "predict
 FORMS = ("budget must look like 'macs<=50%,latency<=2.5ms,size<=1.2MB': metrics macs, params, bops "
          "(N, NK, NM, NG or N%), size (NMB, NKB or N%), latency (Nms or N%)")
 
-# metric -> (Measurement field, Cost field or None when only an evaluator can tell)
-METRICS: dict[str, tuple[str, str | None]] = {
-    "macs": ("macs", "macs"),
-    "params": ("params", "params"),
-    "bops": ("bops", "bops"),
-    "size": ("size_mb", "size_bytes"),
-    "latency": ("latency_ms", None),
-}
 _COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _UNITS: dict[str, dict[str, float]] = {
     "macs": _COUNT, "params": _COUNT, "bops": _COUNT,
@@ -193,7 +186,7 @@ def metric_value(m: Measurement, metric: str) -> float | None:
 
 def predicted_fraction(metric: str, cost: Cost, baseline: Cost) -> float:
     """Predicted value / unchanged model's for `metric`; latency uses MACs as its proxy."""
-    field = METRICS[metric][1] or "macs"
+    field = cost_field(metric)
     ref = float(getattr(baseline, field)) or 1.0
     return float(getattr(cost, field)) / ref
 

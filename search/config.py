@@ -47,7 +47,7 @@ class SearchConfig:
     sampler: str = "tpe"
     objective: str = "multi"
     cost_metric: str | None = None
-    knobs: tuple[str, ...] = KNOBS
+    knobs: tuple[str, ...] = tuple(KNOBS)
     repair: bool = False
     promote: int = 0
     seed: int = 0

@@ -19,7 +19,7 @@ from squeezer.search.objectives import Objective, constraints_func
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel
 from squeezer.search.searcher import Proposal, StudySearcher
 from squeezer.search.shrink import repair as repair_policy
-from squeezer.spaces.knobs import A_BITS, W_BITS
+from squeezer.spaces.knobs import BITS, KNOBS, split_key
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS", "LatencyModel"]
@@ -99,24 +99,16 @@ class OptunaSearcher(StudySearcher):
         """Sampler params -> knob choices (undoing the ordinal encoding where used)."""
         if not self.ordinal:
             return dict(params)
-        from squeezer.search.shrink import compression_order
-
-        out = {}
-        for key, index in params.items():
-            unit, _, knob = key.rpartition("/")
-            out[key] = compression_order(self.space, unit, knob)[int(index)]
-        return out
+        return {key: self.space.choices(*split_key(key))[int(index)] for key, index in params.items()}
 
     def enqueue(self, policy: Policy) -> None:
         """Make a coming ask return `policy` (each knob it leaves out at its neutral value), as Optuna's enqueued
         trials are: the sampler learns from it like any other trial."""
-        from squeezer.search.shrink import compression_order
-
         params: dict[str, Any] = {}
         for key in self.distributions:
-            unit, _, knob = key.rpartition("/")
+            unit, knob = split_key(key)
             value = self.space.nearest(unit, knob, getattr(policy.layers.get(unit, LayerChoice()), knob))
-            params[key] = compression_order(self.space, unit, knob).index(value) if self.ordinal else value
+            params[key] = self.space.choices(unit, knob).index(value) if self.ordinal else value
         self.study.enqueue_trial(params, skip_if_exists=True)
 
     def ask(self) -> Proposal:
@@ -140,7 +132,7 @@ class OptunaSearcher(StudySearcher):
 
             # With a latency model, repair may also drop bit widths: int8 units can be slower than float ones.
             policy = repair_policy(policy, self.space, violation, metrics=budget.metrics,
-                                   undo=(W_BITS, A_BITS) if model else ())
+                                   undo=[k for k in KNOBS if KNOBS[k].role == BITS] if model else ())
             attrs["repaired"] = bool(policy.meta.get("repaired"))
             if model is not None:
                 attrs.update(self.margin.attrs(model, policy))

@@ -1,4 +1,5 @@
-"""Moving policies toward cheaper: each knob's choices ordered by compression, the cheapest policy, and repair.
+"""Moving policies toward cheaper: the cheapest policy, and repair, walking each knob's choices from mild to aggressive
+(`SearchSpace.choices`, ordered by the knob registry's `level`).
 
 Everything here predicts cost from shapes (`SearchSpace.predict`) or, for latency, from a lookup table of timings,
 never from a model, so it is cheap enough to run before every evaluation.
@@ -8,56 +9,41 @@ from __future__ import annotations
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 from squeezer.policies.policy import Policy
-from squeezer.spaces.knobs import A_BITS, BLOCK, DWSEP, KEEP, NEUTRAL, PRUNE, RANK, W_BITS
+from squeezer.search.metrics import cost_field
+from squeezer.spaces.knobs import FORM, KNOBS, param_key, settle_params, split_key
 from squeezer.spaces.space import SearchSpace
 
-__all__ = ["compression_order", "full_params", "cheapest_policy", "repair"]
-
-# The Cost fields a metric's cheapest policy should minimise, and the knobs that can lower it.
-_FIELD = {"macs": "macs", "params": "params", "size": "size_bytes", "bops": "bops", "latency": "macs"}
-_KNOBS_FOR = {
-    "macs": (PRUNE, RANK, BLOCK), "params": (PRUNE, RANK, BLOCK), "latency": (PRUNE, RANK, BLOCK),
-    "size": (PRUNE, RANK, BLOCK, W_BITS), "bops": (PRUNE, RANK, BLOCK, W_BITS, A_BITS),
-}
+__all__ = ["full_params", "cheapest_policy", "repair"]
 
 
-def compression_order(space: SearchSpace, unit: str, knob: str) -> tuple:
-    """The unit's choices for `knob`, from leaving it alone to compressing it most."""
-    options = space.choices(unit, knob)
-    if knob == PRUNE:
-        return tuple(sorted(options))
-    if knob in (W_BITS, A_BITS, RANK):
-        return tuple(sorted(options, reverse=True))
-    return tuple(sorted(options, key=lambda b: b != KEEP))  # keep first, then swaps
+def _lowering(metrics: Collection[str]) -> set[str]:
+    """The knobs whose compression can lower one of `metrics` (a knob's `lowers` in the registry)."""
+    return {name for name, knob in KNOBS.items() if any(m in knob.lowers for m in metrics)}
 
 
 def full_params(params: Mapping[str, Any], space: SearchSpace) -> dict[str, Any]:
     """Every 'unit/knob' of the space with a value (neutral where `params` has none): what Optuna records."""
-    out = {}
-    for key in space.distributions():
-        knob = key.rpartition("/")[2]
-        out[key] = params.get(key, NEUTRAL[knob])
-    return out
+    return {key: params.get(key, KNOBS[split_key(key)[1]].neutral) for key in space.distributions()}
 
 
 def cheapest_policy(space: SearchSpace, metric: str = "macs") -> Policy:
-    """The policy with the lowest predicted `metric`: every group pruned most, then per unit the cheapest form.
+    """The policy with the lowest predicted `metric`: every knob that lowers it (other than a layer's form) at its
+    most compressed choice, then per unit the cheapest form.
 
     Given the pruning, each unit's cost no longer depends on the others, so choosing rank/block (and bits for
     size/BOPs) one unit at a time is exact.
     """
-    field = _FIELD[metric]
-    knobs = _KNOBS_FOR[metric]
+    field = cost_field(metric)
+    knobs = _lowering([metric])
+    forms_of = [k for k in KNOBS if k in knobs and KNOBS[k].role == FORM]
     params: dict[str, Any] = {}
     for key, choices in space.distributions().items():
-        unit, _, knob = key.rpartition("/")
-        if knob == PRUNE or (knob in (W_BITS, A_BITS) and knob in knobs):
-            params[key] = compression_order(space, unit, knob)[-1]
+        knob = KNOBS[split_key(key)[1]]
+        if knob.name in knobs and knob.role != FORM:
+            params[key] = choices[-1]
     for unit in space.units:
-        forms = [{}]
-        forms += [{f"{unit}/{RANK}": r} for r in space.choices(unit, RANK)[1:] if RANK in knobs]
-        if DWSEP in space.choices(unit, BLOCK) and BLOCK in knobs:
-            forms.append({f"{unit}/{BLOCK}": DWSEP})
+        forms: list[dict[str, Any]] = [{}]
+        forms += [{param_key(unit, k): v} for k in forms_of for v in space.choices(unit, k)[1:]]
         if len(forms) > 1:
             best = min(forms, key=lambda f: getattr(space.predict(Policy.from_params({**params, **f}, space).layers),
                                                     field))
@@ -75,7 +61,7 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
     where int8 units run slower than float ones, a latency limit is met by dropping bit widths. Returns the policy
     unchanged when it already fits, and the closest policy reached if it cannot fit.
     """
-    knobs = {k for m in metrics for k in _KNOBS_FOR.get(m, _KNOBS_FOR["macs"])}
+    knobs = _lowering(metrics)
     params = full_params(policy.to_params(), space)
 
     def excess(p: Mapping[str, Any]) -> float:
@@ -84,8 +70,7 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
     current = start = excess(params)
     steps = 0
     if undo and current > 0:  # undo first, largest gain first: one pass, instead of a full scan for every undo
-        left_alone = {key: compression_order(space, *key.rsplit("/", 1))[0] for key in params
-                      if key.rpartition("/")[2] in undo}
+        left_alone = {key: space.choices(*split_key(key))[0] for key in params if split_key(key)[1] in undo}
         undos = {key: value for key, value in left_alone.items() if params[key] != value}
         for score, key in sorted((excess({**params, key: value}), key) for key, value in undos.items()):
             if current <= 0 or score >= start:  # this undo, and every one after it, gained nothing alone
@@ -98,17 +83,15 @@ def repair(policy: Policy, space: SearchSpace, violation: Callable[[Policy], Seq
     while current > 0 and steps < max_steps:
         best_key, best_val, best = None, None, current
         for key, value in params.items():
-            unit, _, knob = key.rpartition("/")
+            unit, knob = split_key(key)
             if knob not in knobs and knob not in undo:
                 continue
-            order = compression_order(space, unit, knob)
+            order = space.choices(unit, knob)
             i = order.index(value) if value in order else 0
             moves = [order[i + 1]] if knob in knobs and i + 1 < len(order) else []
             moves += [order[0]] if knob in undo and i > 0 else []
             for move in moves:
-                trial = {**params, key: move}
-                if knob == BLOCK and f"{unit}/{RANK}" in trial:  # the swapped-in block has no rank
-                    trial[f"{unit}/{RANK}"] = NEUTRAL[RANK]
+                trial = settle_params({**params, key: move}, keys=(key,))  # e.g. the swapped-in block has no rank
                 score = excess(trial)
                 if score < best:
                     best_key, best_val, best = key, trial, score

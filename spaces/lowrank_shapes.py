@@ -1,11 +1,27 @@
-"""Shapes and costs of the factorised forms of a layer, shared by the space (prediction) and the appliers.
+"""Shapes and costs of a layer's forms (pruned, factorised, depthwise-separable), shared by the space (prediction),
+the knob registry and the appliers.
 
-Keeping the rank arithmetic in one place guarantees that what the space predicts is what `apply_policy` builds.
+Keeping the channel and rank arithmetic in one place guarantees that what the space predicts is what `apply_policy`
+builds.
 """
 from __future__ import annotations
 
 from squeezer.spaces.graph import LayerInfo
-from squeezer.spaces.knobs import kept_channels
+
+
+def kept_channels(channels: int, ratio: float, round_to: int) -> int:
+    """Channels left after pruning `ratio` of them, rounded up to `round_to` and never below one step."""
+    keep = channels * (1.0 - ratio)
+    step = min(round_to, channels)
+    kept = int(-(-keep // step) * step)  # ceil to a multiple of step
+    return max(step, min(channels, kept))
+
+
+def dense_params(info: LayerInfo, cin: int, cout: int) -> int:
+    """Parameters of the layer in its own form at the given channels."""
+    groups = cin if info.kind == "dwconv" else info.groups
+    kh, kw = info.kernel
+    return cout * (cin // groups) * kh * kw + (cout if info.has_bias else 0)
 
 
 def svd_rank(cin: int, cout: int, ratio: float, round_to: int) -> int:

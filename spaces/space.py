@@ -17,16 +17,16 @@ import torch
 from torch import nn
 
 from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
-from squeezer.spaces.knobs import (A_BITS, BLOCK, DWSEP, FLOAT_BITS, KEEP, KNOBS, NEUTRAL, PRUNE, RANK, W_BITS,
-                                   SpaceConfig, kept_channels)
-from squeezer.spaces import lowrank_shapes as shapes
+from squeezer.spaces.knobs import A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key
+from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A compressible layer with the knobs it offers (knob -> allowed choices, neutral first)."""
+    """A compressible layer with the knobs it offers (knob -> allowed choices, neutral first, then from mild to
+    aggressive: the order repair, the baselines and the DDPG agent walk)."""
 
     layer: LayerInfo
     knobs: Mapping[str, tuple]
@@ -52,7 +52,7 @@ class Cost:
 def _knob(layers: Mapping[str, Any], unit: str, knob: str) -> Any:
     """The unit's value of `knob` in `layers`, neutral when the unit is not named."""
     choice = layers.get(unit)
-    return getattr(choice, knob) if choice is not None else NEUTRAL[knob]
+    return getattr(choice, knob) if choice is not None else KNOBS[knob].neutral
 
 
 class SearchSpace:
@@ -66,6 +66,8 @@ class SearchSpace:
         self.input_shape = tuple(input_shape)
         self.other_params = other_params  # BN and other non-layer parameters, kept at 32 bits
         self.fingerprint = _fingerprint([u.layer for u in units], self.input_shape)
+        # The knobs that reshape a layer, a knob that excludes others first: it wins, as in a policy.
+        self._reshapers = sorted((k for k in KNOBS.values() if k.cost is not None), key=lambda k: not k.excludes)
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -80,7 +82,8 @@ class SearchSpace:
         example_inputs = example_inputs[:1]
         model = model.eval()
         layers = trace_layers(model, example_inputs)
-        groups = channel_groups(model, example_inputs, layers) if PRUNE in config.knobs else []
+        pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
+        groups = channel_groups(model, example_inputs, layers) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
         by_group_in = {c: g for g in groups for c in g.consumers}
         units = []
@@ -88,15 +91,22 @@ class SearchSpace:
             out_g = by_group_out.get(info.name)
             in_g = by_group_in.get(info.name) or (out_g if info.kind == "dwconv" else None)
             mult = max(1, info.in_channels // in_g.channels) if in_g is not None else 1
-            knobs = _knobs_for(info, out_g, in_g, config)
+            knobs = _knobs_for(Site(info, out_g, config))
             units.append(Unit(info, knobs, out_g.name if out_g else None, in_g.name if in_g else None, mult))
-        layer_params = sum(_layer_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units)
+        layer_params = sum(dense_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units)
         total = sum(p.numel() for p in model.parameters())
         return cls(units, groups, config, tuple(example_inputs.shape), max(0, total - layer_params))
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def choices(self, unit: str, knob: str) -> tuple:
+        """The unit's choices for `knob`, from leaving it alone to compressing it most (empty when not offered)."""
         return tuple(self.units[unit].knobs.get(knob, ()))
+
+    def at_level(self, unit: str, knob: str, level: float) -> Any:
+        """The choice at compression `level` in [0, 1]: index round(level * (n - 1)) along `choices` (AMC's
+        mapping of an action to a pruning ratio, for every knob)."""
+        order = self.choices(unit, knob)
+        return order[int(round(float(level) * (len(order) - 1)))]
 
     def param_names(self) -> Iterator[tuple[str, str]]:
         """(unit, knob) for every knob with more than one choice, in forward order."""
@@ -107,7 +117,7 @@ class SearchSpace:
 
     def distributions(self) -> dict[str, tuple]:
         """Flat 'unit/knob' -> choices, the form samplers use."""
-        return {f"{u}/{k}": self.choices(u, k) for u, k in self.param_names()}
+        return {param_key(u, k): self.choices(u, k) for u, k in self.param_names()}
 
     def size(self) -> int:
         return math.prod(len(c) for c in self.distributions().values())
@@ -115,9 +125,9 @@ class SearchSpace:
     def nearest(self, unit: str, knob: str, value: Any) -> Any:
         options = self.choices(unit, knob)
         if not options:
-            return NEUTRAL[knob]
+            return KNOBS[knob].neutral
         if value in options or isinstance(value, str):
-            return value if value in options else NEUTRAL[knob]
+            return value if value in options else KNOBS[knob].neutral
         return min(options, key=lambda o: abs(float(o) - float(value)))
 
     def closest_unit(self, name: str) -> str | None:
@@ -131,7 +141,7 @@ class SearchSpace:
 
     # ---- cost prediction ----------------------------------------------------------------------------------------
     def predict(self, layers: Mapping[str, Any]) -> Cost:
-        """Cost after applying `layers` (unit -> object with prune/w_bits/a_bits/rank/block), from shapes alone."""
+        """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone."""
         macs = params = 0
         size_bits = bops = 0.0
         for name, (m, p) in self.unit_costs(layers).items():
@@ -152,19 +162,21 @@ class SearchSpace:
             cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
             cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
             cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
-            out[name] = self.layer_cost(unit, cin, cout, _knob(layers, name, RANK), _knob(layers, name, BLOCK))
+            out[name] = self.layer_cost(unit, cin, cout, layers.get(name))
         return out
 
-    def layer_cost(self, unit: Unit, cin: int, cout: int, rank: float, block: str) -> tuple[int, int]:
-        """(MACs per sample, params) of one unit at the given channels and form."""
+    def layer_cost(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, int]:
+        """(MACs per sample, params) of one unit at the given channels, in the form `choice` gives it (an object with
+        an attribute per knob, e.g. a LayerChoice; None: the unit's own form)."""
         info = unit.layer
-        if block == DWSEP:
-            return shapes.dwsep_cost(info, cin, cout)
-        if rank < 1.0:
-            return shapes.lowrank_cost(info, cin, cout, rank, self.config.round_to, self.config.decomposition)
+        if choice is not None:
+            for knob in self._reshapers:
+                value = getattr(choice, knob.name)
+                if value != knob.neutral:
+                    return knob.cost(info, cin, cout, value, self.config)
         groups = cin if info.kind == "dwconv" else info.groups
         kh, kw = info.kernel
-        return info.positions * cout * (cin // groups) * kh * kw, _layer_params(info, cin, cout)
+        return info.positions * cout * (cin // groups) * kh * kw, dense_params(info, cin, cout)
 
     def baseline(self) -> Cost:
         return self.predict({})
@@ -175,7 +187,7 @@ class SearchSpace:
         rows = []
         for name, unit in self.units.items():
             info = unit.layer
-            macs, params = self.layer_cost(unit, info.in_channels, info.out_channels, 1.0, KEEP)
+            macs, params = self.layer_cost(unit, info.in_channels, info.out_channels)
             group = self.groups.get(unit.out_group) if unit.out_group else None
             rows.append({
                 "unit": name, "kind": info.kind,
@@ -194,47 +206,16 @@ class SearchSpace:
                 f"{len(self.distributions())} knobs, size {self.size():.3g})")
 
 
-def _layer_params(info: LayerInfo, cin: int, cout: int) -> int:
-    groups = cin if info.kind == "dwconv" else info.groups
-    kh, kw = info.kernel
-    return cout * (cin // groups) * kh * kw + (cout if info.has_bias else 0)
-
-
 def _matches(name: str, config: SpaceConfig) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
         fnmatch.fnmatchcase(name, p) for p in config.exclude)
 
 
-def _knobs_for(info: LayerInfo, out_g: ChannelGroup | None, in_g: ChannelGroup | None,
-               config: SpaceConfig) -> dict[str, tuple]:
-    if not _matches(info.name, config):
+def _knobs_for(site: Site) -> dict[str, tuple]:
+    """The knobs the unit at `site` offers, each with more than one choice (one choice is no decision)."""
+    if not _matches(site.layer.name, site.config):
         return {}
-    knobs: dict[str, tuple] = {}
-    for knob in config.knobs:
-        grid = config.grid(knob)
-        if knob == PRUNE:
-            if out_g is None or not out_g.prunable or out_g.name != info.name:
-                continue
-            seen, options = set(), []
-            for r in sorted(set(grid) | {0.0}):
-                k = kept_channels(out_g.channels, r, config.round_to)
-                if k not in seen:
-                    seen.add(k)
-                    options.append(float(r))
-            knobs[PRUNE] = tuple(options)
-        elif knob in (W_BITS, A_BITS):
-            knobs[knob] = tuple(sorted(set(grid) | {FLOAT_BITS}, reverse=True))
-        elif knob == RANK:
-            if info.kind not in ("conv", "linear"):
-                continue
-            full = _layer_params(info, info.in_channels, info.out_channels)
-            options = [1.0] + [r for r in sorted(set(grid), reverse=True) if r < 1.0 and
-                               shapes.lowrank_cost(info, info.in_channels, info.out_channels, r, config.round_to,
-                                                   config.decomposition)[1] < full]
-            knobs[RANK] = tuple(options)
-        elif knob == BLOCK:
-            if info.kind == "conv" and max(info.kernel) > 1:
-                knobs[BLOCK] = tuple(dict.fromkeys([KEEP, *grid]))
+    knobs = {k: KNOBS[k].choices(site, site.config.grid(k)) for k in site.config.knobs}
     return {k: v for k, v in knobs.items() if len(v) > 1}
 
 

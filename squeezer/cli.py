@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         from squeezer.spaces.knobs import KNOBS
 
         search = SearchConfig(budget=args.budget, trials=args.trials, sampler=args.sampler, objective=args.objective,
-                              knobs=_split(args.knobs) or KNOBS, repair=args.repair, promote=args.promote,
+                              knobs=_split(args.knobs) or tuple(KNOBS), repair=args.repair, promote=args.promote,
                               seed=args.seed, storage=args.storage)
         recovery = RecoveryConfig(mode=args.recovery, bn_batches=args.bn_batches, finetune_steps=args.finetune_steps,
                                   finetune_lr=args.finetune_lr, kd_temperature=args.kd_temperature,

@@ -162,15 +162,8 @@ def _settings(result: StudyResult) -> dict[str, Any]:
 
 
 def _level(knob: str, value: Any) -> float:
-    if value is None:
-        return 0.0
-    if knob == "prune":
-        return float(value)
-    if knob in ("w_bits", "a_bits"):
-        return 1.0 - min(float(value), 32.0) / 32.0
-    if knob == "rank":
-        return 1.0 - float(value)
-    return 0.0 if value == "keep" else 1.0
+    """How compressed a unit's choice is (0 = untouched), as the knob registry orders its choices."""
+    return 0.0 if value is None else KNOBS[knob].level(value)
 
 
 def write_front_files(result: Any, out: Path, metric_x: str) -> list[Path]:

@@ -34,8 +34,10 @@ def train(result: Any) -> None:
 
 
 def space(space: Any) -> None:
+    from squeezer.spaces.knobs import KNOBS  # here: the registry loads torch, which the other renderers never need
+
     table(space.table(), f"search space ({len(space.units)} units, {len(space.groups)} channel groups)",
-          ["unit", "kind", "shape", "macs", "group", "prune", "w_bits", "a_bits", "rank", "block", "note"])
+          ["unit", "kind", "shape", "macs", "group", *KNOBS, "note"])
     base = space.baseline()
     console.print(f"{len(space.distributions())} knobs, {space.size():.3g} policies; base {base.macs:,} MACs/sample, "
                   f"{base.params:,} layer params; fingerprint {space.fingerprint}")

@@ -74,7 +74,7 @@ class SearchSummary:
 
 def knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
     if not knobs:
-        return KNOBS
+        return tuple(KNOBS)
     bad = [k for k in knobs if k not in KNOBS]
     if bad:
         raise ValueError(f"unknown knob {bad[0]!r}: choose from {', '.join(KNOBS)}")

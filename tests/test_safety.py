@@ -294,7 +294,7 @@ def policy_texts(draw, fingerprint: str) -> str:
                            "layers": draw(layers)})
     value = st.one_of(leaf, st.sampled_from([0.5, 0.25, 2, 4, 8, 32, "dwsep", "keep"]))
     unit = st.one_of(st.sampled_from(TINY_UNITS), st.text(max_size=8), st.just("u" * 100_000))
-    choices = st.one_of(st.dictionaries(st.sampled_from(KNOBS + ("bogus",)), value, max_size=3), leaf)
+    choices = st.one_of(st.dictionaries(st.sampled_from(tuple(KNOBS) + ("bogus",)), value, max_size=3), leaf)
     document = draw(st.fixed_dictionaries({}, optional={
         "format": st.sampled_from(["squeezer.policy"] * 4 + ["other", "f" * 100_000]),
         "version": st.sampled_from([1, 1, 1, 2, "1", True, 10**300]),
