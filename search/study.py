@@ -57,7 +57,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
     (e.g. postgresql://) and storage objects as given.
 
     Both survive a killed process (transactions / appends). The search writes each trial through a WorkingCopy
-    (in SQLite one transaction when asked and one when told), so neither is written once per parameter.
+    (one call when asked, a few when told), so neither is written once per parameter.
     """
     if storage == "journal":
         from optuna.storages import JournalStorage
@@ -152,8 +152,7 @@ def open_study(*, out: Path, storage: str | BaseStorage | None, objective: Objec
                            "hardware": dict(objective.base.hardware), "created": time.time()}.items():
             study.set_user_attr(key, value)
     requeue_stale(study)
-    rdb = resolved if isinstance(resolved, optuna.storages.RDBStorage) else None
-    return study, WorkingCopy(study, backend, study.sampler, rdb=rdb)
+    return study, WorkingCopy(study, backend, study.sampler)
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
