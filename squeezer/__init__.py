@@ -7,7 +7,7 @@ instant):
     result = squeezer.search_policies(model="runs/resnet20.pt", data="digits", budget="macs<=50%", out="runs/r20",
                                       trials=40)
     squeezer.front("runs/r20", x="latency_ms")
-    squeezer.apply("runs/r20", trial=result.front[0]["number"], out="small.pt", onnx="small.onnx")
+    squeezer.apply("runs/r20", trial=result.front[0].number, out="small.pt", onnx="small.onnx")
 
 The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
 means one thing. Lower-level pieces: `SearchSpace.from_model`, `Policy`, `apply_policy`, `Evaluator`, `make_pool`,
