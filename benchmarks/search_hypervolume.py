@@ -87,7 +87,7 @@ def run(*, evaluator: str, trials: list[int], seeds: int, samplers: list[str], b
                     hvs.append(result.hypervolume("macs", ref=ref))
                     hvs01.append(result.hypervolume("macs"))
                     best = result.best_under("macs<=50%")
-                    at_half.append(best["accuracy"] if best else 0.0)
+                    at_half.append(best.accuracy if best else 0.0)
             q1, med, q3 = np.percentile(hvs, [25, 50, 75])
             rows.append({"trials": n, "sampler": sampler, "median": med, "iqr": q3 - q1, "seeds": seeds,
                          "median01": float(np.median(hvs01)), "ref": ref,

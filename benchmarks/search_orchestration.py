@@ -85,7 +85,7 @@ def main() -> None:
             everything = time.perf_counter() - t0
         finally:
             pool.close()
-    evals = sum(r.get("seconds", 0.0) for r in result.completed())
+    evals = sum(r.seconds or 0.0 for r in result.completed())
     busy = evals / args.workers
     print(f"{args.data}: {args.trials} trials, sampler {args.sampler}, storage {args.storage}, "
           f"{args.workers} worker(s) ({args.backend}), {len(space.distributions())} params per policy")

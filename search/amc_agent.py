@@ -36,13 +36,14 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from torch import nn
 
-from squeezer.evaluators.measurement import Measurement, Outcome
+from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 from squeezer.search.budget import metric_value
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel
 from squeezer.search.metrics import cost_field
 from squeezer.search.objectives import Objective
-from squeezer.search.searcher import Proposal, StudySearcher, trial_attrs
+from squeezer.search.records import TrialRecord, queue_attrs
+from squeezer.search.searcher import Proposal, StudySearcher, asked_record
 from squeezer.search.shrink import full_params
 from squeezer.spaces.knobs import BITS, KNOBS, param_key, settle
 from squeezer.spaces.space import Cost, SearchSpace
@@ -280,28 +281,25 @@ class AmcAgent(StudySearcher):
             target = self.draw_target()
             _, actions = self.rollout(target=target)
             params = full_params(self._params(actions), self.space)
-            self.study.enqueue_trial(params, user_attrs={"ddpg_actions": [list(a) for a in actions],
-                                                         "ddpg_target": target}, skip_if_exists=False)
+            self.study.enqueue_trial(params, user_attrs=queue_attrs(ddpg_actions=actions, ddpg_target=target),
+                                     skip_if_exists=False)
         trial = self.study.ask(self.dists)
         policy = Policy.from_params(trial.params, self.space, sampler="ddpg", trial=trial.number)
         self.episodes += 1
-        attrs: dict[str, Any] = {"policy": policy.to_json(), "searcher": "ddpg"}
-        if self.latency_model is not None:
-            attrs.update(self.margin.attrs(self.latency_model, policy))
-        info = {"actions": trial.user_attrs.get("ddpg_actions"), "target": trial.user_attrs.get("ddpg_target")}
-        return Proposal(trial.number, policy, trial, info, attrs=attrs)
+        notes = self.margin.notes(self.latency_model, policy) if self.latency_model is not None else {}
+        return Proposal(asked_record(trial, policy=policy, searcher="ddpg", **notes), trial)
 
     def reward(self, m: Measurement) -> float:
         feasible = self.objective.budget.is_feasible(m, self.objective.base)
         return float(m.accuracy) - self.cost_weight * self.objective.cost(m) - (0.0 if feasible else 1.0)
 
-    def learn(self, proposal: Proposal, outcome: Outcome) -> None:
+    def learn(self, proposal: Proposal, record: TrialRecord) -> None:
         if self.latency_model is not None:  # the search loop records the timing into the model itself
-            self.margin.learn(proposal, outcome)
-        actions = proposal.info.get("actions")
-        if not isinstance(outcome, Measurement) or not actions:
+            self.margin.note(record)
+        measured, actions = record.measurement(), proposal.record.ddpg_actions
+        if measured is None or not actions:
             return
-        self._remember(actions, self.reward(outcome), proposal.info.get("target"))
+        self._remember(actions, self.reward(measured), proposal.record.ddpg_target)
         if self.episodes > self.warmup:
             self.train(len(self.units))
 
@@ -355,10 +353,11 @@ class AmcAgent(StudySearcher):
     def _resume(self) -> None:
         """Rebuild episodes, baseline and replay buffer from the study's finished agent trials."""
         finished = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        done = [attrs for attrs in map(trial_attrs, finished) if attrs.get("ddpg_actions") and "accuracy" in attrs]
-        for attrs in done:
-            self._remember(attrs["ddpg_actions"], self.reward(Measurement.from_metrics(attrs)),
-                           attrs.get("ddpg_target"))
+        done = [r for r in map(TrialRecord.from_trial, finished) if r.ddpg_actions and r.completed]
+        for r in done:
+            measured = r.measurement()
+            assert measured is not None and r.ddpg_actions is not None
+            self._remember(r.ddpg_actions, self.reward(measured), r.ddpg_target)
         self.episodes = len(done)
         if self.episodes > self.warmup:
             self.train(len(self.units) * min(10, self.episodes))

@@ -13,14 +13,14 @@ Where the table predicts slow, the margin falls below 1 and the searcher compres
 from __future__ import annotations
 
 import statistics
-from typing import Any, Mapping, Protocol
+from typing import Protocol, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 from squeezer.evaluators.measurement import Measurement, Outcome
 from squeezer.policies.policy import Policy
-from squeezer.search.searcher import Proposal, trial_attrs
+from squeezer.search.records import TrialRecord
 
 __all__ = ["LatencyModel", "LatencyMargin", "timed", "prediction_error", "WINDOW", "MIN_POINTS"]
 
@@ -44,21 +44,15 @@ class LatencyMargin:
         self.ratios: list[float] = []  # measured / predicted, oldest first
         if study is not None:  # a resumed search starts from the margin it had
             for ft in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                self.note(trial_attrs(ft))
+                self.note(TrialRecord.from_trial(ft))
 
-    def note(self, record: Mapping[str, Any]) -> None:
+    def note(self, record: TrialRecord) -> None:
         """Learn from a finished trial's record: its `latency_predicted` (set when asked) and timed `latency_rel`."""
-        predicted, measured = record.get("latency_predicted"), record.get("latency_rel")
-        if predicted and measured and record.get("latency_source") == "measured":
+        predicted, measured = record.latency_predicted, record.latency_rel
+        if predicted and measured and record.latency_source == "measured":
             self.ratios = [*self.ratios, measured / predicted][-WINDOW:]
 
-    def learn(self, proposal: Proposal, outcome: Outcome) -> None:
-        """Learn from a told candidate whose latency was timed (the search loop hands the timing to the latency
-        model itself, once)."""
-        if timed(outcome):
-            self.note({**proposal.attrs, **outcome.metrics()})  # type: ignore[union-attr]
-
-    def attrs(self, model: LatencyModel, policy: Policy) -> dict[str, float]:
+    def notes(self, model: LatencyModel, policy: Policy) -> dict[str, float]:
         """What a proposal records for `note` to read back: the policy's predicted latency and the margin aimed by."""
         return {"latency_predicted": model.predict_rel(policy), "latency_margin": self.value()}
 
@@ -74,14 +68,14 @@ def timed(outcome: Outcome) -> bool:
     return isinstance(outcome, Measurement) and outcome.latency_source == "measured" and bool(outcome.latency_rel)
 
 
-def prediction_error(rows: list[Mapping[str, Any]]) -> dict[str, float] | None:
+def prediction_error(rows: Sequence[TrialRecord]) -> dict[str, float] | None:
     """How far the latency table's predictions were from the timings of the candidates a search timed: those of
     `--latency hybrid`, and of a search that judges a latency limit by the table. Each prediction was made before
     its candidate was timed, so this is the error the search's predicted numbers carry. None when no candidate has
     both."""
-    pairs = [(r["latency_predicted"], r["latency_rel"]) for r in rows
-             if r.get("state", "COMPLETE") == "COMPLETE" and r.get("latency_source") == "measured"
-             and r.get("latency_predicted") and r.get("latency_rel")]
+    pairs = [(r.latency_predicted, r.latency_rel) for r in rows
+             if r.state == TrialState.COMPLETE and r.latency_source == "measured" and r.latency_predicted
+             and r.latency_rel]
     if not pairs:
         return None
     errors = [abs(p - m) / m for p, m in pairs]

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial
 
 from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import METRICS, Budget, BudgetError, cost_fraction
+from squeezer.search.records import TrialRecord
 
 __all__ = ["Objective", "make_objective", "constraints_func", "KINDS"]
 
@@ -61,5 +62,4 @@ def make_objective(kind: str = "multi", *, budget: Budget, base: Measurement,
 
 def constraints_func(trial: FrozenTrial) -> Sequence[float]:
     """Optuna's constraints_func: the values the searcher stored in the trial before telling it."""
-    attrs = trial.user_attrs  # the outcome record is searcher.METRICS_ATTR (not imported: searcher imports this)
-    return tuple(attrs.get("metrics", {}).get("constraints", attrs.get("constraints", ())))
+    return TrialRecord.from_trial(trial).constraints or ()

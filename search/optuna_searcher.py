@@ -1,7 +1,7 @@
 """Optuna's samplers as searchers: one categorical parameter per 'unit/knob', constraints from the budget.
 
 Repair (optional) projects a sampled policy into the budget before it is evaluated. The trial keeps the params the
-sampler drew and records the repaired policy it actually evaluated (user attr 'policy'): the sampler then learns a
+sampler drew and records the repaired policy it actually evaluated (its record's policy): the sampler then learns a
 fixed function of its own draws (draw -> repaired policy -> result), which keeps TPE/NSGA-II statistics consistent,
 while fronts and reports read the evaluated policy. Re-asking a stale trial re-draws nothing: repair is
 deterministic, so the same params give the same policy.
@@ -13,11 +13,11 @@ from typing import Any, Callable
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from squeezer.evaluators.measurement import Outcome
 from squeezer.policies.policy import LayerChoice, Policy
 from squeezer.search.objectives import Objective, constraints_func
 from squeezer.search.latency_margin import LatencyMargin, LatencyModel
-from squeezer.search.searcher import Proposal, StudySearcher
+from squeezer.search.records import TrialRecord
+from squeezer.search.searcher import Proposal, StudySearcher, asked_record
 from squeezer.search.shrink import repair as repair_policy
 from squeezer.spaces.knobs import BITS, KNOBS, split_key
 from squeezer.spaces.space import SearchSpace
@@ -115,7 +115,7 @@ class OptunaSearcher(StudySearcher):
         trial = self.study.ask(self.distributions)
         params = self.decode(trial.params)
         policy = Policy.from_params(params, self.space, sampler=self.name, trial=trial.number)
-        attrs: dict[str, Any] = {"searcher": self.name}
+        notes: dict[str, Any] = {}
         if self.repair and self.objective.budget.limits:
             budget, base, model = self.objective.budget, self.objective.base, self.latency_model
             baseline = self.space.baseline()
@@ -133,16 +133,15 @@ class OptunaSearcher(StudySearcher):
             # With a latency model, repair may also drop bit widths: int8 units can be slower than float ones.
             policy = repair_policy(policy, self.space, violation, metrics=budget.metrics,
                                    undo=[k for k in KNOBS if KNOBS[k].role == BITS] if model else ())
-            attrs["repaired"] = bool(policy.meta.get("repaired"))
+            notes["repaired"] = bool(policy.meta.get("repaired"))
             if model is not None:
-                attrs.update(self.margin.attrs(model, policy))
-        attrs["policy"] = policy.to_json()
-        return Proposal(trial.number, policy, trial, attrs=attrs)
+                notes.update(self.margin.notes(model, policy))
+        return Proposal(asked_record(trial, policy=policy, searcher=self.name, **notes), trial)
 
-    def learn(self, proposal: Proposal, outcome: Outcome) -> None:
+    def learn(self, proposal: Proposal, record: TrialRecord) -> None:
         """A timed candidate teaches the margin how far the latency model's predictions of repair's policies are
         off: its calibration policies are random, and a few int8 units in a heavily pruned model, which repair makes
-        of a latency limit, cost more than those predict (ResNet-20 / digits: measured up to 1.5 of the base where
-        0.8-0.9 was predicted). The search loop records the timing into the model itself."""
+        of a latency limit, cost more than those predict. The search loop records the timing into the model
+        itself."""
         if self.latency_model is not None:
-            self.margin.learn(proposal, outcome)
+            self.margin.note(record)

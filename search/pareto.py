@@ -1,4 +1,4 @@
-"""Reading a search back from storage: trial rows, the feasible front, hypervolume, the best trial under a limit.
+"""Reading a search back from storage: trial records, the feasible front, hypervolume, the best trial under a limit.
 
 Only storage is read (never the running process), so all of this works on a running or a killed study.
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import optuna
@@ -17,29 +18,36 @@ from optuna.trial import FrozenTrial
 
 from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import Budget, BudgetError, cost_fraction
-from squeezer.search.searcher import trial_attrs
+from squeezer.search.records import TrialRecord, promoted_key
 
-__all__ = ["StudyResult", "front_rows", "hypervolume", "row_from_trial"]
+__all__ = ["StudyResult", "front_rows", "front_row", "hypervolume"]
 
-METRIC_COLUMNS = ("accuracy", "loss", "macs", "params", "bops", "size_mb", "latency_ms", "latency_rel")
-
-
-def row_from_trial(trial: FrozenTrial) -> dict[str, Any]:
-    """One flat record per trial: number, state, every stored user attr (metrics, feasibility, policy)."""
-    return {"number": trial.number, "state": trial.state.name, "trial_params": dict(trial.params), **trial_attrs(trial),
-            "values": list(trial.values) if trial.values else None}
+FRONT_COLUMNS = ("number", "accuracy", "loss", "macs", "params", "bops", "size_mb", "latency_ms", "latency_rel", "x",
+                 "feasible", "fidelity", "policy_file")
 
 
-def front_rows(rows: Iterable[dict[str, Any]], *, cost_key: str = "cost_frac") -> list[dict[str, Any]]:
-    """Feasible, non-dominated rows (max accuracy, min cost), cheapest first; ties keep the earliest trial."""
-    pts = [r for r in rows if r.get("feasible") and r.get("accuracy") is not None and r.get(cost_key) is not None]
-    pts.sort(key=lambda r: (r[cost_key], -r["accuracy"], r["number"]))
-    out: list[dict[str, Any]] = []
+def front_row(r: TrialRecord) -> dict[str, Any]:
+    """One row of front.csv / front.json (FRONT_COLUMNS, in order)."""
+    return {"number": r.number, "accuracy": r.accuracy, "loss": r.loss, "macs": r.macs, "params": r.params,
+            "bops": r.bops, "size_mb": r.size_mb, "latency_ms": r.latency_ms, "latency_rel": r.latency_rel,
+            "x": r.x, "feasible": r.feasible, "fidelity": r.fidelity, "policy_file": r.policy_file}
+
+
+def _cost_frac(r: TrialRecord) -> float | None:
+    return r.cost_frac
+
+
+def front_rows(rows: Iterable[TrialRecord], *,
+               cost: Callable[[TrialRecord], float | None] = _cost_frac) -> list[TrialRecord]:
+    """Feasible, non-dominated records (max accuracy, min `cost`), cheapest first; ties keep the earliest trial."""
+    pts = [(c, r) for r in rows if r.feasible and r.accuracy is not None and (c := cost(r)) is not None]
+    pts.sort(key=lambda p: (p[0], -p[1].accuracy, p[1].number))
+    out: list[TrialRecord] = []
     best = float("-inf")
-    for r in pts:
-        if r["accuracy"] > best:
+    for _, r in pts:
+        if r.accuracy > best:
             out.append(r)
-            best = r["accuracy"]
+            best = r.accuracy
     return out
 
 
@@ -82,7 +90,7 @@ class StudyResult:
         self.budget = Budget.parse(self.attrs.get("budget") or None)
         if trials is None:
             trials = study.get_trials(deepcopy=False)
-        self.rows = [self._merge(row_from_trial(t)) for t in trials]
+        self.rows = [TrialRecord.from_trial(t, promoted=self.attrs.get(promoted_key(t.number))) for t in trials]
 
     @classmethod
     def from_study(cls, study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> "StudyResult":
@@ -117,47 +125,39 @@ class StudyResult:
             study_name = ours[0]
         return cls(optuna.load_study(study_name=study_name, storage=storage))
 
-    def _merge(self, row: dict[str, Any]) -> dict[str, Any]:
-        promoted = self.attrs.get(f"promoted:{row['number']}")
-        if promoted and "accuracy" in promoted:
-            cheap = {f"cheap_{k}": row.get(k) for k in (*METRIC_COLUMNS, "feasible", "cost_frac")}
-            row = {**row, **cheap, **promoted, "fidelity": "finetune"}
-        return row
+    def completed(self) -> list[TrialRecord]:
+        return [r for r in self.rows if r.completed]
 
-    def completed(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["state"] == "COMPLETE" and "accuracy" in r]
-
-    def _with_cost(self, metric_x: str) -> list[dict[str, Any]]:
+    def with_cost(self, metric_x: str) -> list[TrialRecord]:
+        """The completed trials, each with `x`: its `metric_x` as a fraction of the base model's."""
         rows = []
         for r in self.completed():
-            if self.base is not None:
-                frac = cost_fraction(Measurement.from_metrics(r), self.base, metric_x)
-            else:
-                frac = r.get("cost_frac")
-            rows.append({**r, "x": frac})
+            m = r.measurement()
+            frac = cost_fraction(m, self.base, metric_x) if self.base is not None and m is not None else r.cost_frac
+            rows.append(replace(r, x=frac))
         return rows
 
-    def front(self, metric_x: str = "macs", *, feasible_only: bool = True) -> list[dict[str, Any]]:
+    def front(self, metric_x: str = "macs", *, feasible_only: bool = True) -> list[TrialRecord]:
         """Feasible, non-dominated trials (max accuracy, min `metric_x` as a fraction of base), cheapest first."""
-        rows = self._with_cost(metric_x)
+        rows = self.with_cost(metric_x)
         if not feasible_only:
-            rows = [{**r, "feasible": True} for r in rows]
-        return front_rows(rows, cost_key="x")
+            rows = [replace(r, feasible=True) for r in rows]
+        return front_rows(rows, cost=lambda r: r.x)
 
     def hypervolume(self, metric_x: str = "macs", *, ref: tuple[float, float] = (0.0, 1.0)) -> float:
-        return hypervolume([(r["accuracy"], r["x"]) for r in self.front(metric_x)], ref)
+        return hypervolume([(r.accuracy, r.x) for r in self.front(metric_x)], ref)
 
-    def best_under(self, limit: str) -> dict[str, Any] | None:
+    def best_under(self, limit: str) -> TrialRecord | None:
         """The most accurate feasible trial that also meets `limit` (e.g. 'latency<=2ms'), or None."""
         extra = Budget.parse(limit)
         if not extra.limits:
             raise BudgetError("best_under needs a limit such as 'latency<=2ms'")
         best = None
         for r in self.completed():
-            m = Measurement.from_metrics(r)
-            if not r.get("feasible") or not extra.is_feasible(m, self.base):
+            m = r.measurement()
+            if not r.feasible or m is None or not extra.is_feasible(m, self.base):
                 continue
-            if best is None or r["accuracy"] > best["accuracy"]:
+            if best is None or r.accuracy > best.accuracy:
                 best = r
         return best
 
@@ -165,8 +165,8 @@ class StudyResult:
         """front.csv and front.json in `out`: one row per front trial (number, metrics, feasible, policy file)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        columns = ["number", *METRIC_COLUMNS, "x", "feasible", "fidelity", "policy_file"]
-        rows = [{c: r.get(c) for c in columns} for r in self.front(metric_x)]
+        columns = list(FRONT_COLUMNS)
+        rows = [front_row(r) for r in self.front(metric_x)]
         with open(out / "front.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()

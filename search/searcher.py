@@ -1,15 +1,13 @@
 """The one interface every search strategy offers, and how any of them records a trial in Optuna storage.
 
 A searcher proposes a policy (`ask`) and learns from its outcome (`tell`). Recording is shared so every trial,
-whatever proposed it, carries the same user attrs: the evaluated policy, every measured metric, the constraint
-values and feasibility — the only things fronts, reports and resume read. The outcome is one user attr, `metrics`
-(a dict), because an RDB storage commits each attr separately: one attr per metric cost ~0.1 s a trial in SQLite.
-`trial_attrs` gives the flat view every reader uses (and reads studies written one attr per metric, too).
+whatever proposed it, carries the same record (records.py): the evaluated policy, every measured metric, the
+constraint values and feasibility — the only things fronts, reports and resume read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
@@ -17,35 +15,48 @@ from optuna.trial import TrialState
 from squeezer.evaluators.measurement import EvalFailure, Measurement, Outcome
 from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective
+from squeezer.search.records import TrialRecord
 
-__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome", "trial_attrs", "METRICS_ATTR",
-           "RUN_ATTR"]
-
-METRICS_ATTR = "metrics"  # the outcome and the proposal's attrs, written once when the trial is told
-RUN_ATTR = "run"  # written once when the trial is asked: its policy file and the driver evaluating it
-
-
-def trial_attrs(trial: Any) -> dict[str, Any]:
-    """A trial's user attrs with its records spread out: accuracy, macs, feasible, policy, driver, ... at the top."""
-    attrs = dict(trial.user_attrs)
-    return {**attrs.pop(METRICS_ATTR, {}), **attrs.pop(RUN_ATTR, {}), **attrs}
+__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome", "asked_record", "write_record"]
 
 
 @dataclass
 class Proposal:
-    """A policy to evaluate, tied to the Optuna trial that will hold its result."""
+    """A policy to evaluate, tied to the Optuna trial that will hold its result; `record` is the trial as asked
+    (its policy, the searcher's notes, what it carried from the queue), to which the outcome is added."""
 
-    trial_number: int
-    policy: Policy
+    record: TrialRecord
     trial: optuna.Trial = field(repr=False)
-    info: dict[str, Any] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)  # stored with the outcome (policy, searcher, ...)
+
+    @property
+    def trial_number(self) -> int:
+        return self.record.number
+
+    @property
+    def policy(self) -> Policy:
+        assert self.record.policy is not None
+        return self.record.policy
+
+
+def asked_record(trial: optuna.Trial, *, policy: Policy, searcher: str, repaired: bool | None = None,
+                 latency_predicted: float | None = None, latency_margin: float | None = None) -> TrialRecord:
+    """The record of a trial just asked: what it carried from the queue, the policy and the searcher's notes."""
+    queued = TrialRecord.from_attrs(number=trial.number, state=TrialState.RUNNING, user_attrs=trial.user_attrs)
+    return replace(queued, policy=policy, searcher=searcher, repaired=repaired, latency_predicted=latency_predicted,
+                   latency_margin=latency_margin)
+
+
+def write_record(trial: optuna.Trial, record: TrialRecord) -> None:
+    """Store `record` in `trial`'s user attrs (an attr whose value is unchanged is set again, and costs nothing
+    in the in-memory study the searcher works on)."""
+    for key, value in record.attrs().items():
+        trial.set_user_attr(key, value)
 
 
 class Searcher(Protocol):
     def ask(self) -> Proposal: ...
 
-    def tell(self, proposal: Proposal, outcome: Outcome) -> None: ...
+    def tell(self, proposal: Proposal, outcome: Outcome) -> TrialRecord: ...
 
 
 class EvalPool(Protocol):
@@ -71,34 +82,34 @@ class StudySearcher:
     def ask(self) -> Proposal:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def tell(self, proposal: Proposal, outcome: Outcome) -> None:
-        record_outcome(self.study, proposal, outcome, self.objective)
-        self.learn(proposal, outcome)
+    def tell(self, proposal: Proposal, outcome: Outcome) -> TrialRecord:
+        """Store the outcome in the proposal's trial, then learn from it; returns the record stored."""
+        record = record_outcome(self.study, proposal, outcome, self.objective)
+        self.learn(proposal, record)
+        return record
 
-    def learn(self, proposal: Proposal, outcome: Outcome) -> None:
+    def learn(self, proposal: Proposal, record: TrialRecord) -> None:
         """Hook for searchers that keep their own model (the RL agent); Optuna samplers learn from storage."""
 
 
-def record_outcome(study: optuna.Study, proposal: Proposal, outcome: Outcome, objective: Objective) -> None:
-    """Store `outcome` in the proposal's trial and finish it (COMPLETE, or FAIL with the reason)."""
+def record_outcome(study: optuna.Study, proposal: Proposal, outcome: Outcome, objective: Objective) -> TrialRecord:
+    """Store `outcome` in the proposal's trial and finish it (COMPLETE, or FAIL with the reason); returns the record
+    stored."""
     trial = proposal.trial
     if isinstance(outcome, EvalFailure):
-        trial.set_user_attr(METRICS_ATTR, {**proposal.attrs, "fail_reason": outcome.reason,
-                                           "seconds": outcome.seconds})
+        record = proposal.record.failed(outcome.reason, seconds=outcome.seconds)
+    elif not isinstance(outcome, Measurement):
+        record = proposal.record.failed(f"evaluator returned {type(outcome).__name__}, not a Measurement")
+    else:
+        constraints = objective.constraints(outcome)
+        record = proposal.record.measured(outcome, constraints=constraints, cost_frac=objective.cost(outcome))
+    write_record(trial, record)
+    if record.state == TrialState.FAIL:
         study.tell(trial, state=TrialState.FAIL)
-        return
-    if not isinstance(outcome, Measurement):
-        reason = f"evaluator returned {type(outcome).__name__}, not a Measurement"
-        trial.set_user_attr(METRICS_ATTR, {**proposal.attrs, "fail_reason": reason})
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    constraints = objective.constraints(outcome)
-    record = {**proposal.attrs, **outcome.metrics(), "constraints": constraints,
-              "feasible": all(c <= 0 for c in constraints), "cost_frac": objective.cost(outcome), "fidelity": "cheap"}
-    if outcome.hardware:
-        record["hardware"] = dict(outcome.hardware)
-    trial.set_user_attr(METRICS_ATTR, record)
+        return record
+    assert isinstance(outcome, Measurement) and record.constraints is not None
     if hasattr(trial, "set_constraint"):
-        for limit, value in zip(objective.budget.limits, constraints):
+        for limit, value in zip(objective.budget.limits, record.constraints):
             trial.set_constraint(limit.text, value)
     study.tell(trial, objective.values(outcome))
+    return record

@@ -1,10 +1,10 @@
 """run_search: the search loop over an Optuna study, resumable from storage alone.
 
 The loop keeps `workers` proposals in flight in the evaluator pool (one more queued when they are processes), tells
-each outcome as it lands, and writes one policy file per trial. The sampler works on an in-memory copy of the study
-that writes each trial through to storage (working_copy.py). Everything needed to resume or report is in storage:
-re-running the same call counts the finished trials toward `trials`, and re-asks (same params) the trials a killed
-run left RUNNING.
+each outcome as it lands, and writes each trial's policy file from its record. The sampler works on an in-memory
+copy of the study that writes each trial through to storage (working_copy.py). Everything needed to resume or report
+is in storage: re-running the same call counts the finished trials toward `trials`, and re-asks (same params) the
+trials a killed run left RUNNING.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,8 +31,9 @@ from squeezer.search.config import SearchConfig, SearchError, check_resume, sear
 from squeezer.search.latency_margin import timed
 from squeezer.search.objectives import Objective, make_objective
 from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearcher, make_sampler
-from squeezer.search.pareto import StudyResult, front_rows, row_from_trial
-from squeezer.search.searcher import RUN_ATTR, EvalPool, Searcher, trial_attrs
+from squeezer.search.pareto import StudyResult, front_rows
+from squeezer.search.records import STALE_ATTR, Driver, TrialRecord, promoted_key, queue_attrs
+from squeezer.search.searcher import EvalPool, Searcher, write_record
 from squeezer.search.working_copy import WorkingCopy
 
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
@@ -55,7 +56,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
     (e.g. postgresql://) and storage objects as given.
 
     Both survive a killed process (transactions / appends). The search writes each trial through a WorkingCopy
-    (in SQLite one transaction when asked and one when told), so neither is written once per parameter.
+    (one call when asked, a few when told), so neither is written once per parameter.
     """
     if storage == "journal":
         from optuna.storages import JournalStorage
@@ -152,8 +153,7 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
                            "hardware": dict(objective.base.hardware), "created": time.time()}.items():
             study.set_user_attr(key, value)
     requeue_stale(study)
-    rdb = resolved if isinstance(resolved, optuna.storages.RDBStorage) else None
-    return study, WorkingCopy(study, backend, study.sampler, rdb=rdb)
+    return study, WorkingCopy(study, backend, study.sampler)
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
@@ -176,15 +176,16 @@ def requeue_stale(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     stale = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial_attrs(ft).get("driver", {})
-        if owner.get("host") == host and _alive(owner.get("pid")):
+        record = TrialRecord.from_trial(ft)
+        owner = record.driver
+        if owner is not None and owner.host == host and _alive(owner.pid):
             continue
-        keep = {k: v for k, v in ft.user_attrs.items() if k in ("ddpg_actions", "ddpg_target")}
         # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
         params = {**ft.system_attrs.get("fixed_params", {}), **ft.params}
-        study.enqueue_trial(params, user_attrs={**keep, "requeued_from": ft.number}, skip_if_exists=False)
+        study.enqueue_trial(params, skip_if_exists=False, user_attrs=queue_attrs(
+            ddpg_actions=record.ddpg_actions, ddpg_target=record.ddpg_target, requeued_from=ft.number))
         trial = optuna.trial.Trial(study, ft._trial_id)
-        trial.set_user_attr("stale", True)
+        trial.set_user_attr(STALE_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)
         stale.append(ft.number)
     return stale
@@ -204,7 +205,7 @@ def finished_count(study: optuna.Study) -> int:
     """Trials that consumed an evaluation: COMPLETE, and FAIL not marked stale."""
     n = 0
     for ft in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        n += not ft.user_attrs.get("stale", False)
+        n += not TrialRecord.from_trial(ft).stale
     return n
 
 
@@ -237,8 +238,8 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
         latency = latency_model.predict_rel if latency_model is not None else None
         for policy in budget_starts(space, budget, base, most=trials // 4, latency=latency):
             searcher.enqueue(policy)
-    driver = {"run": uuid.uuid4().hex[:12], "pid": os.getpid(), "host": socket.gethostname()}
-    rows = [r for r in (row_from_trial(t) for t in study.get_trials(deepcopy=False)) if r["state"] == "COMPLETE"]
+    driver = Driver(run=uuid.uuid4().hex[:12], pid=os.getpid(), host=socket.gethostname())
+    rows = [r for r in map(TrialRecord.from_trial, study.get_trials(deepcopy=False)) if r.completed]
     done = finished_count(study)
     start, started_with = time.perf_counter(), done
     in_flight: dict[int, Any] = {}
@@ -254,9 +255,9 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
         while len(in_flight) < depth and done + len(in_flight) < trials:
             with lock.compute():
                 proposal = searcher.ask()
-                path = proposal.policy.save(out / "policies" / f"trial_{proposal.trial_number:05d}.json")
-                proposal.trial.set_user_attr(RUN_ATTR, {"policy_file": str(path.relative_to(out)),
-                                                        "driver": driver})
+                proposal.record = replace(proposal.record, driver=driver)
+                write_record(proposal.trial, proposal.record)
+                proposal.policy.save(out / proposal.record.policy_file)  # the user's copy of the stored policy
                 work.begin(proposal.trial)
             pool.submit(proposal.trial_number, proposal.policy)
             in_flight[proposal.trial_number] = proposal
@@ -267,11 +268,11 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
             with lock.compute():
                 if latency_model is not None and timed(outcome):
                     latency_model.record(proposal.policy, outcome.latency_rel)  # type: ignore[union-attr]
-                searcher.tell(proposal, outcome)
+                record = searcher.tell(proposal, outcome)
                 work.finish(proposal.trial)
             done += 1
-            if isinstance(outcome, Measurement):
-                rows.append({"number": key, **trial_attrs(proposal.trial)})
+            if record.completed:
+                rows.append(record)
             if on_progress is not None:
                 on_progress(_stats(rows, done, trials, start, started_with))
     if config.promote and promote_fn is not None:
@@ -282,21 +283,22 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
 def promote(study: optuna.Study, promote_fn: Callable[[Policy], Outcome], objective: Objective, *, k: int) -> None:
     """Re-evaluate the k most accurate front trials at high fidelity.
 
-    A finished Optuna trial is read-only, so the new numbers go into the study's user attrs
-    ('promoted:<number>'); StudyResult shows them in place of the cheap ones, which it keeps as cheap_*.
+    A finished Optuna trial is read-only, so the new numbers go into the study's user attrs (`promoted_key`);
+    StudyResult shows them in place of the cheap ones, which it keeps as the record's `cheap`.
     """
     result = StudyResult.from_study(study)
-    for row in sorted(result.front(), key=lambda r: -r["accuracy"])[:k]:
-        key = f"promoted:{row['number']}"
-        if key in study.user_attrs:
+    for row in sorted(result.front(), key=lambda r: -r.accuracy)[:k]:
+        key = promoted_key(row.number)
+        if key in study.user_attrs or row.policy is None:
             continue
-        outcome = promote_fn(Policy.from_json(row["policy"]))
+        outcome = promote_fn(row.policy)
+        again = TrialRecord(number=row.number, state=TrialState.COMPLETE)
         if isinstance(outcome, Measurement):
-            cons = objective.constraints(outcome)
-            study.set_user_attr(key, {**outcome.metrics(), "constraints": cons,
-                                      "feasible": all(c <= 0 for c in cons), "cost_frac": objective.cost(outcome)})
+            again = again.measured(outcome, constraints=objective.constraints(outcome),
+                                   cost_frac=objective.cost(outcome), fidelity="finetune")
         else:
-            study.set_user_attr(key, {"fail_reason": getattr(outcome, "reason", str(outcome))})
+            again = again.failed(getattr(outcome, "reason", str(outcome)))
+        study.set_user_attr(key, again.metrics_attr())
 
 
 @dataclass(frozen=True)
@@ -312,12 +314,12 @@ class SearchProgress:
     eta: float | None
 
 
-def _stats(rows: list[dict[str, Any]], done: int, total: int, start: float, started_with: int) -> SearchProgress:
-    feasible = [r for r in rows if r.get("feasible")]
+def _stats(rows: list[TrialRecord], done: int, total: int, start: float, started_with: int) -> SearchProgress:
+    feasible = [r for r in rows if r.feasible]
     elapsed = time.perf_counter() - start
     rate = (done - started_with) / elapsed if elapsed > 0 else 0.0
     return SearchProgress(done=done, total=total, feasible=len(feasible),
-                          best_accuracy=max((r["accuracy"] for r in feasible), default=None),
+                          best_accuracy=max((r.accuracy for r in feasible), default=None),
                           front=len(front_rows(rows)), elapsed=elapsed,
                           eta=(total - done) / rate if rate > 0 else None)
 

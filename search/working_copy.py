@@ -4,11 +4,11 @@ Why: Optuna writes every suggested parameter in its own storage call, and an RDB
 34 parameters a policy (ResNet-20, prune + bit width; ~100 with every knob) that was 0.17 s a trial in SQLite,
 a third of a short BN-recalibrated evaluation. Here the sampler asks and learns on an in-memory copy that holds
 every stored trial (so trial numbers are the stored ones), and each trial reaches storage when it is asked
-(RUNNING, with its params and attrs: a killed search still finds it and re-queues it) and when it is told (the
-attrs it gained, then its state and values).
+(RUNNING, with its params and attrs, in one call: a killed search still finds it and re-queues it) and when it is
+told (the attrs it gained, then its state and values).
 
-In an RDB storage (SQLite) each of those two writes is one transaction of SQLAlchemy Core on Optuna's own tables
-(trial_rows.py); any other storage, or tables that do not match, take Optuna's path.
+Every write goes through the storage's public interface (`BaseStorage`: what `Study.add_trial`, `Trial.set_user_attr`
+and `Study.tell` call), so any storage Optuna supports holds what Optuna itself would have written.
 """
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ import copy
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from squeezer.search.trial_rows import ConcurrentWriterError, RowWriter
-
 __all__ = ["WorkingCopy", "ConcurrentWriterError"]
+
+
+class ConcurrentWriterError(ValueError):
+    """Another process added or took trials in the stored study while this search ran (one line for the CLI)."""
 
 
 class WorkingCopy:
     """An in-memory twin of `stored` for the searcher; `begin`/`finish` write a trial through to storage."""
 
-    def __init__(self, stored: optuna.Study, storage: BaseStorage, sampler: optuna.samplers.BaseSampler, *,
-                 rdb: RDBStorage | None = None) -> None:
+    def __init__(self, stored: optuna.Study, storage: BaseStorage, sampler: optuna.samplers.BaseSampler) -> None:
         self.storage = storage  # the storage object `stored` writes through (see study.open_study)
         self.study_id = storage.get_study_id_from_name(stored.study_name)
-        self.rows = RowWriter.for_storage(rdb, self.study_id)  # None: every write takes Optuna's path
         self.memory = InMemoryStorage()
         self.study = optuna.create_study(storage=self.memory, sampler=sampler, directions=stored.directions)
         trials = stored.get_trials(deepcopy=False)
@@ -44,9 +44,8 @@ class WorkingCopy:
         ft = self.memory.get_trial(trial._trial_id)
         if ft.number in self._stored_ids:  # a trial enqueued in storage (a re-queued one): take it there too
             self._take_waiting(ft)
-        elif self.rows is not None:
-            self._stored_ids[ft.number] = self.rows.create(ft)
         else:
+            # Study.add_trial's call, which also returns the new trial's id for the check below.
             trial_id = self.storage.create_new_trial(self.study_id, template_trial=ft)
             # (number -> id is a dict lookup in Optuna's RDB cache; id -> number would re-read the trial)
             if self.storage.get_trial_id_from_study_id_trial_number(self.study_id, ft.number) != trial_id:
@@ -73,12 +72,12 @@ class WorkingCopy:
         ft = self.memory.get_trial(trial._trial_id)
         trial_id = self._stored_ids[ft.number]
         user, system = self._written.pop(ft.number)
-        user, system = _changed(ft.user_attrs, user), _changed(ft.system_attrs, system)
-        if self.rows is not None:
-            self.rows.finish(trial_id, ft, user, system)
-            return
-        self._write_attrs(trial_id, user, system)
-        self.storage.set_trial_state_values(trial_id, ft.state, ft.values)
+        try:
+            self._write_attrs(trial_id, _changed(ft.user_attrs, user), _changed(ft.system_attrs, system))
+            self.storage.set_trial_state_values(trial_id, ft.state, ft.values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise ConcurrentWriterError(f"trial {ft.number} was finished by another search writing to this study; "
+                                        f"run one search per output folder") from None
 
     def _write_attrs(self, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
         for key, value in user.items():

@@ -16,6 +16,7 @@ from squeezer.policies.export import export_onnx, with_metadata
 from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
 from squeezer.run_folder import BASE_FILE, read_run
+from squeezer.search.records import TrialRecord
 
 __all__ = ["ApplySummary", "apply"]
 
@@ -28,24 +29,24 @@ class ApplySummary:
     onnx: Path | None
     policy: str
     measured: Measurement
-    recorded: dict[str, Any] | None
+    recorded: TrialRecord | None
     base: Measurement | None
     test_accuracy: float
     finetuned: bool
     inputs: dict[str, Any] = field(default_factory=dict)  # how raw images are preprocessed (DataBundle.preprocessing)
 
 
-def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Any, dict[str, Any]]:
-    row = next((r for r in result.rows if r["number"] == trial), None)
-    if row is None or "policy" not in row:
-        numbers = [r["number"] for r in result.completed()]
+def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Policy, TrialRecord]:
+    row = next((r for r in result.rows if r.number == trial), None)
+    if row is None or row.policy is None:
+        numbers = [r.number for r in result.completed()]
         shown = f"{min(numbers)}..{max(numbers)}" if numbers else "none yet"
         raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r} (trials {shown}): pick one from "
                           f"`squeezer front {run}`")
-    if row["state"] != "COMPLETE":
-        raise LookupError(f"trial {trial} of {str(run)!r} did not complete ({row.get('fail_reason', row['state'])}): "
+    if not row.completed:
+        raise LookupError(f"trial {trial} of {str(run)!r} did not complete ({row.fail_reason or row.state.name}): "
                           f"pick one from `squeezer front {run}`")
-    return Policy.from_json(row["policy"]), row
+    return row.policy, row
 
 
 def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,

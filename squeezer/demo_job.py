@@ -50,7 +50,7 @@ def demo(*, out: str | Path = "runs/demo", trials: int = 24, workers: int | None
                               recovery=DEMO_RECOVERY, pool=PoolConfig(workers=workers), progress=progress)
     applied = None
     if summary.front:
-        best = max(summary.front, key=lambda r: r["accuracy"])
-        say(f"applying trial {best['number']}, the most accurate on the front")
-        applied = apply(out / "search", trial=best["number"], out=out / "compressed.pt", onnx=out / "compressed.onnx")
+        best = max(summary.front, key=lambda r: r.accuracy)
+        say(f"applying trial {best.number}, the most accurate on the front")
+        applied = apply(out / "search", trial=best.number, out=out / "compressed.pt", onnx=out / "compressed.onnx")
     return DemoSummary(trained=trained, search=summary, applied=applied)

@@ -11,6 +11,7 @@ from squeezer.models import resolve_model
 from squeezer.plots import write_front_files, write_report
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.pareto import StudyResult
+from squeezer.search.records import TrialRecord
 from squeezer.search_job import closest_to_budget, knob_list
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -45,10 +46,10 @@ class FrontSummary:
     base: Measurement | None
     budget: str
     metric_x: str
-    front: list[dict[str, Any]]
+    front: list[TrialRecord]
     completed: int
     under: str | None = None
-    best_under: dict[str, Any] | None = None
+    best_under: TrialRecord | None = None
     files: list[Path] = field(default_factory=list)
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget (closest_to_budget)
     latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
@@ -80,7 +81,7 @@ def front(run: str | Path, *, x: str | None = None, under: str | None = None) ->
 def report(run: str | Path, *, trial: int | None = None, x: str | None = None) -> Path:
     """One HTML page about a run: settings, hardware, front, a trial's per-unit policy, accuracy by trial."""
     result = load_result(run)
-    if trial is not None and not any(r["number"] == trial for r in result.completed()):
+    if trial is not None and not any(r.number == trial for r in result.completed()):
         raise LookupError(f"trial {trial} is not a finished trial of {str(run)!r}: pick one from "
                           f"`squeezer front {run}`")
     metric_x = X_METRICS.get(x or "", result.attrs.get("cost_metric", "macs"))

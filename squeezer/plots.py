@@ -25,13 +25,12 @@ __all__ = ["points", "policy_rows", "history_rows", "write_front_html", "write_f
 # ---- data ------------------------------------------------------------------------------------------------------
 def points(result: StudyResult, *, metric_x: str = "macs") -> list[dict[str, Any]]:
     """Every completed trial as a point (x = metric_x fraction of base, accuracy), flagged feasible / on front."""
-    front = {r["number"] for r in result.front(metric_x)}
+    front = {r.number for r in result.front(metric_x)}
     rows = []
-    for r in result._with_cost(metric_x):
-        policy = Policy.from_json(r["policy"]) if "policy" in r else None
-        rows.append({"number": r["number"], "x": r["x"], "accuracy": r["accuracy"], "feasible": bool(r.get("feasible")),
-                     "front": r["number"] in front, "searcher": r.get("searcher", ""),
-                     "fidelity": r.get("fidelity", "cheap"), "summary": policy.summary() if policy else ""})
+    for r in result.with_cost(metric_x):
+        rows.append({"number": r.number, "x": r.x, "accuracy": r.accuracy, "feasible": bool(r.feasible),
+                     "front": r.number in front, "searcher": r.searcher or "", "fidelity": r.fidelity or "cheap",
+                     "summary": r.policy.summary() if r.policy is not None else ""})
     return rows
 
 
@@ -48,10 +47,10 @@ def policy_rows(policy: Policy, units: list[str] | None = None) -> list[dict[str
 def history_rows(result: StudyResult) -> list[dict[str, Any]]:
     """Accuracy by trial number, with the best feasible accuracy so far."""
     best, rows = float("-inf"), []
-    for r in sorted(result.completed(), key=lambda r: r["number"]):
-        if r.get("feasible"):
-            best = max(best, r["accuracy"])
-        rows.append({"number": r["number"], "accuracy": r["accuracy"], "feasible": bool(r.get("feasible")),
+    for r in sorted(result.completed(), key=lambda r: r.number):
+        if r.feasible:
+            best = max(best, r.accuracy)
+        rows.append({"number": r.number, "accuracy": r.accuracy, "feasible": bool(r.feasible),
                      "best_feasible": best if best > float("-inf") else None})
     return rows
 
@@ -131,15 +130,15 @@ def write_report(result: StudyResult, out: str | Path, *, metric_x: str = "macs"
 
     out = Path(out)
     front = result.front(metric_x)
-    chosen = next((r for r in result.rows if r["number"] == trial), None) if trial is not None else (
-        max(front, key=lambda r: r["accuracy"]) if front else None)
+    chosen = next((r for r in result.rows if r.number == trial), None) if trial is not None else (
+        max(front, key=lambda r: r.accuracy) if front else None)
     parts = [f"<h1>Squeezer search</h1><h2>Settings</h2><pre>{html.escape(json.dumps(_settings(result), indent=2))}"
              "</pre>", _front_figure(result, metric_x).to_html(full_html=False, include_plotlyjs=_plotly_js(out))]
-    if chosen and "policy" in chosen:
-        rows = policy_rows(Policy.from_json(chosen["policy"]))
+    if chosen is not None and chosen.policy is not None:
+        rows = policy_rows(chosen.policy)
         fig = go.Figure([go.Bar(name=k, x=[r["unit"] for r in rows], y=[_level(k, r[k]) for r in rows])
                          for k in KNOBS])
-        fig.update_layout(title=f"trial {chosen['number']}: compression per unit (0 = untouched)",
+        fig.update_layout(title=f"trial {chosen.number}: compression per unit (0 = untouched)",
                           barmode="group", yaxis_title="compression")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
     hist = history_rows(result)

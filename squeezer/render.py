@@ -1,11 +1,14 @@
 """Terminal rendering of the jobs' results (rich tables). Data in, text out: no decisions are made here."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from squeezer.progress import terminal_console
+
+if TYPE_CHECKING:
+    from squeezer.search.records import TrialRecord
 
 console = terminal_console()
 
@@ -46,11 +49,10 @@ def space(space: Any) -> None:
 FRONT_COLUMNS = ["trial", "accuracy", "x", "macs", "params", "size_mb", "latency_ms", "feasible", "fidelity"]
 
 
-def _front_rows(rows: list[dict[str, Any]], metric_x: str) -> list[dict[str, Any]]:
-    return [{"trial": r["number"], "accuracy": r.get("accuracy"), "x": f"{100 * r['x']:.1f}%" if "x" in r else None,
-             "macs": f"{r['macs']:,}" if r.get("macs") is not None else None, "params": r.get("params"),
-             "size_mb": r.get("size_mb"), "latency_ms": r.get("latency_ms"), "feasible": r.get("feasible"),
-             "fidelity": r.get("fidelity", "cheap")} for r in rows]
+def _front_rows(rows: list[TrialRecord], metric_x: str) -> list[dict[str, Any]]:
+    return [{"trial": r.number, "accuracy": r.accuracy, "x": f"{100 * r.x:.1f}%" if r.x is not None else None,
+             "macs": f"{r.macs:,}" if r.macs is not None else None, "params": r.params, "size_mb": r.size_mb,
+             "latency_ms": r.latency_ms, "feasible": r.feasible, "fidelity": r.fidelity or "cheap"} for r in rows]
 
 
 def _base_line(base: Any) -> str:
@@ -61,7 +63,7 @@ def _base_line(base: Any) -> str:
             f"{base.size_mb:.3f} MB{latency}")
 
 
-def front_table(rows: list[dict[str, Any]], metric_x: str, title: str) -> None:
+def front_table(rows: list[TrialRecord], metric_x: str, title: str) -> None:
     columns = [c if c != "x" else f"{metric_x} of base" for c in FRONT_COLUMNS]
     shown = [{(k if k != "x" else f"{metric_x} of base"): v for k, v in r.items()} for r in _front_rows(rows, metric_x)]
     table(shown, title, columns)
@@ -77,8 +79,8 @@ def search(summary: Any) -> None:
         console.print(f"  {count} failed: {reason}", markup=False, highlight=False)
     _latency_check(summary.latency_check)
     if summary.front:
-        best = max(summary.front, key=lambda r: r["accuracy"])
-        console.print(f"next: squeezer apply {summary.out} --trial {best['number']} --out compressed.pt")
+        best = max(summary.front, key=lambda r: r.accuracy)
+        console.print(f"next: squeezer apply {summary.out} --trial {best.number} --out compressed.pt")
     elif summary.closest:
         _closest(summary.closest)
 
@@ -106,7 +108,7 @@ def front(summary: Any) -> None:
     if summary.under:
         b = summary.best_under
         console.print(f"most accurate under {summary.under}: " + (
-            "none" if b is None else f"trial {b['number']} (accuracy {b['accuracy']:.4f})"))
+            "none" if b is None else f"trial {b.number} (accuracy {b.accuracy:.4f})"))
     console.print(f"files: {', '.join(str(f) for f in summary.files)}")
 
 
@@ -117,7 +119,7 @@ def apply(summary: Any) -> None:
                        ("size_mb", "size MB"), ("latency_ms", "latency ms"),
                        ("latency_rel", "latency / reference")):  # timed interleaved: the drift-proof comparison
         rows.append({"metric": label, "base": None if base is None else getattr(base, key),
-                     "searched": None if rec is None else rec.get(key), "now": getattr(m, key)})
+                     "searched": None if rec is None else getattr(rec, key), "now": getattr(m, key)})
     table(rows, f"applied {summary.policy}" + (" + fine-tune" if summary.finetuned else ""),
           ["metric", "base", "searched", "now"])
     console.print(f"test accuracy {summary.test_accuracy:.4f}; saved {summary.out}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from optuna.trial import TrialState
 
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
@@ -24,6 +25,7 @@ from squeezer.progress import LiveDisplay, progress_bar
 from squeezer.run_folder import BASE_FILE, abs_ref, check_run, saved_inputs, write_run
 from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
+from squeezer.search.records import TrialRecord
 from squeezer.search.study import preload_storage, run_search
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -62,7 +64,7 @@ class SearchSummary:
     base: Measurement
     budget: str
     metric_x: str
-    front: list[dict[str, Any]]
+    front: list[TrialRecord]
     completed: int
     failed: int
     seconds: float
@@ -167,27 +169,27 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
         evaluators.close()
     metric_x = result.attrs.get("cost_metric", "macs")
     files = write_front_files(result, out, metric_x)
-    states = [r["state"] for r in result.rows]
-    reasons = Counter(r.get("fail_reason") or "no reason recorded" for r in result.rows if r["state"] == "FAIL")
+    states = [r.state for r in result.rows]
+    reasons = Counter(r.fail_reason or "no reason recorded" for r in result.rows if r.state == TrialState.FAIL)
     front = result.front(metric_x)
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=front,
-                         completed=states.count("COMPLETE"), failed=states.count("FAIL"),
+                         completed=states.count(TrialState.COMPLETE), failed=states.count(TrialState.FAIL),
                          seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
                          closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
                          latency_check=prediction_error(result.rows))
 
 
-def closest_to_budget(rows: list[dict[str, Any]], budget: Any, *, repair: bool) -> dict[str, Any] | None:
+def closest_to_budget(rows: list[TrialRecord], budget: Any, *, repair: bool) -> dict[str, Any] | None:
     """The completed trial whose worst limit is exceeded least, with each limit it exceeds and by how much (a
     constraint is the excess over the limit as a fraction of it), and what to try next."""
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("constraints")]
+    done = [r for r in rows if r.state == TrialState.COMPLETE and r.constraints]
     if not done:
         return None
-    best = min(done, key=lambda r: max(r["constraints"]))
-    over = {lim.text: c for lim, c in zip(budget.limits, best["constraints"]) if c > 0}
+    best = min(done, key=lambda r: max(r.constraints or ()))
+    over = {lim.text: c for lim, c in zip(budget.limits, best.constraints or ()) if c > 0}
     hint = "loosen the budget or search longer" if repair else \
         "loosen the budget, search longer, or pass --repair to shrink each candidate into the budget"
-    return {"number": best["number"], "accuracy": best.get("accuracy"), "over": over, "hint": hint}
+    return {"number": best.number, "accuracy": best.accuracy, "over": over, "hint": hint}
 
 
 def _warn_if_untrained(base: Measurement, bundle: Any, model: str, data: str) -> None:

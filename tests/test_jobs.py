@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from squeezer.cli import main
 import squeezer as jobs
@@ -20,6 +21,7 @@ from squeezer.evaluators.pool import PoolConfig
 from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
 from squeezer.search.config import SearchConfig
 from squeezer.inspection import FrontSummary
+from squeezer.search.records import TrialRecord
 from squeezer.search_job import SearchSummary, _warn_if_untrained, closest_to_budget
 
 QUICK_LATENCY = LatencyConfig(runs=20, reps=2, warmup=5)
@@ -125,7 +127,7 @@ def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: 
     assert info["eval"]["latency"]["threads"] == 2 and info["eval"]["latency"]["batch"] == 2
     assert info["eval"]["latency"]["table_reps"] == 6
     row = jobs.front(tmp_path / "t").front[0]
-    assert row["hardware"]["threads"] == 2 and row["latency_ms"] > 0  # the fingerprint names the pinned threads
+    assert row.hardware["threads"] == 2 and row.latency_ms > 0  # the fingerprint names the pinned threads
 
 
 @pytest.mark.slow
@@ -138,7 +140,7 @@ def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Pa
     deltas = json.loads(tables[0].read_text())["deltas"]
     pruned = [u for u, k in jobs.space(model=str(run / "base.pt"), knobs=("prune",)).param_names()]
     assert len(deltas) >= len(pruned) and all(k.split("|")[0] in pruned for k in deltas)
-    assert summary.completed == 2 and all(r["latency_source"] == "predicted" for r in summary.front)
+    assert summary.completed == 2 and all(r.latency_source == "predicted" for r in summary.front)
 
 
 def test_latency_budget_without_latency(capsys, run: Path, tmp_path: Path) -> None:
@@ -312,9 +314,9 @@ def test_a_search_with_no_feasible_trial_names_the_closest_and_what_to_try(capsy
     from squeezer.evaluators.measurement import Measurement
     from squeezer.search.budget import Budget
 
-    rows = [{"number": 0, "state": "COMPLETE", "accuracy": 0.83, "constraints": [0.329, -0.95]},
-            {"number": 1, "state": "COMPLETE", "accuracy": 0.94, "constraints": [0.165, -0.97]},
-            {"number": 2, "state": "FAIL"}]
+    rows = [TrialRecord(number=0, state=TrialState.COMPLETE, accuracy=0.83, constraints=(0.329, -0.95)),
+            TrialRecord(number=1, state=TrialState.COMPLETE, accuracy=0.94, constraints=(0.165, -0.97)),
+            TrialRecord(number=2, state=TrialState.FAIL)]
     closest = closest_to_budget(rows, Budget.parse("latency<=60%,size<=1MB"), repair=False)
     assert closest["number"] == 1 and list(closest["over"]) == ["latency<=60%"] and "--repair" in closest["hint"]
     base = Measurement(accuracy=0.97, loss=0.1, macs=1000, params=10, bops=1.0, size_mb=0.1)
@@ -334,11 +336,12 @@ def test_the_summaries_say_how_far_the_latency_table_was_from_the_timings(capsys
     from squeezer.evaluators.measurement import Measurement
     from squeezer.search.latency_margin import prediction_error
 
-    rows = [{"state": "COMPLETE", "latency_source": "measured", "latency_rel": 1.0, "latency_predicted": 0.9},
-            {"state": "COMPLETE", "latency_source": "measured", "latency_rel": 0.8, "latency_predicted": 0.84},
-            {"state": "COMPLETE", "latency_source": "measured", "latency_rel": 0.5, "latency_predicted": 0.6},
-            {"state": "COMPLETE", "latency_source": "predicted", "latency_rel": 0.7},  # not timed: nothing to check
-            {"state": "FAIL", "latency_source": "measured", "latency_rel": 2.0, "latency_predicted": 0.1}]
+    done, failed = TrialState.COMPLETE, TrialState.FAIL
+    rows = [TrialRecord(number=0, state=done, latency_source="measured", latency_rel=1.0, latency_predicted=0.9),
+            TrialRecord(number=1, state=done, latency_source="measured", latency_rel=0.8, latency_predicted=0.84),
+            TrialRecord(number=2, state=done, latency_source="measured", latency_rel=0.5, latency_predicted=0.6),
+            TrialRecord(number=3, state=done, latency_source="predicted", latency_rel=0.7),  # not timed: no check
+            TrialRecord(number=4, state=failed, latency_source="measured", latency_rel=2.0, latency_predicted=0.1)]
     check = prediction_error(rows)
     assert check["timed"] == 3 and round(check["median_error"], 4) == 0.1 and round(check["median_ratio"], 4) == 0.9524
     assert prediction_error(rows[3:]) is None
@@ -367,11 +370,12 @@ def test_the_python_api_searches_a_model_and_tensors_held_in_memory(run: Path, t
     assert summary.completed == 2 and summary.base.accuracy > 0.5 and summary.front
     saved = json.loads((tmp_path / "mem/run.json").read_text())  # found by path by workers, resumes and apply
     assert Path(saved["model"]).name.startswith("model-") and Path(saved["data"]).name.startswith("data-")
-    best = max(summary.front, key=lambda r: r["accuracy"])
+    best = max(summary.front, key=lambda r: r.accuracy)
     with pytest.raises(ValueError, match="pass --trust-pickle again"):  # its base.pt is the module, pickled
-        jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt")
-    applied = jobs.apply(tmp_path / "mem", trial=best["number"], out=tmp_path / "small.pt", trust_pickle=True)
-    assert applied.measured.accuracy == pytest.approx(best["accuracy"]) and applied.measured.macs == best["macs"]
+        jobs.apply(tmp_path / "mem", trial=best.number, out=tmp_path / "small.pt")
+    applied = jobs.apply(tmp_path / "mem", trial=best.number, out=tmp_path / "small.pt", trust_pickle=True)
+    assert applied.measured.accuracy == pytest.approx(best.accuracy) and applied.measured.macs == best.macs
+    assert (applied.recorded.number, applied.recorded.macs) == (best.number, best.macs)  # what apply compared with
 
 
 def test_a_run_folder_written_before_the_configs_resumes_and_applies(run: Path, tmp_path: Path) -> None:
@@ -426,18 +430,18 @@ def test_a_one_worker_search_traces_the_model_once(hybrid_search: SimpleNamespac
     """The driver's space serves the in-process evaluator, the one building the latency table and the one
     promoting trials."""
     assert hybrid_search.summary.completed == 4
-    assert any(r.get("fidelity") == "finetune" for r in hybrid_search.rows)  # the promoting evaluator ran
+    assert any(r.fidelity == "finetune" for r in hybrid_search.rows)  # the promoting evaluator ran
     assert hybrid_search.traced == 1
 
 
 def test_a_hybrid_repaired_search_records_each_timed_candidate_into_the_table_once(
         hybrid_search: SimpleNamespace) -> None:
-    timed = [r for r in hybrid_search.rows if r["state"] == "COMPLETE" and r.get("latency_source") == "measured"]
+    timed = [r for r in hybrid_search.rows if r.completed and r.latency_source == "measured"]
     assert timed
     for row in timed:
-        policy = json.dumps(row["policy"]["layers"], sort_keys=True)
+        policy = json.dumps(row.policy.to_json()["layers"], sort_keys=True)
         times = [rel for p, rel in hybrid_search.recorded
                  if json.dumps(p.to_json()["layers"], sort_keys=True) == policy]
-        assert times == [pytest.approx(row["latency_rel"])]
+        assert times == [pytest.approx(row.latency_rel)]
     calibration = 16  # the random policies the table is fitted to before the search
     assert len(hybrid_search.recorded) == calibration + len(timed)

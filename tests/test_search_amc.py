@@ -11,7 +11,7 @@ from squeezer.search.amc_agent import AgentConfig, AmcAgent
 from squeezer.search.baselines import uniform_at, uniform_policy, uniform_sweep
 from squeezer.search.budget import Budget
 from squeezer.search.objectives import make_objective
-from squeezer.search.searcher import trial_attrs
+from squeezer.search.records import TrialRecord
 from fakes import FakeEvaluator
 from squeezer.spaces.space import SearchSpace
 
@@ -32,11 +32,13 @@ def test_action_wall_keeps_every_episode_within_the_macs_budget(space: SearchSpa
     for _ in range(8):  # warm-up (random actions) and learned episodes, each walled
         proposal = agent.ask()
         assert space.predict(proposal.policy.layers).macs <= limit * bl
-        assert len(proposal.info["actions"]) == len(agent.units)
-        assert all(len(a) == agent.dims == 2 and all(0.0 <= x <= 1.0 for x in a) for a in proposal.info["actions"])
+        actions = proposal.record.ddpg_actions
+        assert len(actions) == len(agent.units)
+        assert all(len(a) == agent.dims == 2 and all(0.0 <= x <= 1.0 for x in a) for a in actions)
         agent.tell(proposal, ev(proposal.policy))
-    assert len(study.trials) == 8 and all(trial_attrs(t)["feasible"] for t in study.trials)
-    assert all(trial_attrs(t)["searcher"] == "ddpg" for t in study.trials)
+    records = [TrialRecord.from_trial(t) for t in study.trials]
+    assert len(records) == 8 and all(r.feasible and r.searcher == "ddpg" for r in records)
+    assert all(r.ddpg_actions and r.ddpg_target is not None for r in records)  # what a resumed agent learns from
 
 
 def test_actions_map_to_each_units_choices(space: SearchSpace) -> None:

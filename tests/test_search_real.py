@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from squeezer.policies.policy import Policy
 from squeezer.search.baselines import uniform_at
 from squeezer.search.config import SearchConfig
 from squeezer.search.study import run_search
@@ -22,10 +21,10 @@ def test_real_search_with_bn_recalibration(tmp_path: Path) -> None:
     done = result.completed()
     assert len(done) == 8
     for row in done:
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["recovery"] == "bn"
-        cost = ev.space.predict(Policy.from_json(row["policy"]).layers)
-        assert row["feasible"] and cost.macs <= 0.6 * ev.space.baseline().macs
+        assert 0.0 <= row.accuracy <= 1.0 and row.recovery == "bn"
+        cost = ev.space.predict(row.policy.layers)
+        assert row.feasible and cost.macs <= 0.6 * ev.space.baseline().macs
     front = result.front()
-    assert front and max(r["accuracy"] for r in front) > 0.3
+    assert front and max(r.accuracy for r in front) > 0.3
     half = ev(uniform_at(ev.space, 0.5))
     assert 0.0 <= half.accuracy <= 1.0 and half.macs <= 0.5 * base.macs

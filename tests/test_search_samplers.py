@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from squeezer.models import resnet20
 from squeezer.policies.policy import Policy
@@ -45,40 +46,39 @@ def test_searcher_respects_budget_and_is_seeded(space: SearchSpace, sampler: str
     assert len(done) == 16
     bl = space.baseline()
     for row in done:
-        policy = Policy.from_json(row["policy"])
-        cost = space.predict(policy.layers)
+        cost = space.predict(row.policy.layers)
         predicted_ok = cost.macs <= 0.45 * bl.macs + 1e-9 and cost.size_bytes <= 0.50 * bl.size_bytes + 1e-9
-        assert row["feasible"] == predicted_ok, row["number"]
+        assert row.feasible == predicted_ok, row.number
         assert predicted_ok  # repair / the wall keep every evaluated policy inside
-        assert (tmp_path / "a" / row["policy_file"]).is_file()
+        assert Policy.load(tmp_path / "a" / row.policy_file) == row.policy  # the file is the stored policy
     again = _search(space, tmp_path / "b", sampler, repair=repair)
-    assert [r["policy"]["layers"] for r in again.completed()] == [r["policy"]["layers"] for r in done]
+    assert [r.policy.layers for r in again.completed()] == [r.policy.layers for r in done]
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
 def test_without_repair_infeasible_trials_are_marked(space: SearchSpace, sampler: str, tmp_path: Path) -> None:
     result = _search(space, tmp_path, sampler, trials=12)
     for row in result.completed():
-        cost = space.predict(Policy.from_json(row["policy"]).layers)
+        cost = space.predict(row.policy.layers)
         bl = space.baseline()
-        assert row["feasible"] == (cost.macs <= 0.45 * bl.macs and cost.size_bytes <= 0.5 * bl.size_bytes)
+        assert row.feasible == (cost.macs <= 0.45 * bl.macs and cost.size_bytes <= 0.5 * bl.size_bytes)
     for row in result.front():
-        assert row["feasible"]
+        assert row.feasible
 
 
 def test_failures_are_recorded_and_parallel_workers(space: SearchSpace, tmp_path: Path) -> None:
     ev = FakeEvaluator(space, fail_unit="layer1.0.conv1")
     config = SearchConfig(budget=BUDGET, sampler="random", trials=12, repair=True)
     result = run_search(space, ThreadPool(ev, workers=3), ev.base(), out=tmp_path, config=config, workers=3)
-    failed = [r for r in result.rows if r["state"] == "FAIL"]
-    assert failed and all("fake failure" in r["fail_reason"] for r in failed)
+    failed = [r for r in result.rows if r.state == TrialState.FAIL]
+    assert failed and all("fake failure" in r.fail_reason for r in failed)
     assert len(result.rows) == 12
     # a second call with the same arguments has nothing left to do; other settings are refused
     again = run_search(space, ThreadPool(ev), ev.base(), out=tmp_path,
                        config=config)  # read back from storage: the failures kept their state and reason
     assert len(again.rows) == 12
-    assert [(r["number"], r["fail_reason"]) for r in again.rows if r["state"] == "FAIL"] == \
-        [(r["number"], r["fail_reason"]) for r in failed]
+    assert [(r.number, r.fail_reason) for r in again.rows if r.state == TrialState.FAIL] == \
+        [(r.number, r.fail_reason) for r in failed]
     with pytest.raises(SearchError, match="budget"):
         run_search(space, ThreadPool(ev), ev.base(), out=tmp_path,
                    config=SearchConfig(budget="macs<=30%", sampler="random", trials=12))
@@ -119,10 +119,11 @@ def test_single_objective_and_promotion(space: SearchSpace, tmp_path: Path) -> N
     config = SearchConfig(budget=BUDGET, sampler="tpe", trials=12, objective="single", repair=True, promote=2)
     result = run_search(space, InlinePool(ev), ev.base(), out=tmp_path, config=config, promote_fn=finetune,
                         on_progress=lambda stats: None)
-    promoted = [r for r in result.rows if r.get("fidelity") == "finetune"]
+    promoted = [r for r in result.rows if r.fidelity == "finetune"]
     assert len(promoted) == len(seen) == min(2, len(result.front()))
     for r in promoted:
-        assert r["accuracy"] == pytest.approx(r["cheap_accuracy"] + 0.01)
+        assert r.accuracy == pytest.approx(r.cheap.accuracy + 0.01) and r.recovery == "finetune"
+        assert r.cheap.fidelity == "cheap" and r.cheap.recovery != "finetune" and r.policy == r.cheap.policy
 
 
 def test_front_rows_are_feasible_and_non_dominated(space: SearchSpace, tmp_path: Path) -> None:
@@ -131,13 +132,13 @@ def test_front_rows_are_feasible_and_non_dominated(space: SearchSpace, tmp_path:
                config=SearchConfig(budget=BUDGET, sampler="random", trials=20))
     result = StudyResult.load(tmp_path)  # from storage alone
     front = result.front()
-    assert front and all(r["feasible"] for r in front)
-    feasible = [r for r in result._with_cost("macs") if r.get("feasible")]
+    assert front and all(r.feasible for r in front)
+    feasible = [r for r in result.with_cost("macs") if r.feasible]
     for r in front:
-        assert not any(o["accuracy"] >= r["accuracy"] and o["x"] <= r["x"] and
-                       (o["accuracy"], o["x"]) != (r["accuracy"], r["x"]) for o in feasible)
+        assert not any(o.accuracy >= r.accuracy and o.x <= r.x and (o.accuracy, o.x) != (r.accuracy, r.x)
+                       for o in feasible)
     best = result.best_under("latency<=1.5ms")
-    assert best is None or best["latency_ms"] <= 1.5
+    assert best is None or best.latency_ms <= 1.5
     csv_path, json_path = result.write_front(tmp_path)
     assert csv_path.read_text().count("\n") == len(front) + 1
     assert result.hypervolume() > 0
@@ -221,13 +222,13 @@ def test_repair_judges_latency_by_the_latency_model_and_teaches_it_each_timing(s
     result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path, config=config, latency_model=model)
     assert model.calls
     for row in result.completed():
-        assert model.predict_rel(Policy.from_json(row["policy"])) <= 0.8 + 1e-9
+        assert model.predict_rel(row.policy) <= 0.8 + 1e-9
     def key(policy: dict) -> str:
         return json.dumps(policy, sort_keys=True)
 
     taught = sorted((key(p), rel) for p, rel in model.timed)
-    assert taught == sorted((key(r["policy"]), r["latency_rel"]) for r in result.completed())
-    assert all(r["latency_margin"] == pytest.approx(1.0) for r in result.completed())
+    assert taught == sorted((key(r.policy.to_json()), r.latency_rel) for r in result.completed())
+    assert all(r.latency_margin == pytest.approx(1.0) for r in result.completed())
 
 
 class _FastTable:
@@ -263,12 +264,12 @@ def test_repair_aims_below_a_latency_limit_by_what_timed_candidates_measured(spa
 
     config = SearchConfig(budget="latency<=25%", sampler="random", trials=8, repair=True)
     result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path, config=config, latency_model=table)
-    rows = sorted(result.completed(), key=lambda r: r["number"])
-    assert [r["latency_margin"] for r in rows[:3]] == [1.0, 1.0, 1.0]
-    assert not any(r["feasible"] for r in rows[:3])  # predicted within the limit, measured a quarter slower
+    rows = sorted(result.completed(), key=lambda r: r.number)
+    assert [r.latency_margin for r in rows[:3]] == [1.0, 1.0, 1.0]
+    assert not any(r.feasible for r in rows[:3])  # predicted within the limit, measured a quarter slower
     for row in rows[3:]:
-        assert row["latency_margin"] == pytest.approx(1.25)
-        assert row["feasible"] and row["latency_rel"] <= 0.25 + 1e-9
+        assert row.latency_margin == pytest.approx(1.25)
+        assert row.feasible and row.latency_rel <= 0.25 + 1e-9
     study = optuna.load_study(study_name="squeezer", storage=resolve_storage("sqlite", tmp_path))
     objective = make_objective(budget=Budget.parse("latency<=25%"), base=ev.base())
     reopened = OptunaSearcher(study, space, objective, name="random", repair=True, latency_model=table)
@@ -290,14 +291,14 @@ def test_agent_wall_judges_latency_by_the_latency_model(space: SearchSpace, tmp_
     by_macs = run_search(space, InlinePool(ev), ev.base(), out=tmp_path / "macs",
                          config=replace(config, storage=optuna.storages.InMemoryStorage()))
     model = _LatencyModel(space)
-    assert sum(model.predict_rel(Policy.from_json(r["policy"])) > 0.5 for r in by_macs.completed()) >= 6
+    assert sum(model.predict_rel(r.policy) > 0.5 for r in by_macs.completed()) >= 6
     result = run_search(space, InlinePool(timed), ev.base(), out=tmp_path / "lut",
                         config=replace(config, storage=optuna.storages.InMemoryStorage()), latency_model=model)
     rows = result.completed()
     assert len(rows) == 12 and len(model.timed) == 12
     for row in rows:
-        assert row["latency_predicted"] == pytest.approx(model.predict_rel(Policy.from_json(row["policy"])))
-        assert row["latency_predicted"] <= 0.5 + 1e-9 and row["feasible"]
+        assert row.latency_predicted == pytest.approx(model.predict_rel(row.policy))
+        assert row.latency_predicted <= 0.5 + 1e-9 and row.feasible
 
 
 def test_the_progress_line_stays_one_line_when_piped(capsys) -> None:
@@ -323,12 +324,12 @@ def test_a_new_budgeted_study_starts_from_uniform_policies_within_the_budget(spa
         return run_search(space, InlinePool(ev), ev.base(), out=tmp_path,
                           config=SearchConfig(budget=BUDGET, sampler=sampler, trials=trials))
 
-    first = sorted(search(16).completed(), key=lambda r: r["number"])[:len(starts)]
-    assert [Policy.from_json(r["policy"]).to_params() for r in first] == [p.to_params() for p in starts]
-    assert all(r["feasible"] for r in first)
+    first = sorted(search(16).completed(), key=lambda r: r.number)[:len(starts)]
+    assert [r.policy.to_params() for r in first] == [p.to_params() for p in starts]
+    assert all(r.feasible for r in first)
     resumed = search(24).completed()  # asked for more, the study goes on from where it was, not from the start
     assert len(resumed) == 24
-    assert sum(Policy.from_json(r["policy"]).to_params() == starts[0].to_params() for r in resumed) == 1
+    assert sum(r.policy.to_params() == starts[0].to_params() for r in resumed) == 1
 
 
 class _Predicting:
@@ -366,5 +367,5 @@ def test_budget_starts_judge_a_latency_limit_by_the_latency_table_when_the_searc
     config = SearchConfig(budget="latency<=60%", trials=16, storage=optuna.storages.InMemoryStorage())
     result = run_search(space, InlinePool(ev), ev.base(), out=tmp_path, config=config,
                         latency_model=_Predicting(int8_is_slow))
-    first = sorted(result.completed(), key=lambda r: r["number"])[:len(by_table)]
-    assert [Policy.from_json(r["policy"]).to_params() for r in first] == [p.to_params() for p in by_table]
+    first = sorted(result.completed(), key=lambda r: r.number)[:len(by_table)]
+    assert [r.policy.to_params() for r in first] == [p.to_params() for p in by_table]
