@@ -107,11 +107,10 @@ class Evaluator:
     def _table_meter(self) -> LatencyMeter:
         """The lookup table's meter: as many timed runs as a candidate's timing, over `table_reps` sessions.
 
-        Each session of a model runs at its own speed (ResNet-20 on 8x8 digits: 3-5% apart, whatever the session
-        options), and a prediction sums many entries' errors, so where inputs are tiny more sessions help. Every
-        knob, policies timed as candidates are (benchmarks/latency_fit.py): on 8x8 digits entries over 3 sessions of
-        200 runs erred 7.7%, over 12 of 50 6.9%; on 28x28 MNIST 4.9% and 5.2%, the table taking 38-41% longer on
-        both. Hence 3 by default, where the table shares the candidates' meter."""
+        Each session of a model runs at its own speed, whatever the session options, and a prediction sums many
+        entries' errors, so where inputs are tiny more sessions help; elsewhere they only make the table slower to
+        build (benchmarks/latency_fit.py, benchmarks/RESULTS.md). Hence 3 by default, where the table shares the
+        candidates' meter."""
         meter = self.meter
         assert meter is not None
         reps = max(MIN_REPS, self.settings.latency.table_reps)

@@ -295,8 +295,7 @@ def choice_parts(choice: LayerChoice) -> list[LayerChoice]:
     Bit widths are timed in their int8 form: the export stores every width up to 8 bits as int8
     (policies/quantize.py), so w4 and w8 run the same kernels and one entry serves both. They are timed on the
     unit's form (its rank or block, unpruned): a decomposed or depthwise-separable unit quantizes two or three
-    convolutions, and an int8 depthwise one can cost more than the whole float unit did (ResNet-20 on digits: a
-    dwsep unit -0.01 of the base, the same unit in int8 +0.05 to +0.19, the plain unit in int8 +0.05 to +0.08).
+    convolutions, and an int8 depthwise one can cost more than the whole float unit did.
     """
     changed = choice.changed()
     parts = [LayerChoice(**{k: v}) for k, v in changed.items() if KNOBS[k].role != BITS]
@@ -334,11 +333,10 @@ def calibration_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
     """`n` random policies of `space`, from barely to heavily changed (each changes a random share of its knobs), of
     three kinds in turn: any knob drawn, bit widths left alone, and bit widths drawn on only one to four units.
 
-    Why the kinds: random bit widths make nearly every policy int8-heavy (6 of a unit's 7 widths are int8 forms),
-    and fitted only to those, a pruned float model was predicted 14.5% off (ResNet-20 / digits). A few int8 units in
-    a pruned float model is what repair makes of a latency limit, and there int8 costs what its unscaled deltas say:
-    quantize steps around each int8 unit, whatever its MACs (36 repaired policies of three searches: measured 1.35-1.5
-    of the base where the MAC-scaled deltas predicted 0.8-0.9).
+    Why the kinds: random bit widths make nearly every policy int8-heavy (most of a unit's widths are int8 forms),
+    and a fit to those alone mispredicts pruned float models. A few int8 units in a pruned float model is what repair
+    makes of a latency limit, and there int8 costs what its unscaled deltas say: quantize steps around each int8
+    unit, whatever its MACs, far more than the MAC-scaled deltas predict (benchmarks/RESULTS.md).
     """
     rng = random.Random(seed)
     dists = space.distributions()

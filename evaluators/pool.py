@@ -284,7 +284,7 @@ class RayPool:
             self.latency_actor = cls.remote(model_ref, data_ref, settings.latency)
         threads = threads_per_worker(self.workers)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
-        # each evaluation costs Ray a little less (a 100-trial search on 2 cores: 4.3-4.9% overhead, 4.6-5.1% with).
+        # each evaluation costs Ray a little less (benchmarks/search_orchestration.py).
         resources = actor_resources(settings.device, self.workers, offered.get("GPU", 0))
         actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address))
         self._make = lambda: actor.remote(model_ref, data_ref, settings, space=space_ref, cache_dir=config.cache_dir,

@@ -2,13 +2,10 @@
 learned from the search's own timed candidates.
 
 Why: the latency table's sums miss what a policy's units cost together, and the candidates a budget makes (heavily
-pruned, a few int8 units) are where it errs. On ResNet-20 / digits, every knob, `latency<=90%`, 20 candidates
-repaired to the limit by the table measured 0.73-1.27 of the base (measured / predicted: median 1.09, upper
-quartile 1.33). Aiming at the limit divided by the upper quartile of measured / predicted over the latest timed
-candidates made 8 of the 15 candidates from the sixth on feasible (margin 1.16-1.25), against 5 of 15 aiming at
-the limit (same starting table; on that machine one policy's ratio to the base moves 0.8-1.0 from minute to
-minute, so one search is a noisy count).
-Where the table predicts slow, the margin falls below 1 and the searcher compresses less.
+pruned, a few int8 units) are where it errs, mostly on the slow side. Aiming at the limit divided by the upper
+quartile of measured / predicted over the latest timed candidates made more repaired candidates feasible than
+aiming at the limit itself (benchmarks/RESULTS.md). Where the table predicts slow, the margin falls below 1 and the
+searcher compresses less.
 """
 from __future__ import annotations
 

@@ -63,8 +63,8 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
         path = str(Path(out).resolve() / "study.log")
-        # A killed writer leaves its lock file behind; writes hold it for milliseconds, so 3 s means stale
-        # (Optuna's default grace of 30 s would stall every resume after a kill).
+        # A killed writer leaves its lock file behind; a write holds it only briefly, so a short grace period
+        # finds it stale (Optuna's default grace would stall every resume after a kill).
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=3)))
     if storage is None or storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
@@ -76,7 +76,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
 def preload_storage(storage: str | BaseStorage | None = None) -> threading.Thread | None:
     """Import what opening an RDB storage needs (SQLAlchemy, alembic, Optuna's table models) on a daemon thread.
 
-    Those imports take ~1 s, most of a 30-trial search's orchestration on digits (1.2 of 1.8 s). A search job
+    Those imports are most of a short search's orchestration (benchmarks/search_orchestration.py). A search job
     starts this before it loads data, model and evaluators, so the imports overlap that work instead of delaying
     the first trial; opening the storage later waits for whatever is left (Python's import lock). The thread holds the
     machine lock as torch work does, so it never runs beside a latency timing run.
@@ -244,11 +244,10 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
     start, started_with = time.perf_counter(), done
     in_flight: dict[int, Any] = {}
     # Workers outside this process get one policy queued ahead, so a worker that finishes starts the next one while
-    # the driver records the last and asks the sampler (otherwise each worker idles for that, 20-30 ms a trial). A
-    # pool that evaluates in this process (one local worker) does so inside wait(): there is nothing to overlap, and
-    # a thread would not help (torch ran ResNet-20 on digits slower off the main thread, 0.64-0.81 s an evaluation
-    # against 0.44-0.56 s, far more than the 20 ms it would hide; asking on a helper thread while this one evaluates
-    # slowed the evaluations more than it hid: 100 trials took 18.2-19.7 s against 17.3-17.5 s).
+    # the driver records the last and asks the sampler (otherwise each worker idles for that). A pool that
+    # evaluates in this process (one local worker) does so inside wait(): there is nothing to overlap, and a thread
+    # would not help (torch runs slower off the main thread, by far more than the driver's work it would hide;
+    # benchmarks/RESULTS.md).
     depth = workers if getattr(pool, "in_process", False) else workers + 1
     lock = MachineLock()  # the driver's own CPU work never runs beside a latency timing run on this machine
     while True:

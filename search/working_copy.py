@@ -1,11 +1,10 @@
 """The study the sampler works on, held in memory and written to the stored study a trial at a time.
 
 Why: Optuna writes every suggested parameter in its own storage call, and an RDB storage commits each one: with
-34 parameters a policy (ResNet-20, prune + bit width; ~100 with every knob) that was 0.17 s a trial in SQLite,
-a third of a short BN-recalibrated evaluation. Here the sampler asks and learns on an in-memory copy that holds
-every stored trial (so trial numbers are the stored ones), and each trial reaches storage when it is asked
-(RUNNING, with its params and attrs, in one call: a killed search still finds it and re-queues it) and when it is
-told (the attrs it gained, then its state and values).
+dozens of parameters a policy that is a large share of a short BN-recalibrated evaluation. Here the sampler asks
+and learns on an in-memory copy that holds every stored trial (so trial numbers are the stored ones), and each
+trial reaches storage when it is asked (RUNNING, with its params and attrs, in one call: a killed search still
+finds it and re-queues it) and when it is told (the attrs it gained, then its state and values).
 
 Every write goes through the storage's public interface (`BaseStorage`: what `Study.add_trial`, `Trial.set_user_attr`
 and `Study.tell` call), so any storage Optuna supports holds what Optuna itself would have written.
