@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
@@ -55,16 +54,21 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
     """2-D hypervolume of (accuracy, cost) points, accuracy maximised and cost minimised, against `ref`.
 
     `ref` = (worst accuracy, worst cost); with cost as a fraction of the base model, (0, 1) measures the area of
-    the accuracy-cost plane the points dominate, 1.0 for a free perfect model. Optuna's own computation, on
-    (-accuracy, cost) so that both are minimised as it expects.
+    the accuracy-cost plane the points dominate, 1.0 for a free perfect model. Written here rather than taken from
+    Optuna, whose hypervolume lives in a private module (`optuna._hypervolume`) that an upgrade may move.
     """
-    from optuna._hypervolume import compute_hypervolume
-
     acc_ref, cost_ref = ref
-    inside = [(-a, c) for a, c in points if a > acc_ref and c < cost_ref]
-    if not inside:
-        return 0.0
-    return float(compute_hypervolume(np.array(inside, dtype=float), np.array([-acc_ref, cost_ref], dtype=float)))
+    pts = sorted((c, a) for a, c in points if a > acc_ref and c < cost_ref)
+    area, best = 0.0, acc_ref
+    front: list[tuple[float, float]] = []
+    for c, a in pts:
+        if a > best:
+            front.append((c, a))
+            best = a
+    for i, (c, a) in enumerate(front):
+        nxt = front[i + 1][0] if i + 1 < len(front) else cost_ref
+        area += (nxt - c) * (a - acc_ref)
+    return area
 
 
 def _check_schema_ready(path: Path) -> None:
