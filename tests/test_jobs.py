@@ -130,7 +130,7 @@ def test_predicted_latency_search_builds_its_table_first(run: Path, tmp_path: Pa
     deltas = json.loads(tables[0].read_text())["deltas"]
     pruned = [u for u, k in jobs.space(model=str(run / "base.pt"), knobs=("prune",)).param_names()]
     assert len(deltas) >= len(pruned) and all(k.split("|")[0] in pruned for k in deltas)
-    assert summary.completed == 2 and all(r["latency_source"] == "predicted" for r in summary.front)
+    assert summary.completed == 2 and all(r.latency_source == "predicted" for r in summary.front)
 
 
 def test_latency_budget_without_latency(capsys, run: Path, tmp_path: Path) -> None:
