@@ -59,7 +59,10 @@ def test_bad_settings_are_one_line_errors() -> None:
 def test_hybrid_latency_keeps_the_prediction_beside_each_timing(resnet, digits, tmp_path) -> None:
     """Every second candidate is timed; its table prediction, made before timing, is kept to report the table's
     error. The others carry the prediction as their latency."""
+    from optuna.trial import TrialState
+
     from squeezer.search.latency_margin import prediction_error
+    from squeezer.search.records import TrialRecord
 
     ev = Evaluator(resnet, digits, EvalSettings(latency=LatencyConfig(mode="hybrid", measure_every=2),
                                                  recovery=RecoveryConfig(bn_batches=2)), cache_dir=tmp_path)
@@ -70,7 +73,8 @@ def test_hybrid_latency_keeps_the_prediction_beside_each_timing(resnet, digits, 
     timed = [o for o in outs if o.latency_source == "measured"]
     assert all(o.latency_predicted > 0 and o.latency_rel > 0 for o in timed)
     assert all(o.latency_predicted is None and o.latency_rel > 0 for o in outs if o not in timed)
-    check = prediction_error([{"state": "COMPLETE", **o.metrics()} for o in outs])
+    check = prediction_error([TrialRecord(number=n, state=TrialState.RUNNING).measured(o, constraints=[], cost_frac=1.0)
+                              for n, o in enumerate(outs)])
     errors = sorted(abs(o.latency_predicted - o.latency_rel) / o.latency_rel for o in timed)
     assert check is not None and check["timed"] == 2 and math.isclose(check["median_error"], sum(errors) / 2)
 
