@@ -426,6 +426,7 @@ def hybrid_search(run: Path, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(summary=summary, rows=StudyResult.load(out).rows, traced=len(traced), recorded=recorded)
 
 
+@pytest.mark.slow  # its fixture runs a whole hybrid, repaired, promoted search
 def test_a_one_worker_search_traces_the_model_once(hybrid_search: SimpleNamespace) -> None:
     """The driver's space serves the in-process evaluator, the one building the latency table and the one
     promoting trials."""
@@ -434,6 +435,7 @@ def test_a_one_worker_search_traces_the_model_once(hybrid_search: SimpleNamespac
     assert hybrid_search.traced == 1
 
 
+@pytest.mark.slow  # its fixture runs a whole hybrid, repaired, promoted search
 def test_a_hybrid_repaired_search_records_each_timed_candidate_into_the_table_once(
         hybrid_search: SimpleNamespace) -> None:
     timed = [r for r in hybrid_search.rows if r.completed and r.latency_source == "measured"]
