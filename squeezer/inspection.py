@@ -12,7 +12,7 @@ from squeezer.plots import write_front_files, write_report
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.pareto import StudyResult
 from squeezer.search.records import TrialRecord
-from squeezer.search_job import closest_to_budget, knob_list
+from squeezer.search_job import closest_to_budget
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
@@ -28,7 +28,7 @@ def space(*, model: str, data: str = "digits", knobs: tuple[str, ...] | None = N
     net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
     options: dict[str, Any] = {}
     if knobs:
-        options["knobs"] = knob_list(knobs)
+        options["knobs"] = tuple(knobs)  # SpaceConfig names an unknown knob and the known ones
     if include:
         options["include"] = tuple(include)
     if exclude:

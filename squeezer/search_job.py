@@ -27,12 +27,12 @@ from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
 from squeezer.search.study import preload_storage, run_search
-from squeezer.spaces.knobs import KNOBS, SpaceConfig
+from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSummary", "closest_to_budget", "knob_list", "search_policies"]
+__all__ = ["SearchSummary", "closest_to_budget", "search_policies"]
 
 
 def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: EvalSettings, space_: SearchSpace,
@@ -72,15 +72,6 @@ class SearchSummary:
     failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget, and by how much
     latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
-
-
-def knob_list(knobs: tuple[str, ...] | None) -> tuple[str, ...]:
-    if not knobs:
-        return tuple(KNOBS)
-    bad = [k for k in knobs if k not in KNOBS]
-    if bad:
-        raise ValueError(f"unknown knob {bad[0]!r}: choose from {', '.join(KNOBS)}")
-    return tuple(knobs)
 
 
 def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
@@ -150,7 +141,7 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
         table = None
         if (settings.latency.mode in ("predict", "hybrid") or judges_latency) and not pool_config.latency_resource:
             table = _build_latency_table(evaluators, net, bundle, settings, space_, pool_config.cache_dir, progress)
-        if not base_path.is_file():
+        if not resuming:
             save_checkpoint(net, base_path, recipe=recipe, data=bundle.name, accuracy=base.accuracy)
         promote_fn = None
         if config.promote:
