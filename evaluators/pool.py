@@ -6,8 +6,9 @@ latency optionally timed on a node carrying a custom resource such as "device:pi
 middle of an evaluation is replaced and its evaluation retried once; a second death is an EvalFailure. Ray is
 imported only inside RayPool, so machines without it (the GPU test machine) use LocalPool.
 
-Workers share the cores: each sets torch to cores // workers threads, and timing is serialised machine-wide by
-the lock in `latency.py` (torch work shared, timing exclusive).
+Workers share the cores: each sets torch to `PoolConfig.eval_threads` threads (else OMP_NUM_THREADS when set, else
+cores // workers), and timing is serialised machine-wide by the lock in `latency.py` (torch work shared, timing
+exclusive).
 """
 from __future__ import annotations
 
@@ -47,15 +48,21 @@ class PoolConfig:
     cluster `ray_address` names when it names one. `backend` "local" (processes), "ray" (actors), or "auto" (Ray
     when importable and there is more than one worker, a Ray address or a latency resource). `latency_resource`:
     the custom Ray resource of the node that times latency (the target device). `cache_dir`: where evaluations
-    and the latency table are kept on disk (none: in memory only)."""
+    and the latency table are kept on disk (none: in memory only). `eval_threads`: torch threads per worker
+    (None: OMP_NUM_THREADS when set, else cores // workers); on a busy machine one thread per worker can be far
+    faster than several, whose OpenMP barriers wait on a core another process holds."""
 
     workers: int | None = None
     backend: str = "auto"
     ray_address: str | None = None
     latency_resource: str | None = None
     cache_dir: str | Path | None = None
+    eval_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_threads is not None and self.eval_threads < 1:
+            raise ValueError(f"eval_threads must be at least 1 (or None for OMP_NUM_THREADS or cores / workers), "
+                             f"got {self.eval_threads}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be at least 1 (or None for one per core), got {self.workers}")
         if self.backend not in BACKENDS:
@@ -74,7 +81,14 @@ class EvalPool(Protocol):
     def close(self) -> None: ...
 
 
-def threads_per_worker(workers: int) -> int:
+def threads_per_worker(workers: int, eval_threads: int | None = None) -> int:
+    """Torch threads for each of `workers` evaluators: the user's number, else OMP_NUM_THREADS (as torch itself
+    honours it), else an equal share of the cores."""
+    if eval_threads is not None:
+        return eval_threads
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
@@ -124,7 +138,8 @@ class LocalPool:
                  config: PoolConfig = PoolConfig(workers=1), space: SearchSpace | None = None) -> None:
         self.workers = config.workers or default_workers(settings.device)
         data = data.without_test()
-        self.init_args = (model, data, settings, space, config.cache_dir, threads_per_worker(self.workers))
+        self.init_args = (model, data, settings, space, config.cache_dir,
+                          threads_per_worker(self.workers, config.eval_threads))
         self._queue: deque[tuple[int, Policy]] = deque()
         self._futures: dict[Future, tuple[int, Policy, int]] = {}
         self._failed: list[tuple[int, Outcome]] = []  # given up on while submitting, returned by the next wait
@@ -132,7 +147,7 @@ class LocalPool:
         self.evaluator: Evaluator | None = None
         self.restarts = 0
         if self.workers == 1:
-            torch.set_num_threads(threads_per_worker(1))
+            torch.set_num_threads(threads_per_worker(1, config.eval_threads))
             self.evaluator = Evaluator(model, data, settings, space=space, cache_dir=config.cache_dir)
         else:
             self._executor = self._new_executor()
@@ -282,7 +297,7 @@ class RayPool:
         if config.latency_resource and settings.latency.mode != "none":
             cls = ray.remote(ray_actors.LatencyService).options(num_cpus=0, resources={config.latency_resource: 1})
             self.latency_actor = cls.remote(model_ref, data_ref, settings.latency)
-        threads = threads_per_worker(self.workers)
+        threads = threads_per_worker(self.workers, config.eval_threads)
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (benchmarks/search_orchestration.py).
         resources = actor_resources(settings.device, self.workers, offered.get("GPU", 0))

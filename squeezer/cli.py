@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=argparse.SUPPRESS,
                    help="parallel evaluations, in Ray or local processes (default: one per core, of the cluster "
                         "with --ray-address; one per GPU with --device cuda)")
+    p.add_argument("--eval-threads", type=_positive_int, default=None,
+                   help="torch threads per evaluation worker (default: OMP_NUM_THREADS when set, else cores / "
+                        "workers); on a busy machine 1 is often fastest")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
                         "URL such as postgresql://user@host/db shared by several machines (default: SQLite "
@@ -235,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
         latency = LatencyConfig(mode=args.latency, threads=args.latency_threads, batch=args.latency_batch,
                                 table_reps=args.latency_table_reps)
         pool = PoolConfig(workers=getattr(args, "workers", None), backend=args.pool, ray_address=args.ray_address,
-                          latency_resource=args.latency_on)
+                          latency_resource=args.latency_on, eval_threads=args.eval_threads)
         summary = squeezer.search_policies(model=args.model, data=args.data, out=args.out, search=search,
                                            recovery=recovery, latency=latency, pool=pool, device=args.device,
                                            weights=args.weights, trust_pickle=args.trust_pickle, progress=True)

@@ -39,6 +39,7 @@ LEGACY_RUN = {"model": "/runs/base.pt", "data": "digits", "fingerprint": "abc123
     (lambda: EvalSettings(latency="none"), "latency must be a LatencyConfig, got 'none'"),
     (lambda: PoolConfig(backend="dask"), "unknown pool backend 'dask': choose from auto, local, ray"),
     (lambda: PoolConfig(workers=0), "workers must be at least 1"),
+    (lambda: PoolConfig(eval_threads=0), "eval_threads must be at least 1"),
     (lambda: SearchConfig(sampler="anneal"), "unknown sampler 'anneal': choose from tpe, nsga2"),
     (lambda: SearchConfig(objective="both"), "unknown objective 'both': choose from multi, single"),
     (lambda: SearchConfig(trials=0), "trials must be at least 1, got 0"),
@@ -62,6 +63,17 @@ def test_configs_are_frozen_and_keyword_only() -> None:
     with pytest.raises(TypeError):
         LatencyConfig("predict")  # type: ignore[misc]
     assert SearchConfig(budget="macs <= 50 %").budget == SearchConfig(budget="macs<=50%").budget == "macs<=50%"
+
+
+def test_evaluation_threads_are_the_users_then_omp_num_threads_then_a_share_of_the_cores(monkeypatch) -> None:
+    from squeezer.evaluators.pool import threads_per_worker
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_per_worker(2) == 4 and threads_per_worker(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_per_worker(1) == 1
+    assert threads_per_worker(1, 3) == 3
 
 
 def test_run_json_round_trips(tmp_path: Path) -> None:
