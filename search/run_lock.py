@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from squeezer.search.config import SearchError
+from squeezer.search.errors import SearchError
 
 __all__ = ["LOCK_FILE", "FolderInUseError", "holding_folder", "usable_folder"]
 

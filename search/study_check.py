@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from squeezer.search.config import SearchError
+from squeezer.search.errors import SearchError
 from squeezer.search.run_lock import short
 
 __all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "sqlite_damage"]
