@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult
+from squeezer.search_job import failure_counts
 from fakes import fake_search
 
 
@@ -64,6 +65,8 @@ def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
         assert stale.trial_params.items() <= r.trial_params.items()  # a half-asked one is completed
         if sampler == "ddpg":  # the agent's episode travels with it
             assert r.ddpg_actions == stale.ddpg_actions and r.ddpg_target == stale.ddpg_target
+    failed, interrupted = failure_counts(after.rows)  # what the search's summary reports
+    assert interrupted == len(running_before) and not failed
     policies = [str(sorted(r.policy.layers.items())) for r in complete if r.requeued_from is None]
     assert len(complete) == len({r.number for r in complete})
     assert len(policies) == len(complete) - len(requeued)
