@@ -16,6 +16,7 @@ from optuna.storages import BaseStorage
 
 from squeezer.evaluators.settings import EvalSettings
 from squeezer.search.budget import METRICS, Budget
+from squeezer.search.errors import SearchError
 from squeezer.search.objectives import KINDS
 from squeezer.search.optuna_searcher import SAMPLERS
 from squeezer.spaces.knobs import KNOBS, SpaceConfig
@@ -27,10 +28,6 @@ RUN_VERSION = 2  # run.json with the evaluation settings as configs (1: one flat
 SAMPLER_NAMES = (*SAMPLERS, "ddpg")
 # What a resumed run must share with the one it resumes; absent from an older record, a key is not compared.
 RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric")
-
-
-class SearchError(ValueError):
-    """A search that cannot start or resume; one line naming the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial
 from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import Budget, BudgetError, cost_fraction
 from squeezer.search.records import TrialRecord, promoted_key
+from squeezer.search.study_check import corrupt_error, sqlite_damage
 
 __all__ = ["StudyResult", "front_rows", "front_row", "hypervolume"]
 
@@ -72,9 +73,12 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
 
 
 def _check_schema_ready(path: Path) -> None:
-    """Raise (one line) while the search that owns `path` is still creating its tables."""
+    """Raise (one line) when `path` is corrupt, or while the search that owns it is still creating its tables."""
     import sqlite3
 
+    damage = sqlite_damage(path, full=False)
+    if damage is not None and "locked" not in damage:
+        raise corrupt_error(path, damage, reading=True)
     try:
         with contextlib.closing(sqlite3.connect(str(path), timeout=10)) as conn:
             ready = conn.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] > 0
@@ -106,28 +110,38 @@ class StudyResult:
     def load(cls, storage_or_dir: str | Path | BaseStorage, *, study_name: str | None = None) -> "StudyResult":
         """From a run folder (its study.db), a storage URL, or a storage object."""
         storage: Any = storage_or_dir
-        if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
-            folder = Path(storage_or_dir)
-            if (folder / "study.db").is_file():
-                # A reader never creates tables, and waits for a starting search to finish its schema: Optuna
-                # stamps the schema version from every process that opens the file, and two stamps at once crash.
-                _check_schema_ready(folder / "study.db")
-                storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}",
-                                                     skip_table_creation=True)
-            elif (folder / "study.log").is_file():
-                from optuna.storages import JournalStorage
-                from optuna.storages.journal import JournalFileBackend
+        db = None  # the run folder's SQLite file, when that is what is read
+        try:
+            if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
+                folder = Path(storage_or_dir)
+                if (folder / "study.db").is_file():
+                    # A reader never creates tables, and waits for a starting search to finish its schema: Optuna
+                    # stamps the schema version from every process that opens the file, and two stamps at once crash.
+                    db = folder / "study.db"
+                    _check_schema_ready(db)
+                    storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}",
+                                                         skip_table_creation=True)
+                elif (folder / "study.log").is_file():
+                    from optuna.storages import JournalStorage
+                    from optuna.storages.journal import JournalFileBackend
 
-                storage = JournalStorage(JournalFileBackend(str((folder / "study.log").resolve())))
-            else:
-                raise FileNotFoundError(f"{folder} holds no study.log or study.db: pass a search output folder")
-        names = optuna.get_all_study_names(storage)
-        if study_name is None:
-            ours = [n for n in names if n.startswith("squeezer")] or names
-            if len(ours) != 1:
-                raise ValueError(f"storage holds {len(ours)} studies: pass study_name (one of {', '.join(ours)})")
-            study_name = ours[0]
-        return cls(optuna.load_study(study_name=study_name, storage=storage))
+                    storage = JournalStorage(JournalFileBackend(str((folder / "study.log").resolve())))
+                else:
+                    raise FileNotFoundError(f"{folder} holds no study.log or study.db: pass a search output folder")
+            names = optuna.get_all_study_names(storage)
+            if study_name is None:
+                ours = [n for n in names if n.startswith("squeezer")] or names
+                if len(ours) != 1:
+                    raise ValueError(f"storage holds {len(ours)} studies: pass study_name (one of {', '.join(ours)})")
+                study_name = ours[0]
+            return cls(optuna.load_study(study_name=study_name, storage=storage))
+        except Exception as exc:
+            # a damaged page that the schema check did not read fails here, as SQLAlchemy's multi-line error
+            reason = str(getattr(exc, "orig", exc))
+            if db is not None and any(c.__name__ == "DatabaseError" for c in type(exc).__mro__) and \
+                    "locked" not in reason:
+                raise corrupt_error(db, reason, reading=True) from None
+            raise
 
     def completed(self) -> list[TrialRecord]:
         return [r for r in self.rows if r.completed]

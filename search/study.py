@@ -33,7 +33,9 @@ from squeezer.search.objectives import Objective, make_objective
 from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearcher, make_sampler
 from squeezer.search.pareto import StudyResult, front_rows
 from squeezer.search.records import STALE_ATTR, Driver, TrialRecord, promoted_key, queue_attrs
+from squeezer.search.run_lock import holding_folder
 from squeezer.search.searcher import EvalPool, Searcher, write_record
+from squeezer.search.study_check import check_study_files
 from squeezer.search.working_copy import WorkingCopy
 
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
@@ -131,6 +133,7 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
+    check_study_files(out, config.storage)
     sampler, seed = config.sampler, config.seed
     if sampler == "ddpg":
         sampler_obj: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)  # params come fixed
@@ -221,8 +224,16 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
     The caller owns `pool` (`workers` evaluations at once) and closes it. `latency_model` (e.g. a `LatencyTable`)
     judges a latency limit for the uniform starts of a new study, for repair and for the agent's action wall
     (without one, latency is judged by its MACs proxy), and this loop records each candidate timed into it, once.
+    The run folder's lock is held throughout: another search on `out` is refused (run_lock.py).
     """
-    out = Path(out)
+    with holding_folder(out):
+        return _search(space, pool, base, out=Path(out), config=config, workers=workers, on_progress=on_progress,
+                       promote_fn=promote_fn, latency_model=latency_model)
+
+
+def _search(space: Any, pool: EvalPool, base: Measurement, *, out: Path, config: SearchConfig, workers: int,
+            on_progress: Callable[[SearchProgress], None] | None, promote_fn: Callable[[Policy], Outcome] | None,
+            latency_model: LatencyModel | None) -> StudyResult:
     budget = config.parsed_budget
     if workers < 1:
         raise SearchError(f"workers must be at least 1, got {workers}")

@@ -28,6 +28,8 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
            val: tuple[np.ndarray, np.ndarray] | None = None) -> DataBundle:
     """Shuffled split; a `test` (and `val`) the source already holds apart is kept. The normalisation statistics
     (per channel) come from the training part only."""
+    for where, images in (("", x), (" (test)", test[0] if test else None), (" (val)", val[0] if val else None)):
+        _check_finite(images, f"data {name!r}{where}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
@@ -48,6 +50,17 @@ def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, 
     num_classes = int(max(y.max(), val[1].max() if len(val[1]) else 0, test[1].max() if len(test[1]) else 0)) + 1
     return DataBundle(name, split(x, y), split(*val), split(*test), num_classes,
                       tuple(float(v) for v in mean.ravel()), tuple(float(v) for v in std.ravel()))
+
+
+def _check_finite(images: Any, where: str) -> None:
+    """Refuse images holding NaN or infinity: every score on them is NaN, which no search can rank."""
+    if images is None or not np.issubdtype(np.asarray(images).dtype, np.floating):
+        return
+    bad = ~np.isfinite(images)
+    if bad.any():
+        count = int(bad.reshape(len(bad), -1).any(axis=1).sum())
+        where = where if len(where) <= 80 else f"{where[:76]}..."
+        raise DataError(f"{where}: {count:,} images hold NaN or infinite pixel values: drop or repair those images")
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +267,8 @@ def image_splits(data: Any, where: str) -> dict[str, tuple[torch.Tensor, torch.T
         if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or not len(y) or y.is_floating_point():
             raise DataError(f"{where}: split {name!r} needs images N x C x H x W and N integer labels, got shapes "
                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if x.is_floating_point():
+            _check_finite(x.numpy(), f"{where}, split {name!r}")
         out[name] = (x, y)
     return out
 

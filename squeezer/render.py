@@ -77,6 +77,9 @@ def search(summary: Any) -> None:
                   f"files: {', '.join(str(f) for f in summary.files)}")
     for reason, count in summary.failures:
         console.print(f"  {count} failed: {reason}", markup=False, highlight=False)
+    if getattr(summary, "interrupted", 0):
+        console.print(f"  {summary.interrupted} interrupted when a search was stopped, and queued again to run on "
+                      "resume (not counted as failed)", markup=False, highlight=False)
     _latency_check(summary.latency_check)
     if summary.front:
         best = max(summary.front, key=lambda r: r.accuracy)

@@ -26,13 +26,15 @@ from squeezer.run_folder import BASE_FILE, abs_ref, check_run, saved_inputs, wri
 from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
+from squeezer.search.run_lock import holding_folder
 from squeezer.search.study import preload_storage, run_search
+from squeezer.search.study_check import check_study_files
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSummary", "closest_to_budget", "search_policies"]
+__all__ = ["SearchSummary", "closest_to_budget", "failure_counts", "search_policies"]
 
 
 def _build_latency_table(pool: Any, net: Any, bundle: Any, settings: EvalSettings, space_: SearchSpace,
@@ -68,6 +70,7 @@ class SearchSummary:
     completed: int
     failed: int
     seconds: float
+    interrupted: int = 0  # trials a stopped search left unfinished, queued again (not counted as failed)
     files: list[Path] = field(default_factory=list)
     failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget, and by how much
@@ -80,6 +83,10 @@ def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
     while True:
         for key, outcome in pool.wait(timeout=None):
             if key == -1:
+                if not isinstance(outcome, Measurement) and outcome.reason.startswith("non-finite"):
+                    # data is checked when loaded, so what is left is the model: NaN weights, or an overflow
+                    raise ValueError(f"the unchanged model gives a {outcome.reason[:80]}: check its weights for NaN "
+                                     "or infinity")
                 if not isinstance(outcome, Measurement):
                     raise RuntimeError(f"the unchanged model could not be evaluated: {outcome.reason}")
                 return outcome
@@ -114,6 +121,17 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     if "latency" in parsed.metrics and settings.latency.mode == "none":
         raise ValueError("the budget limits latency but --latency none measures none: use --latency measure")
     out = Path(out)
+    # One writer per run folder, decided before anything is written; the lock holds until the search ends.
+    with holding_folder(out):
+        check_study_files(out, config.storage)
+        return _search(model=model, data=data, out=out, config=config, settings=settings, pool_config=pool_config,
+                       weights=weights, trust_pickle=trust_pickle, progress=progress)
+
+
+def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings: EvalSettings,
+            pool_config: PoolConfig, weights: str | None, trust_pickle: bool, progress: bool) -> SearchSummary:
+    """The search itself, with the run folder's lock held."""
+    parsed = config.parsed_budget
     given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
@@ -160,14 +178,22 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
         evaluators.close()
     metric_x = result.attrs.get("cost_metric", "macs")
     files = write_front_files(result, out, metric_x)
-    states = [r.state for r in result.rows]
-    reasons = Counter(r.fail_reason or "no reason recorded" for r in result.rows if r.state == TrialState.FAIL)
+    failed, interrupted = failure_counts(result.rows)
     front = result.front(metric_x)
     return SearchSummary(out=out, base=base, budget=str(parsed), metric_x=metric_x, front=front,
-                         completed=states.count(TrialState.COMPLETE), failed=states.count(TrialState.FAIL),
-                         seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
+                         completed=sum(r.state == TrialState.COMPLETE for r in result.rows),
+                         failed=sum(failed.values()), interrupted=interrupted, seconds=time.perf_counter() - start,
+                         files=files, failures=failed.most_common(3),
                          closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
                          latency_check=prediction_error(result.rows))
+
+
+
+def failure_counts(rows: list[TrialRecord]) -> tuple[Counter[str], int]:
+    """The failed trials by reason, and how many trials a stopped search interrupted: those were queued again
+    (and re-run by a resumed search), so they are no failure of their policy."""
+    failed = [r for r in rows if r.state == TrialState.FAIL]
+    return Counter(r.fail_reason or "no reason recorded" for r in failed if not r.stale), sum(r.stale for r in failed)
 
 
 def closest_to_budget(rows: list[TrialRecord], budget: Any, *, repair: bool) -> dict[str, Any] | None:

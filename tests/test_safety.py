@@ -359,3 +359,90 @@ def test_the_lock_refuses_a_directory_that_is_a_link_or_not_ours(tmp_path) -> No
     os.chown(theirs, 12345, 12345)
     with pytest.raises(FileExistsError, match="owned by user 12345"):
         MachineLock(tmp_path / "theirs")
+
+
+# ---- the fuzz's hardest cases, every run (hypothesis draws them only now and then) ---------------------------------
+DEEP = "[" * 1500 + "]" * 1500
+HUGE = "v" * 100_000
+
+
+@pytest.mark.parametrize("document,needle", [
+    (DEEP, "nests too deeply"),
+    ('{"format": "squeezer.policy", "version": 1, "fingerprint": "FP", "meta": ' + DEEP + "}", "nests"),
+    ('{"format": "squeezer.policy", "version": 1, "fingerprint": "FP", "layers": {"3": ' + DEEP + "}}", "nests"),
+    ('{"format": "squeezer.policy", "version": 1, "fingerprint": "FP", "layers": {"3": {"prune": ' + DEEP + "}}}",
+     "nests"),
+    (json.dumps({"format": "squeezer.policy", "version": 1, "fingerprint": HUGE, "layers": {}}), "another model"),
+    (json.dumps({"format": HUGE}), "not a squeezer policy"),
+    (json.dumps({"format": "squeezer.policy", "version": 1, "fingerprint": "FP", "layers": {HUGE: {}}}), "unit"),
+    (json.dumps({"format": "squeezer.policy", "version": 1, "fingerprint": "FP", "layers": {"3": {"block": HUGE}}}),
+     ""),
+    (json.dumps({"format": "squeezer.policy", "version": 1, "fingerprint": "", "layers": {}}), "names no model"),
+    (json.dumps({"format": "squeezer.policy", "version": 1, "layers": {"3": {"prune": 0.5}}}), "names no model"),
+], ids=["deep-document", "deep-meta", "deep-unit", "deep-value", "huge-fingerprint", "huge-format", "huge-unit",
+        "huge-value", "empty-fingerprint", "missing-fingerprint"])
+def test_deep_huge_and_unnamed_policies_are_refused_in_one_short_line(capsys, tiny, tmp_path, document,
+                                                                     needle) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(document.replace('"FP"', json.dumps(tiny["fingerprint"])))
+    code, err = cli(capsys, "apply", "--policy", str(path), "--model", TINY, "--data", tiny["data"], "--out",
+                    str(tmp_path / "small.pt"))
+    one_line(code, err, needle)
+    assert len(err) < 400 and "v" * 100 not in err, err
+    assert not (tmp_path / "small.pt").exists()
+
+
+# ---- bad search inputs: exit code 2, one line, nothing written -------------------------------------------------------
+def test_data_holding_nan_is_refused_in_one_line(capsys, tiny, tmp_path) -> None:
+    from squeezer.evaluators.data import DataError
+
+    x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 3
+    x[7, 0, 2, 2] = float("nan")
+    x[9, 0, 0, 0] = float("inf")
+    torch.save((x, y), tmp_path / "nan.pt")
+    code, err = cli(capsys, "search", "--model", TINY, "--data", str(tmp_path / "nan.pt"), "--budget", "macs<=50%",
+                    "--out", str(tmp_path / "r"), "--latency", "none", "--workers", "1")
+    one_line(code, err, "2 images hold NaN or infinite pixel values")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["search.lock"]
+    with pytest.raises(DataError, match="split 'train': 2 images hold NaN"):  # in memory: refused before it is saved
+        squeezer.search_policies(model=TINY, data=(x, y), out=tmp_path / "m", budget="macs<=50%", latency="none")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["search.lock"]
+    code, err = cli(capsys, "train", "--model", TINY, "--data", str(tmp_path / "nan.pt"), "--out",
+                    str(tmp_path / "t.pt"))
+    one_line(code, err, "NaN")
+
+
+def test_out_naming_a_file_is_refused_in_one_line(capsys, tmp_path) -> None:
+    (tmp_path / "taken").write_text("mine")
+    for out, needle in ((tmp_path / "taken", "is an existing file, not a folder"),
+                        (tmp_path / "taken" / "run", "cannot create output folder")):
+        code, err = cli(capsys, "search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(out),
+                        "--latency", "none", "--workers", "1")
+        one_line(code, err, needle)
+    assert (tmp_path / "taken").read_text() == "mine"
+    long = tmp_path / ("x" * 200)
+    long.write_text("")
+    code, err = cli(capsys, "search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(long))
+    one_line(code, err, "...")
+    assert "x" * 100 not in err
+
+
+def test_interrupted_trials_are_reported_as_such_not_as_failures(capsys) -> None:
+    from optuna.trial import TrialState
+
+    from squeezer import render
+    from squeezer.evaluators.measurement import Measurement
+    from squeezer.search.records import TrialRecord
+    from squeezer.search_job import SearchSummary, failure_counts
+
+    rows = [TrialRecord(number=n, state=TrialState.FAIL, stale=True) for n in range(3)]
+    rows.append(TrialRecord(number=3, state=TrialState.FAIL, fail_reason="cannot prune"))
+    failed, interrupted = failure_counts(rows)
+    assert interrupted == 3 and dict(failed) == {"cannot prune": 1}
+    base = Measurement(accuracy=0.97, loss=0.1, macs=1000, params=10, bops=1.0, size_mb=0.1)
+    render.search(SearchSummary(out=Path("runs/x"), base=base, budget="macs<=50%", metric_x="macs", front=[],
+                                completed=5, failed=1, seconds=3.0, failures=failed.most_common(3),
+                                interrupted=interrupted))
+    out = capsys.readouterr().out
+    assert "1 failed: cannot prune" in out and "no reason recorded" not in out
+    assert "3 interrupted when a search was stopped, and queued again" in out

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from squeezer.policies.policy import Policy
 from squeezer.search.pareto import StudyResult
+from squeezer.search_job import failure_counts
 from fakes import fake_search
 
 
@@ -40,6 +41,7 @@ def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
     assert proc.poll() is None, "the search finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (out / "search.lock").is_file()  # the lock file stays; its lock went with the killed process
     before = {r.number: r for r in StudyResult.load(out).rows}
     done_before = {n: r for n, r in before.items() if r.state == TrialState.COMPLETE}
     running_before = {n: r for n, r in before.items() if r.state == TrialState.RUNNING}
@@ -63,6 +65,8 @@ def test_resume_after_kill(tmp_path: Path, sampler: str) -> None:
         assert stale.trial_params.items() <= r.trial_params.items()  # a half-asked one is completed
         if sampler == "ddpg":  # the agent's episode travels with it
             assert r.ddpg_actions == stale.ddpg_actions and r.ddpg_target == stale.ddpg_target
+    failed, interrupted = failure_counts(after.rows)  # what the search's summary reports
+    assert interrupted == len(running_before) and not failed
     policies = [str(sorted(r.policy.layers.items())) for r in complete if r.requeued_from is None]
     assert len(complete) == len({r.number for r in complete})
     assert len(policies) == len(complete) - len(requeued)
@@ -77,3 +81,115 @@ def test_reader_refuses_a_study_whose_schema_is_still_being_created(tmp_path: Pa
         StudyResult.load(tmp_path)
     with sqlite3.connect(tmp_path / "study.db") as conn:  # a reader stamped nothing
         assert conn.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] == 0
+
+
+# ---- one writer per run folder, and damage named -------------------------------------------------------------------
+HOLD = ("import sys, time\nfrom squeezer.search.run_lock import holding_folder\nwith holding_folder(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file's content hash and every entry's mtime: what must not change when a search is refused."""
+    import hashlib
+
+    out = {".": ("dir", folder.stat().st_mtime_ns)}
+    for p in sorted(folder.rglob("*")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(folder))] = (digest, p.stat().st_mtime_ns)
+    return out
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    """Every file's content hash but the lock's (a refused search that took the lock wrote its id there)."""
+    return {name: digest for name, (digest, _) in _snapshot(folder).items() if name not in (".", "search.lock")}
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+
+
+@pytest.fixture()
+def finished(tmp_path: Path) -> Path:
+    """A finished four-trial study of the fake search."""
+    import gc
+
+    fake_search(str(tmp_path / "run"), trials=4, workers=1)
+    gc.collect()  # the search's storage engine closes, folding SQLite's -wal file into study.db
+    return tmp_path / "run"
+
+
+def test_a_second_search_on_a_folder_in_use_is_refused_and_changes_nothing(finished: Path, capsys) -> None:
+    import torch
+
+    import squeezer
+    from squeezer.cli import main
+    from squeezer.models import resnet20
+    from squeezer.search.run_lock import FolderInUseError
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(finished)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(finished)
+        code = main(["search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(finished),
+                     "--latency", "none", "--workers", "1"])
+        _one_line(code, capsys.readouterr().err, "is in use by another search", f"process {holder.pid}@")
+        with pytest.raises(FolderInUseError):  # in-memory inputs would be saved into the folder: they are not
+            squeezer.search_policies(model=resnet20(num_classes=3, in_channels=1), data=(torch.rand(30, 1, 8, 8),
+                                     torch.arange(30) % 3), out=finished, budget="macs<=50%", latency="none")
+        with pytest.raises(FolderInUseError):
+            fake_search(str(finished), trials=6, workers=1)
+        assert _snapshot(finished) == before
+        # readers take no lock
+        assert len(StudyResult.load(finished).rows) == 4
+        assert main(["front", str(finished)]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    fake_search(str(finished), trials=6, workers=1)  # the lock went with its holder
+    assert len(StudyResult.load(finished).completed()) == 6
+
+
+@pytest.mark.slow  # two whole searches in processes of their own
+def test_two_searches_started_together_one_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from fakes import fake_search; "
+            f"fake_search({str(out)!r}, trials=6, workers=2, delay=0.3)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"}) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    assert "FolderInUseError" in next(err for rc, err in results if rc), results
+    rows = StudyResult.load(out).rows
+    assert [r.state for r in rows] == [TrialState.COMPLETE] * 6 and len({r.driver.run for r in rows}) == 1
+    assert len(list((out / "policies").glob("*.json"))) == 6
+
+
+def test_a_truncated_study_is_named_corrupt(finished: Path, capsys) -> None:
+    from squeezer.cli import main
+    from squeezer.search.study_check import StudyDamagedError
+
+    db = finished / "study.db"
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+    before = _contents(finished)
+    code = main(["search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(finished), "--latency",
+                 "none", "--workers", "1"])
+    _one_line(code, capsys.readouterr().err, "is corrupt", "keep the policy files", "another --out")
+    with pytest.raises(StudyDamagedError, match="is corrupt"):
+        fake_search(str(finished), trials=6, workers=1)
+    assert _contents(finished) == before
+    code = main(["front", str(finished)])
+    _one_line(code, capsys.readouterr().err, "is corrupt", "--policy FILE")
+
+
+def test_a_deleted_study_is_refused_rather_than_started_over(finished: Path, capsys) -> None:
+    from squeezer.cli import main
+
+    for name in ("study.db", "study.db-wal", "study.db-shm"):
+        (finished / name).unlink(missing_ok=True)
+    before = _contents(finished)
+    code = main(["search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(finished), "--latency",
+                 "none", "--workers", "1"])
+    _one_line(code, capsys.readouterr().err, "holds 4 trial policy files but no study.db", "another --out")
+    assert _contents(finished) == before
