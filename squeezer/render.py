@@ -55,12 +55,20 @@ def _front_rows(rows: list[TrialRecord], metric_x: str) -> list[dict[str, Any]]:
              "latency_ms": r.latency_ms, "feasible": r.feasible, "fidelity": r.fidelity or "cheap"} for r in rows]
 
 
-def _base_line(base: Any) -> str:
+# What the base a search compares with went through: every candidate's recovery, applied to the unchanged model too.
+_BASE_RECOVERY = {"bn": "BatchNorm re-estimated as for every candidate",
+                  "finetune": "fine-tuned as every candidate is", "kd": "fine-tuned as every candidate is"}
+
+
+def _base_line(base: Any, checkpoint_accuracy: float | None = None) -> str:
     if base is None:
         return "base: not recorded"
     latency = f", {base.latency_ms:.3f} ms" if base.latency_ms is not None else ""
-    return (f"base: accuracy {base.accuracy:.4f}, {base.macs:,} MACs, {base.params:,} params, "
-            f"{base.size_mb:.3f} MB{latency}")
+    how = _BASE_RECOVERY.get(base.recovery)
+    saved = f"; the model file as saved: accuracy {checkpoint_accuracy:.4f}" if checkpoint_accuracy is not None \
+        and how else ""
+    return (f"base{f' ({how})' if how else ''}: accuracy {base.accuracy:.4f}, {base.macs:,} MACs, "
+            f"{base.params:,} params, {base.size_mb:.3f} MB{latency}{saved}")
 
 
 def front_table(rows: list[TrialRecord], metric_x: str, title: str) -> None:
@@ -70,7 +78,7 @@ def front_table(rows: list[TrialRecord], metric_x: str, title: str) -> None:
 
 
 def search(summary: Any) -> None:
-    console.print(_base_line(summary.base))
+    console.print(_base_line(summary.base, summary.checkpoint_accuracy), markup=False, highlight=False)
     front_table(summary.front, summary.metric_x,
                 f"Pareto front: accuracy vs {summary.metric_x} (budget {summary.budget})")
     console.print(f"{summary.completed} trials completed, {summary.failed} failed, {summary.seconds:.0f}s; "
@@ -83,6 +91,9 @@ def search(summary: Any) -> None:
         console.print(f"next: squeezer apply {summary.out} --trial {best.number} --out compressed.pt")
     elif summary.closest:
         _closest(summary.closest)
+    if summary.dashboard:
+        console.print(f"browse the study: {summary.dashboard}  (pip install optuna-dashboard)", markup=False,
+                      highlight=False)
 
 
 def _latency_check(check: dict[str, float] | None) -> None:
@@ -99,7 +110,7 @@ def _closest(c: dict[str, Any]) -> None:
 
 
 def front(summary: Any) -> None:
-    console.print(_base_line(summary.base))
+    console.print(_base_line(summary.base), markup=False, highlight=False)
     front_table(summary.front, summary.metric_x,
                 f"Pareto front of {summary.completed} trials: accuracy vs {summary.metric_x} (budget {summary.budget})")
     if summary.closest:
