@@ -1,6 +1,7 @@
 """Terminal rendering of the jobs' results (rich tables). Data in, text out: no decisions are made here."""
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -152,3 +153,32 @@ def demo(summary: Any) -> None:
     search(summary.search)
     if summary.applied is not None:
         apply(summary.applied)
+
+
+# ---- machine-readable output (--json): one JSON document on stdout, nothing else -----------------------------------
+def print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, default=str))  # paths as strings
+
+
+def _metrics(m: Any) -> dict[str, Any] | None:
+    return None if m is None else m.metrics()
+
+
+def front_json(summary: Any) -> dict[str, Any]:
+    from squeezer.search.pareto import front_row
+
+    best = summary.best_under
+    return {"run": str(summary.out), "budget": summary.budget, "metric_x": summary.metric_x,
+            "completed": summary.completed, "base": _metrics(summary.base),
+            "front": [front_row(r) for r in summary.front], "under": summary.under,
+            "best_under": None if best is None else front_row(best), "closest": summary.closest,
+            "latency_check": summary.latency_check, "files": [str(f) for f in summary.files]}
+
+
+def apply_json(summary: Any) -> dict[str, Any]:
+    rec = summary.recorded
+    return {"out": str(summary.out), "onnx": None if summary.onnx is None else str(summary.onnx),
+            "policy": summary.policy, "trial": None if rec is None else rec.number,
+            "measured": _metrics(summary.measured), "searched": _metrics(None if rec is None else rec.measurement()),
+            "base": _metrics(summary.base), "test_accuracy": summary.test_accuracy, "finetuned": summary.finetuned,
+            "inputs": summary.inputs}
