@@ -61,8 +61,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     returns the summary, whose `model` is the compressed module.
 
     Latency is timed again (`latency=None`) unless the run measured none (`--latency none`): a number the search
-    never compared would only cost time. The saved file is the compressed state_dict with its recipe (the base model's architecture and weights, and the
-    policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
+    never compared would only cost time. The saved file is the compressed state_dict with its recipe (the base
+    model's architecture and weights, and the policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
     (its fingerprint) unless `model_check` is off; a pickled model file loads only with `trust_pickle`."""
     check_device(device)
     if finetune_steps < 0:

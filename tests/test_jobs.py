@@ -270,7 +270,8 @@ def test_bad_evaluation_settings_from_python_say_which() -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["apply", "RUN", "--trial", "0", "--out", "x.pt", "--finetune-steps", "-3"], "--finetune-steps: must be 0 or more"),
+    (["apply", "RUN", "--trial", "0", "--out", "x.pt", "--finetune-steps", "-3"],
+     "--finetune-steps: must be 0 or more"),
     (["apply", "RUN", "--trial", "-1", "--out", "x.pt"], "--trial: must be 0 or more"),
     (["report", "RUN", "--trial", "-1"], "--trial: must be 0 or more"),
     (["search", "--model", "m.pt", "--budget", "macs<=50%", "--out", "o", "--promote", "-1"],
