@@ -24,8 +24,8 @@ from squeezer.spaces.space import SearchSpace
 
 __all__ = ["SAMPLERS", "make_sampler", "OptunaSearcher", "ORDINAL_SAMPLERS", "LatencyModel"]
 
-# Optuna 5 reads constraints the searcher sets on each trial (Trial.set_constraint); older Optuna needs a
-# constraints_func reading them back from user attrs.
+# Optuna 5's samplers read the constraints stored in each trial (searcher.write_constraints); older ones consider
+# constraints only when given a constraints_func, which reads the same values back from the record.
 _CONSTRAINTS: dict[str, Any] = ({} if hasattr(optuna.trial.Trial, "set_constraint")
                                 else {"constraints_func": constraints_func})
 SamplerFactory = Callable[[Objective, int, int], optuna.samplers.BaseSampler]

@@ -2,11 +2,13 @@
 agent, the summaries) reads back, as typed fields.
 
 `TrialRecord.attrs` is the one writer and `TrialRecord.from_trial` the one reader. A record goes into two user attrs
-(one each rather than one per metric, because an RDB storage commits each attr separately): RUN_ATTR, written when
-the trial is asked (the policy, the searcher's notes, the driver evaluating it, so a killed search's RUNNING trials
-say what they held), and METRICS_ATTR, complete once it is told (the measurement and how it meets the budget; when
-asked, only the searcher's latency prediction if it made one). What a trial carries from Optuna's queue (an agent
-episode's actions, a re-queued trial's origin) and `stale` stay attrs of their own, since Optuna copies an enqueued
+(not one per field, because an RDB storage commits each attr separately): RUN_ATTR, written when the trial is asked
+(the policy, the searcher's notes, the driver evaluating it, so a killed search's RUNNING trials say what they
+held), and METRICS_ATTR, complete once it is told (the measurement and how it meets the budget; when asked, only the
+searcher's latency prediction if it made one). A told trial also carries copies of the main metrics (FLAT_METRICS)
+as attrs of their own: Optuna's tools (optuna-dashboard, `trials_dataframe`) show and sort flat values, not one
+JSON blob. The reader takes METRICS_ATTR, which holds the same numbers. What a trial carries from Optuna's queue (an
+agent episode's actions, a re-queued trial's origin) and `stale` stay attrs of their own, since Optuna copies an enqueued
 trial's attrs onto it.
 
 The policy is stored once, in the trial, and the policies/trial_NNNNN.json file a search writes is an export of it
@@ -27,12 +29,14 @@ from optuna.trial import FrozenTrial, TrialState
 from squeezer.evaluators.measurement import Measurement
 from squeezer.policies.policy import Policy
 
-__all__ = ["TrialRecord", "Driver", "RUN_ATTR", "METRICS_ATTR", "STALE_ATTR", "policy_file", "promoted_key",
-           "queue_attrs"]
+__all__ = ["TrialRecord", "Driver", "RUN_ATTR", "METRICS_ATTR", "STALE_ATTR", "FLAT_METRICS", "policy_file",
+           "promoted_key", "queue_attrs"]
 
 RUN_ATTR = "run"
 METRICS_ATTR = "metrics"
 STALE_ATTR = "stale"
+# The metrics a told trial also stores flat, for tools that sort trials by attr (optuna-dashboard's trial table).
+FLAT_METRICS = ("accuracy", "macs", "params", "size_mb", "bops", "latency_ms", "feasible", "cost_frac")
 
 # The fields a promotion re-measures: its numbers replace the cheap ones (an absent one reads as None).
 _REMEASURED = ("accuracy", "loss", "macs", "params", "bops", "size_mb", "latency_ms", "latency_p90_ms",
@@ -156,6 +160,8 @@ class TrialRecord:
             out[RUN_ATTR] = run
         if metrics:
             out[METRICS_ATTR] = metrics
+            if self.state == TrialState.COMPLETE:
+                out.update({k: metrics[k] for k in FLAT_METRICS if k in metrics})
         return out
 
     def metrics_attr(self) -> dict[str, Any]:

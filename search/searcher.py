@@ -7,7 +7,7 @@ constraint values and feasibility — the only things fronts, reports and resume
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -17,7 +17,10 @@ from squeezer.policies.policy import Policy
 from squeezer.search.objectives import Objective
 from squeezer.search.records import TrialRecord
 
-__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome", "asked_record", "write_record"]
+__all__ = ["Proposal", "Searcher", "EvalPool", "StudySearcher", "record_outcome", "asked_record", "write_record",
+           "write_constraints", "CONSTRAINTS_ATTR"]
+
+CONSTRAINTS_ATTR = "constraints"  # Optuna's system attr for a trial's constraint values (<= 0: within each limit)
 
 
 @dataclass
@@ -108,8 +111,15 @@ def record_outcome(study: optuna.Study, proposal: Proposal, outcome: Outcome, ob
         study.tell(trial, state=TrialState.FAIL)
         return record
     assert isinstance(outcome, Measurement) and record.constraints is not None
-    if hasattr(trial, "set_constraint"):
-        for limit, value in zip(objective.budget.limits, record.constraints):
-            trial.set_constraint(limit.text, value)
+    write_constraints(trial, record.constraints)
     study.tell(trial, objective.values(outcome))
     return record
+
+
+def write_constraints(trial: optuna.Trial, values: Sequence[float]) -> None:
+    """Store the budget's constraint values as the list in the trial's "constraints" system attr.
+
+    That list is what a sampler's `constraints_func` writes, what every Optuna version's samplers and
+    `FrozenTrial.constraints` read, and the only form optuna-dashboard shows. Optuna 5's named form
+    (`Trial.set_constraint`) is left unwritten: a trial holding both would count each limit twice."""
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(v) for v in values])

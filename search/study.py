@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,8 @@ from squeezer.search.searcher import EvalPool, Searcher, write_record
 from squeezer.search.study_check import check_study_files
 from squeezer.search.working_copy import WorkingCopy
 
-__all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
+__all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "dashboard_command", "metric_names",
+           "SearchError", "STUDY_PREFIX"]
 
 STUDY_PREFIX = "squeezer"
 
@@ -152,11 +154,45 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
         # "settings" is what reports and fronts read (and the number of workers, which no record holds)
         settings = {"trials": config.trials, "workers": workers, "repair": config.repair,
                     "promote_top_k": config.promote}
+        # "constraints" names each entry of a trial's constraint list (its limit), for whoever reads the study
         for key, value in {**record, "settings": settings, "base": objective.base.metrics(),
-                           "hardware": dict(objective.base.hardware), "created": time.time()}.items():
+                           "hardware": dict(objective.base.hardware), "created": time.time(),
+                           "constraints": [limit.text for limit in objective.budget.limits]}.items():
             study.set_user_attr(key, value)
+    names = metric_names(objective)
+    if study.metric_names != names:  # Optuna's tools label the objectives by these (studies made before lack them)
+        with warnings.catch_warnings():  # experimental in Optuna's eyes, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     requeue_stale(study)
     return study, WorkingCopy(study, backend, study.sampler)
+
+
+def metric_names(objective: Objective) -> list[str]:
+    """The names of the study's objective values, as Optuna's tools show them."""
+    if objective.kind == "multi":
+        return ["accuracy", f"{objective.cost_metric}_of_base"]
+    return ["accuracy_penalised"]  # an infeasible trial's value is pushed below every feasible one
+
+
+def dashboard_command(storage: str | BaseStorage | None, out: str | Path) -> str | None:
+    """The `optuna-dashboard` command that opens the run's study (None for a storage object: it has no URL).
+    A password in a database URL is masked."""
+    if storage == "journal":
+        return f"optuna-dashboard {Path(out) / 'study.log'}"
+    if storage is None or storage == "sqlite":
+        return f"optuna-dashboard sqlite:///{Path(out) / 'study.db'}"
+    if isinstance(storage, str):
+        return f"optuna-dashboard {_mask_password(storage)}"
+    return None
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    login, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in login:
+        return url
+    return f"{scheme}://{login.split(':', 1)[0]}:***@{host}"
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,

@@ -10,8 +10,9 @@ instant):
                              search=squeezer.SearchConfig(budget="latency<=60%", trials=40, repair=True),
                              recovery=squeezer.RecoveryConfig(mode="kd", finetune_steps=30), latency="hybrid")
     squeezer.front("runs/r20", x="latency_ms")
-    squeezer.apply("runs/r20", trial=result.front[0].number, out="small.pt", onnx="small.onnx")
-    small = squeezer.load("small.pt")  # rebuilt from the base architecture, the policy and the saved weights
+    applied = squeezer.apply("runs/r20", trial=result.front[0].number, out="small.pt", onnx="small.onnx")
+    small = applied.model  # the compressed nn.Module; applied.measured holds its numbers
+    small = squeezer.load("small.pt")  # the same, rebuilt from the base architecture, the policy and saved weights
 
 The search job is `search_policies`, not `search`: `squeezer.search` is the package of searchers, and one name
 means one thing. Settings are frozen configs: `SearchConfig`, `RecoveryConfig`, `LatencyConfig`, `PoolConfig`

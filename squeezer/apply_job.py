@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
@@ -23,7 +25,8 @@ __all__ = ["ApplySummary", "apply"]
 
 @dataclass
 class ApplySummary:
-    """The compressed model as saved, its measurement now, and what the search recorded for it (if it came from one)."""
+    """The compressed model as saved, its measurement now, and what the search recorded for it (if it came from one).
+    `model` is the compressed module itself (on the CPU, in eval mode), as `squeezer.load(out)` rebuilds it."""
 
     out: Path
     onnx: Path | None
@@ -34,6 +37,7 @@ class ApplySummary:
     test_accuracy: float
     finetuned: bool
     inputs: dict[str, Any] = field(default_factory=dict)  # how raw images are preprocessed (DataBundle.preprocessing)
+    model: nn.Module | None = field(default=None, repr=False)
 
 
 def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Policy, TrialRecord]:
@@ -51,14 +55,20 @@ def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Policy, TrialReco
 
 def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
           model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
-          finetune_steps: int = 0, device: str = "cpu", latency: bool = True, progress: bool = False,
+          finetune_steps: int = 0, device: str = "cpu", latency: bool | None = None, progress: bool = False,
           weights: str | Path | None = None, trust_pickle: bool = False, model_check: bool = True) -> ApplySummary:
-    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it.
+    """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it;
+    returns the summary, whose `model` is the compressed module.
 
-    The saved file is the compressed state_dict with its recipe (the base model's architecture and weights, and the
-    policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
+    Latency is timed again (`latency=None`) unless the run measured none (`--latency none`): a number the search
+    never compared would only cost time. The saved file is the compressed state_dict with its recipe (the base
+    model's architecture and weights, and the policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
     (its fingerprint) unless `model_check` is off; a pickled model file loads only with `trust_pickle`."""
     check_device(device)
+    if finetune_steps < 0:
+        raise ValueError(f"finetune_steps must be 0 or more, got {finetune_steps}")
+    if trial is not None and trial < 0:
+        raise ValueError(f"trial must be 0 or more, got {trial}")
     if (trial is None) == (policy is None):
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
     settings = EvalSettings()
@@ -79,6 +89,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     if model is None:
         raise ValueError("no model to apply the policy to: pass a run folder or --model")
     data = data or "digits"
+    if latency is None:
+        latency = settings.latency.mode != "none"
     settings = replace(settings, device=device,
                        latency=replace(settings.latency, mode="measure" if latency else "none"))
     bundle = load_data(data)
@@ -118,4 +130,5 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
                                  latency=latency)
     return ApplySummary(out=Path(out_path), onnx=onnx_path, policy=chosen.summary(), measured=measured,
                         recorded=recorded, base=base if isinstance(base, Measurement) else None,
-                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0, inputs=bundle.preprocessing())
+                        test_accuracy=test_accuracy, finetuned=finetune_steps > 0, inputs=bundle.preprocessing(),
+                        model=compressed)

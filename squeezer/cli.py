@@ -22,6 +22,9 @@ EXAMPLES = {
 }
 
 
+VERBOSE_HELP = "show full tracebacks on errors (before or after the command)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (the problem and where to look), exit code 2."""
 
@@ -30,7 +33,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Defaults shown where they say something: not "None" or a flag's True or False, nor after a help text that
+    already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +50,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number of 0 or more (steps, trials to promote, a trial number, a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -67,7 +88,8 @@ def _unit_float(text: str) -> float:
 def _sub(subs: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p = subs.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {EXAMPLES[name]}",
                         formatter_class=_Formatter)
-    p.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
+    # SUPPRESS: a subcommand's own default would overwrite a --verbose given before the subcommand
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
@@ -97,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Search per-layer compression policies for a PyTorch model under "
                                                  "a hardware budget, inspect the Pareto front, apply a policy.")
     parser.add_argument("--version", action="version", version="squeezer 0.1.0")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = _sub(subs, "train", "train a baseline model on bundled or local data and save a checkpoint")
     _model_data(p, model_required=False)
     p.set_defaults(model="resnet20")
-    p.add_argument("--out", default="runs/resnet20.pt", help="checkpoint to write")
+    p.add_argument("--out", default=None, help="checkpoint to write (default: runs/MODEL.pt, named by --model)")
     p.add_argument("--steps", type=_positive_int, default=300, help="SGD steps (batch 64)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
     _device(p)
@@ -166,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hybrid): more help on tiny inputs, and take longer to build")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
-    p.add_argument("--promote", type=int, default=0, help="re-evaluate the best K front trials with a fine-tune")
-    p.add_argument("--seed", type=int, default=0, help="sampler and evaluation seed")
+    p.add_argument("--promote", type=_count, default=0, metavar="K",
+                   help="re-evaluate the best K front trials with a fine-tune")
+    p.add_argument("--seed", type=_count, default=0, help="sampler and evaluation seed")
     p.add_argument("--out", required=True, help="run folder (study, policies, front), e.g. runs/r20")
     _device(p)
 
@@ -175,18 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by `squeezer search`")
     p.add_argument("--x", default=None, help="cost axis: macs, latency_ms, size_mb, bops, params")
     p.add_argument("--under", default=None, help="also pick the most accurate trial under a limit, e.g. 'latency<=2ms'")
+    p.add_argument("--json", action="store_true", help="print the front as JSON on stdout (and nothing else)")
 
     p = _sub(subs, "apply", "apply a found policy to a fresh copy of the model, re-measure and save it")
     p.add_argument("run", nargs="?", default=None, help="run folder (its model and data are the defaults)")
-    p.add_argument("--trial", type=int, default=None, help="trial number in the run")
+    p.add_argument("--trial", type=_count, default=None, help="trial number in the run")
     p.add_argument("--policy", default=None, help="a policy JSON file instead of --trial")
     _model_data(p, model_required=False, data_default=None)
     p.add_argument("--out", required=True,
                    help="where to save the compressed model: its state_dict and recipe, read by squeezer.load(FILE)")
     p.add_argument("--onnx", default=None, help="also export it to this ONNX file")
-    p.add_argument("--finetune-steps", type=int, default=0,
+    p.add_argument("--finetune-steps", type=_count, default=0, metavar="N",
                    help="fine-tune after applying, distilled as the run's --recovery kd is (its --kd-weight and "
                         "--kd-temperature)")
+    p.add_argument("--json", action="store_true",
+                   help="print what was saved and measured as JSON on stdout (and nothing else)")
     p.add_argument("--no-model-check", dest="model_check", action="store_false",
                    help="apply a policy that names no model (no fingerprint) or another one, as long as its units "
                         "and choices fit this model")
@@ -194,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "report", "write one HTML page about a run: settings, hardware, front, a trial's policy, history")
     p.add_argument("run", help="run folder")
-    p.add_argument("--trial", type=int, default=None, help="trial whose per-layer policy is charted (default: best)")
+    p.add_argument("--trial", type=_count, default=None,
+                   help="trial whose per-layer policy is charted (default: the most accurate on the front)")
 
     p = _sub(subs, "demo", "train the small model if needed, run a short budgeted search, print the front")
     p.add_argument("--out", default="runs/demo", help="run folder")
@@ -244,12 +272,14 @@ def _run(args: argparse.Namespace) -> int:
                                            weights=args.weights, trust_pickle=args.trust_pickle, progress=True)
         render.search(summary)
     elif args.command == "front":
-        render.front(squeezer.front(args.run, x=args.x, under=args.under))
+        summary = squeezer.front(args.run, x=args.x, under=args.under)
+        render.print_json(render.front_json(summary)) if args.json else render.front(summary)
     elif args.command == "apply":
-        render.apply(squeezer.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
-                                    out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
-                                    device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
-                                    model_check=args.model_check, progress=True))
+        applied = squeezer.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
+                                 out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
+                                 device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
+                                 model_check=args.model_check, progress=not args.json)
+        render.print_json(render.apply_json(applied)) if args.json else render.apply(applied)
     elif args.command == "report":
         render.report(squeezer.report(args.run, trial=args.trial))
     elif args.command == "demo":
@@ -266,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    verbose = getattr(args, "verbose", False)
+    verbose = args.verbose
     try:
         return _run(args)
     except KeyboardInterrupt:

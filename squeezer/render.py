@@ -1,6 +1,7 @@
 """Terminal rendering of the jobs' results (rich tables). Data in, text out: no decisions are made here."""
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -55,12 +56,20 @@ def _front_rows(rows: list[TrialRecord], metric_x: str) -> list[dict[str, Any]]:
              "latency_ms": r.latency_ms, "feasible": r.feasible, "fidelity": r.fidelity or "cheap"} for r in rows]
 
 
-def _base_line(base: Any) -> str:
+# What the base a search compares with went through: every candidate's recovery, applied to the unchanged model too.
+_BASE_RECOVERY = {"bn": "BatchNorm re-estimated as for every candidate",
+                  "finetune": "fine-tuned as every candidate is", "kd": "fine-tuned as every candidate is"}
+
+
+def _base_line(base: Any, checkpoint_accuracy: float | None = None) -> str:
     if base is None:
         return "base: not recorded"
     latency = f", {base.latency_ms:.3f} ms" if base.latency_ms is not None else ""
-    return (f"base: accuracy {base.accuracy:.4f}, {base.macs:,} MACs, {base.params:,} params, "
-            f"{base.size_mb:.3f} MB{latency}")
+    how = _BASE_RECOVERY.get(base.recovery)
+    saved = f"; the model file as saved: accuracy {checkpoint_accuracy:.4f}" if checkpoint_accuracy is not None \
+        and how else ""
+    return (f"base{f' ({how})' if how else ''}: accuracy {base.accuracy:.4f}, {base.macs:,} MACs, "
+            f"{base.params:,} params, {base.size_mb:.3f} MB{latency}{saved}")
 
 
 def front_table(rows: list[TrialRecord], metric_x: str, title: str) -> None:
@@ -70,7 +79,7 @@ def front_table(rows: list[TrialRecord], metric_x: str, title: str) -> None:
 
 
 def search(summary: Any) -> None:
-    console.print(_base_line(summary.base))
+    console.print(_base_line(summary.base, summary.checkpoint_accuracy), markup=False, highlight=False)
     front_table(summary.front, summary.metric_x,
                 f"Pareto front: accuracy vs {summary.metric_x} (budget {summary.budget})")
     console.print(f"{summary.completed} trials completed, {summary.failed} failed, {summary.seconds:.0f}s; "
@@ -86,6 +95,9 @@ def search(summary: Any) -> None:
         console.print(f"next: squeezer apply {summary.out} --trial {best.number} --out compressed.pt")
     elif summary.closest:
         _closest(summary.closest)
+    if summary.dashboard:
+        console.print(f"browse the study: {summary.dashboard}  (pip install optuna-dashboard)", markup=False,
+                      highlight=False)
 
 
 def _latency_check(check: dict[str, float] | None) -> None:
@@ -102,7 +114,7 @@ def _closest(c: dict[str, Any]) -> None:
 
 
 def front(summary: Any) -> None:
-    console.print(_base_line(summary.base))
+    console.print(_base_line(summary.base), markup=False, highlight=False)
     front_table(summary.front, summary.metric_x,
                 f"Pareto front of {summary.completed} trials: accuracy vs {summary.metric_x} (budget {summary.budget})")
     if summary.closest:
@@ -144,3 +156,32 @@ def demo(summary: Any) -> None:
     search(summary.search)
     if summary.applied is not None:
         apply(summary.applied)
+
+
+# ---- machine-readable output (--json): one JSON document on stdout, nothing else -----------------------------------
+def print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, default=str))  # paths as strings
+
+
+def _metrics(m: Any) -> dict[str, Any] | None:
+    return None if m is None else m.metrics()
+
+
+def front_json(summary: Any) -> dict[str, Any]:
+    from squeezer.search.pareto import front_row
+
+    best = summary.best_under
+    return {"run": str(summary.out), "budget": summary.budget, "metric_x": summary.metric_x,
+            "completed": summary.completed, "base": _metrics(summary.base),
+            "front": [front_row(r) for r in summary.front], "under": summary.under,
+            "best_under": None if best is None else front_row(best), "closest": summary.closest,
+            "latency_check": summary.latency_check, "files": [str(f) for f in summary.files]}
+
+
+def apply_json(summary: Any) -> dict[str, Any]:
+    rec = summary.recorded
+    return {"out": str(summary.out), "onnx": None if summary.onnx is None else str(summary.onnx),
+            "policy": summary.policy, "trial": None if rec is None else rec.number,
+            "measured": _metrics(summary.measured), "searched": _metrics(None if rec is None else rec.measurement()),
+            "base": _metrics(summary.base), "test_accuracy": summary.test_accuracy, "finetuned": summary.finetuned,
+            "inputs": summary.inputs}

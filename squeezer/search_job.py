@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
+from squeezer.evaluators.accuracy import score
 from squeezer.evaluators.evaluate import Evaluator
 from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
@@ -27,7 +28,7 @@ from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
 from squeezer.search.run_lock import holding_folder
-from squeezer.search.study import preload_storage, run_search
+from squeezer.search.study import dashboard_command, preload_storage, run_search
 from squeezer.search.study_check import check_study_files
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -75,6 +76,8 @@ class SearchSummary:
     failures: list[tuple[str, int]] = field(default_factory=list)  # the commonest reasons trials failed, and how often
     closest: dict[str, Any] | None = None  # with no feasible trial: the one nearest the budget, and by how much
     latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
+    dashboard: str | None = None  # the optuna-dashboard command that opens the study
+    checkpoint_accuracy: float | None = None  # the model file's own validation accuracy, as saved (before recovery)
 
 
 def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
@@ -146,6 +149,10 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
                     eval=settings)
     check_run(out, run)
     start = time.perf_counter()
+    # The base a search compares with is recovered as every candidate is (e.g. BatchNorm re-estimated on the
+    # seed's batches), so it differs a little from the model file's own accuracy; both are shown.
+    checkpoint_accuracy = score(net, bundle, device=device)[0]
+    net.cpu()
     pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
     evaluators = make_pool(net, bundle, settings, config=pool_config, space=space_)
     try:
@@ -185,8 +192,8 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
                          failed=sum(failed.values()), interrupted=interrupted, seconds=time.perf_counter() - start,
                          files=files, failures=failed.most_common(3),
                          closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
-                         latency_check=prediction_error(result.rows))
-
+                         latency_check=prediction_error(result.rows),
+                         dashboard=dashboard_command(config.storage, out), checkpoint_accuracy=checkpoint_accuracy)
 
 
 def failure_counts(rows: list[TrialRecord]) -> tuple[Counter[str], int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +53,29 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
     return TrainResult(Path(path), val, test, seconds)
 
 
-def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
+def default_out(model: str) -> Path:
+    """Where `train` saves a checkpoint when not told: runs/NAME.pt, NAME being the model reference's last part
+    (a zoo or torchvision name, a builder's function, a file's stem), never the model file itself."""
+    tail = re.split(r"[/\\:]", model.rstrip("/\\"))[-1]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tail).stem if tail.endswith((".pt", ".pth")) else tail) or "model"
+    out = Path("runs") / f"{name}.pt"
+    if Path(model).is_file() and out.resolve() == Path(model).resolve():
+        out = out.with_name(f"{name}-trained.pt")
+    return out
+
+
+def train(*, model: str = "resnet20", data: str = "digits", out: str | Path | None = None, steps: int = 300,
           lr: float = 0.05, seed: int = 0, device: str = "cpu", weights: str | Path | None = None,
           trust_pickle: bool = False, progress: bool = False) -> TrainResult:
-    """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model.
+    """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model, saved
+    to `out` (default: `default_out(model)`, e.g. runs/resnet20.pt).
 
     The checkpoint is the architecture's name and a state_dict, so it loads without unpickling code; a model that
     came from a pickle (`trust_pickle`) names no architecture and is saved pickled, needing trust_pickle again."""
     check_device(device)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    out = default_out(model) if out is None else out
     run = functools.partial(train_baseline, model, data, out=out, steps=steps, lr=lr, seed=seed, device=device,
                             weights=weights, trust_pickle=trust_pickle)
     if not progress:

@@ -1,6 +1,7 @@
 """Bad input gets one clear line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,10 @@ def test_every_command_has_help_with_an_example() -> None:
         proc = subprocess.run([sys.executable, "-m", "squeezer.cli", command, "--help"], capture_output=True,
                               text=True)
         assert proc.returncode == 0 and "example:" in proc.stdout and "squeezer " + command in proc.stdout
+        # no noise: a default is shown where it says something, once
+        help_text = " ".join(proc.stdout.split())
+        assert "(default: None)" not in help_text and "(default: False)" not in help_text, command
+        assert not re.search(r"\(default[^)]*\) \(default", help_text), command  # named twice
 
 
 def test_a_pickled_model_whose_module_is_elsewhere_names_it_and_loads_from_its_folder(capsys, tmp_path,

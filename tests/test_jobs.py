@@ -106,6 +106,68 @@ def test_report_writes_html(capsys, run: Path) -> None:
     assert code == 0 and (run / "report.html").is_file(), err
 
 
+def test_front_and_apply_print_json_and_nothing_else_with_json(capsys, run: Path, tmp_path: Path) -> None:
+    code, out, err = cli(capsys, "front", str(run), "--json", "--under", "macs<=60%")
+    assert code == 0, err
+    front = json.loads(out)  # the whole of stdout is one JSON document
+    assert [r["number"] for r in front["front"]] == \
+        [r["number"] for r in json.loads((run / "front.json").read_text())["rows"]]
+    assert front["base"]["accuracy"] > 0 and front["best_under"]["number"] in [r["number"] for r in front["front"]]
+    trial = max(front["front"], key=lambda r: r["accuracy"])["number"]
+    code, out, err = cli(capsys, "apply", str(run), "--trial", str(trial), "--out", str(tmp_path / "s.pt"), "--json")
+    assert code == 0, err
+    applied = json.loads(out)
+    assert applied["trial"] == trial and applied["out"] == str(tmp_path / "s.pt")
+    assert applied["measured"]["macs"] == applied["searched"]["macs"] and 0 < applied["test_accuracy"] <= 1
+
+
+def test_the_python_apply_returns_the_compressed_model(run: Path, tmp_path: Path) -> None:
+    from squeezer.models import load_checkpoint
+
+    trial = json.loads((run / "front.json").read_text())["rows"][0]["number"]
+    summary = jobs.apply(run, trial=trial, out=tmp_path / "s.pt", latency=False)
+    assert isinstance(summary.model, torch.nn.Module) and not summary.model.training
+    x = torch.randn(2, 1, 8, 8)
+    saved, _ = load_checkpoint(tmp_path / "s.pt")
+    torch.testing.assert_close(summary.model(x), saved(x))
+
+
+def test_apply_times_latency_only_when_the_run_measured_it(run: Path, tmp_path: Path) -> None:
+    untimed = tmp_path / "untimed"
+    jobs.search_policies(model=str(run / "base.pt"), data="digits", budget="macs<=60%", out=untimed, trials=1,
+                         search=SearchConfig(knobs=("prune",)), latency="none", recovery=QUICK_RECOVERY, pool=ONE)
+    summary = jobs.apply(untimed, trial=0, out=tmp_path / "s.pt")
+    assert summary.measured.latency_ms is None and summary.measured.latency_source == "none"
+
+
+def test_a_search_labels_its_base_and_prints_the_checkpoints_own_accuracy_and_the_dashboard(capsys) -> None:
+    from squeezer import render
+    from squeezer.evaluators.measurement import Measurement
+
+    base = Measurement(accuracy=0.985, loss=0.1, macs=1000, params=10, bops=1000 * 32 * 32, size_mb=0.1,
+                       latency_ms=None, recovery="bn", fingerprint="f", hardware={})
+    render.search(SearchSummary(out=Path("runs/x"), base=base, budget="macs<=50%", metric_x="macs", front=[],
+                                completed=3, failed=0, seconds=1.0, checkpoint_accuracy=0.9825,
+                                dashboard="optuna-dashboard sqlite:///runs/x/study.db"))
+    out = capsys.readouterr().out
+    assert "base (BatchNorm re-estimated as for every candidate): accuracy 0.9850" in out
+    assert "the model file as saved: accuracy 0.9825" in out
+    assert "optuna-dashboard sqlite:///runs/x/study.db" in out
+
+
+def test_train_names_its_checkpoint_after_the_model(tmp_path: Path, monkeypatch) -> None:
+    from squeezer.cli import build_parser
+    from squeezer.training import default_out
+
+    assert build_parser().parse_args(["train", "--model", "vgg_small"]).out is None
+    assert default_out("vgg_small") == Path("runs/vgg_small.pt")
+    assert default_out("my_pkg.models:build_net") == Path("runs/build_net.pt")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "net.pt").write_bytes(b"")
+    assert default_out("runs/net.pt") == Path("runs/net-trained.pt")  # never the model file it starts from
+
+
 # ---- bad input: one line, exit code 2, nothing lost ------------------------------------------------------------------
 @pytest.mark.parametrize("budget,needle", [("macs<=fifty", "cannot read 'macs<=fifty'"),
                                            ("speed<=2ms", "unknown metric 'speed'"),
@@ -205,6 +267,42 @@ def test_bad_evaluation_settings_from_python_say_which() -> None:
         RecoveryConfig(kd_weight=2.0)
     with pytest.raises(ValueError, match="bn_batches must be at least 1"):
         RecoveryConfig(bn_batches=0)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["apply", "RUN", "--trial", "0", "--out", "x.pt", "--finetune-steps", "-3"],
+     "--finetune-steps: must be 0 or more"),
+    (["apply", "RUN", "--trial", "-1", "--out", "x.pt"], "--trial: must be 0 or more"),
+    (["report", "RUN", "--trial", "-1"], "--trial: must be 0 or more"),
+    (["search", "--model", "m.pt", "--budget", "macs<=50%", "--out", "o", "--promote", "-1"],
+     "--promote: must be 0 or more"),
+    (["search", "--model", "m.pt", "--budget", "macs<=50%", "--out", "o", "--trials", "0"],
+     "--trials: must be at least 1"),
+    (["train", "--steps", "-5"], "--steps: must be at least 1"),
+    (["demo", "--trials", "-2"], "--trials: must be at least 1"),
+])
+def test_every_count_is_validated_alike(run: Path, args: list[str], needle: str) -> None:
+    import subprocess
+    import sys
+
+    args = [str(run) if a == "RUN" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "squeezer.cli", *args], capture_output=True, text=True)
+    one_line_error(proc.returncode, proc.stderr, needle)
+
+
+def test_counts_from_python_are_checked_too(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="finetune_steps must be 0 or more"):
+        jobs.apply(run, trial=0, out=tmp_path / "x.pt", finetune_steps=-1)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        jobs.train(out=tmp_path / "x.pt", steps=0)
+
+
+def test_verbose_is_accepted_before_and_after_the_command(capsys, tmp_path: Path) -> None:
+    for args in (["--verbose", "front", str(tmp_path / "nope")], ["front", str(tmp_path / "nope"), "--verbose"]):
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and "Traceback" in err and "does not exist" in err, args
+    code, _, err = cli(capsys, "front", str(tmp_path / "nope"))
+    one_line_error(code, err, "does not exist")
 
 
 def test_trial_not_in_study(capsys, run: Path, tmp_path: Path) -> None:
