@@ -63,7 +63,6 @@ def pack_constants(onnx_bytes: bytes) -> bytes:
         if output.name in renamed and renamed[output.name] != output.name:
             graph.node.append(onnx.helper.make_node("Identity", [renamed[output.name]], [output.name]))
     _drop_default_attributes(graph)
-    _drop_zero_points(graph, arrays)
     if packed:
         _pack_int4(model, {name: arrays[name] for name in packed})
     _short_names(model.graph)
@@ -138,21 +137,6 @@ def _drop_default_attributes(graph) -> None:
             a.i == defaults[a.name] if a.type == a.INT else all(v == defaults[a.name] for v in a.ints))))]
         del node.attribute[:]
         node.attribute.extend(keep)
-
-
-def _drop_zero_points(graph, arrays: dict[str, np.ndarray]) -> None:
-    """Leave out zero points that are all 0 where ONNX's default means the same: always for DequantizeLinear (its
-    integer type is its input's), and a uint8 one for QuantizeLinear (uint8 is its default output type)."""
-    zero = {name for name, a in arrays.items() if a.dtype in (np.int8, np.uint8) and not a.any()}
-    for node in graph.node:
-        if len(node.input) == 3 and node.input[2] in zero and (
-                node.op_type == "DequantizeLinear"
-                or (node.op_type == "QuantizeLinear" and arrays[node.input[2]].dtype == np.uint8)):
-            del node.input[2]
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 def _short_names(graph) -> None:

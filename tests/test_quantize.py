@@ -172,7 +172,7 @@ def test_uint8_weight_mode_keeps_the_full_grid_and_matches(trained_resnet, digit
             name = aliases[name]
         return constants.get(name)
 
-    zero_points = [constant(n.input[2]) for n in exported.graph.node if n.op_type == "QuantizeLinear"]
+    zero_points = [constant(n.input[2]) for n in exported.graph.node if n.op_type == "DequantizeLinear"]
     weight_zeros = [z for z in zero_points if z is not None and z.ndim == 1]  # per-channel: the weights'
     assert len(weight_zeros) == 22 and all(z.dtype == np.uint8 and (z == 128).all() for z in weight_zeros)
     x = digits.val.x
