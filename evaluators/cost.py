@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from squeezer.policies.policy import Policy
-from squeezer.spaces.knobs import FLOAT_BITS
+from squeezer.spaces.knobs import FLOAT_BITS, storage_bits
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["measure_cost", "count_macs"]
@@ -79,7 +79,8 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
 
     A unit's MACs are everything traced under its module name (a decomposed unit is an nn.Sequential there, a
     quantized one a QuantizedLayer wrapping the original), weighted by its w_bits x a_bits for BOPs; MACs outside
-    every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at its w_bits, all else at 32 bits.
+    every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at the bits its w_bits is stored in (the
+    exported file's integer container, `storage_bits`), all else at 32 bits.
     """
     example_inputs = example_inputs[:1].to(next(model.parameters()).device)
     total, per_module = count(model, example_inputs)
@@ -102,7 +103,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
             for p in module.parameters(recurse=False):
                 if id(p) not in seen:
                     seen.add(id(p))
-                    size_bits += p.numel() * w_bits
+                    size_bits += p.numel() * storage_bits(w_bits)
     params = 0
     for p in model.parameters():
         params += p.numel()

@@ -21,6 +21,7 @@ can be slower than fp32: the convolutions are too small to repay the Q/DQ around
 from __future__ import annotations
 
 from collections import defaultdict
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -34,7 +35,7 @@ from squeezer.policies.lowrank import set_submodule
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import FLOAT_BITS
 
-__all__ = ["QuantizedLayer", "apply_quantize", "weight_scale", "weight_qmax", "activation_qparams"]
+__all__ = ["QuantizedLayer", "apply_quantize", "fold_batchnorm", "weight_scale", "weight_qmax", "activation_qparams"]
 
 WEIGHT8 = "reduce"  # how 8-bit weights are stored: "reduce" (int8, 7-bit grid) or "uint8" (full grid); see above
 
@@ -204,6 +205,31 @@ def apply_quantize(model: nn.Module, policy: Policy, ctx: ApplyContext, *, int8_
     return model
 
 
+def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+    """A copy of `model` with each BatchNorm that alone follows a quantized layer folded into it, for export.
+
+    Int8 layers fold theirs when applied; a weight-only or activation-only layer keeps its BatchNorm while the model
+    is recovered (recalibration and fine-tuning update it), so it is folded only here. The folded weight lies on the
+    same grid rescaled per channel, so the file stores one integer weight and one scale per channel and no
+    BatchNorm, as the size metric counts it.
+    """
+    loose = {m for m in model.modules() if isinstance(m, QuantizedLayer) and m.bn is None}
+    if not loose or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    follows = _successors(model, loose, example_inputs)
+    if not any(f.bn is not None for f in follows.values()):
+        return model
+    memo: dict[int, Any] = {}
+    copy = deepcopy(model, memo)
+    names = {m: n for n, m in copy.named_modules()}
+    for layer, follow in follows.items():
+        if follow.bn is not None:
+            bn = memo[id(follow.bn)]
+            memo[id(layer)].bn = bn
+            set_submodule(copy, names[bn], nn.Identity())
+    return copy
+
+
 def _implementing_layers(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
     """The layer at `name`, or the factor layers of the Sequential that replaced it (rank or block swap)."""
     module = model.get_submodule(name)
@@ -267,7 +293,8 @@ def _successors(model: nn.Module, layers: set[nn.Module], x: torch.Tensor) -> di
         node, follow = out_node[layer][0], _Follow()
         users = consumers[node]
         bn = bn_by_input.get(node)
-        if isinstance(layer, nn.Conv2d) and bn is not None and len(users) == 1 and users[0] is out_node[bn][0]:
+        conv = isinstance(layer, nn.Conv2d) or isinstance(getattr(layer, "layer", None), nn.Conv2d)
+        if conv and bn is not None and len(users) == 1 and users[0] is out_node[bn][0]:
             follow.bn, node = bn, out_node[bn][0]
             users = consumers[node]
         if len(users) == 1:

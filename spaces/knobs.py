@@ -30,7 +30,7 @@ from squeezer.spaces.lowrank_shapes import kept_channels
 
 __all__ = ["Knob", "KNOBS", "Site", "SpaceConfig", "param_key", "split_key", "settle", "settle_params",
            "kept_channels", "PRUNE", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
-           "CHANNELS", "FORM", "BITS"]
+           "CHANNELS", "FORM", "BITS", "storage_bits"]
 
 PRUNE = "prune"
 W_BITS = "w_bits"
@@ -39,6 +39,7 @@ RANK = "rank"
 BLOCK = "block"
 
 FLOAT_BITS = 32
+STORAGE_BITS = (4, 8)  # the integer widths an ONNX file stores weights in (INT4, INT8); see policies/onnx_pack.py
 KEEP = "keep"
 DWSEP = "dwsep"
 
@@ -166,6 +167,12 @@ def _spatial_conv(site: Site) -> bool:
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
     return shapes.dwsep_cost(info, cin, cout)
+
+
+def storage_bits(w_bits: int) -> int:
+    """The bits a weight of `w_bits` takes in the exported file: ONNX has no 2-, 3-, 5-, 6- or 7-bit tensors, so
+    those are stored in the next integer container, and the size metric counts what is stored, not the grid."""
+    return next((b for b in STORAGE_BITS if w_bits <= b), FLOAT_BITS)
 
 
 def _bits_level(bits: Any) -> float:

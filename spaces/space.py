@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
-from squeezer.spaces.knobs import A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key
+from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key,
+                                    storage_bits)
 from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
@@ -148,7 +149,7 @@ class SearchSpace:
             wb, ab = _knob(layers, name, W_BITS), _knob(layers, name, A_BITS)
             macs += m
             params += p
-            size_bits += p * wb
+            size_bits += p * storage_bits(wb)
             bops += m * wb * ab
         size_bits += self.other_params * FLOAT_BITS
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
