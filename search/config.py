@@ -99,7 +99,8 @@ def search_record(config: SearchConfig, fingerprint: str) -> dict[str, Any]:
 
 def run_to_json(run: RunConfig) -> dict[str, Any]:
     """run.json's content: the model and data, the search settings at the top level, the evaluation's under "eval"."""
-    weights = {} if run.weights is None else {"weights": run.weights}  # absent, a resume without --weights matches
+    # absent when none were given, so a resume without --weights is not compared
+    weights = {} if run.weights is None else {"weights": run.weights}
     return {"version": RUN_VERSION, "model": run.model, "data": run.data, **weights,
             **search_record(run.search, run.fingerprint), "eval": run.eval.to_json()}
 
@@ -109,7 +110,8 @@ def run_from_json(data: Mapping[str, Any]) -> RunConfig:
     known = {f.name for f in fields(SearchConfig)} - {"storage"}
     search = {k: data[k] for k in known if data.get(k) is not None}
     return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),
-                     weights=data.get("weights"), search=SearchConfig(**search), eval=EvalSettings.from_json(data.get("eval", {})))
+                     weights=data.get("weights"), search=SearchConfig(**search),
+                     eval=EvalSettings.from_json(data.get("eval", {})))
 
 
 def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str | Path) -> None:
