@@ -27,7 +27,7 @@ __all__ = ["RESUME_KEYS", "RUN_VERSION", "RunConfig", "SearchConfig", "SearchErr
 RUN_VERSION = 2  # run.json with the evaluation settings as configs (1: one flat "eval" record)
 SAMPLER_NAMES = (*SAMPLERS, "ddpg")
 # What a resumed run must share with the one it resumes; absent from an older record, a key is not compared.
-RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric")
+RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric", "weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,11 +76,13 @@ class SearchConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """One search run: the model and data it searched (references, as the workers and `apply` load them), the
+    weights loaded into the model (a torchvision weights name in full, or a state_dict file; None: none), the
     fingerprint of the model's space, and its search and evaluation settings."""
 
     model: str
     data: str
     fingerprint: str
+    weights: str | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -94,7 +96,9 @@ def search_record(config: SearchConfig, fingerprint: str) -> dict[str, Any]:
 
 def run_to_json(run: RunConfig) -> dict[str, Any]:
     """run.json's content: the model and data, the search settings at the top level, the evaluation's under "eval"."""
-    return {"version": RUN_VERSION, "model": run.model, "data": run.data,
+    # absent when none were given, so a resume without --weights is not compared
+    weights = {} if run.weights is None else {"weights": run.weights}
+    return {"version": RUN_VERSION, "model": run.model, "data": run.data, **weights,
             **search_record(run.search, run.fingerprint), "eval": run.eval.to_json()}
 
 
@@ -103,7 +107,8 @@ def run_from_json(data: Mapping[str, Any]) -> RunConfig:
     known = {f.name for f in fields(SearchConfig)} - {"storage"}
     search = {k: data[k] for k in known if data.get(k) is not None}
     return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),
-                     search=SearchConfig(**search), eval=EvalSettings.from_json(data.get("eval", {})))
+                     weights=data.get("weights"), search=SearchConfig(**search),
+                     eval=EvalSettings.from_json(data.get("eval", {})))
 
 
 def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str | Path) -> None:

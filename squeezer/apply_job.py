@@ -78,6 +78,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         info = read_run(run)
         settings = info.eval
         base_file = Path(run) / BASE_FILE
+        if model is None and not base_file.is_file():
+            weights = weights or info.weights  # the run's model is rebuilt with the weights it recorded
         model = model or (str(base_file) if base_file.is_file() else info.model)
         data = data or info.data
     if trial is not None:

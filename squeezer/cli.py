@@ -98,9 +98,11 @@ def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True,
     p.add_argument("--model", required=model_required, default=None,
                    help="zoo name (resnet20, resnet56, vgg_small, mobilenetv2_small), torchvision name (resnet18), "
                         "'package.module:function', or a checkpoint file, e.g. runs/resnet20.pt")
-    p.add_argument("--weights", default=None, metavar="FILE",
+    p.add_argument("--weights", default=None, metavar="NAME|FILE",
                    help="a state_dict, torch.save(model.state_dict(), FILE), loaded into the architecture --model "
-                        "names")
+                        "names; or a torchvision model's pretrained weights by name (IMAGENET1K_V1, "
+                        "ResNet18_Weights.DEFAULT), read from the torch hub cache ($TORCH_HOME/hub/checkpoints), "
+                        "never downloaded")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a model file that pickles Python objects (torch.save(model) of a whole module): "
                         "unpickling runs code from the file, so only for files you trust")
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="checkpoint to write (default: runs/MODEL.pt, named by --model)")
     p.add_argument("--steps", type=_positive_int, default=300, help="SGD steps (batch 64)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
+    p.add_argument("--replace-head", action="store_true",
+                   help="first replace the model's final classifier (its last Linear or 1x1 conv) with a fresh one "
+                        "sized for the data's classes: fine-tune a pretrained model on other classes")
     _device(p)
 
     p = _sub(subs, "space", "print a model's compressible units, their knobs and choices, and the space size")
@@ -244,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         result = squeezer.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
                                 device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
-                                progress=True)
+                                replace_head=args.replace_head, progress=True)
         render.train(result)
     elif args.command == "space":
         space = squeezer.space(model=args.model, data=args.data, knobs=_split(args.knobs),

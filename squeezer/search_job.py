@@ -19,11 +19,11 @@ from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
 from squeezer.evaluators.pool import PoolConfig, make_pool
 from squeezer.evaluators.settings import EvalSettings, LatencyConfig, RecoveryConfig
-from squeezer.models import resolve_source, save_checkpoint
+from squeezer.models import resolve_source, save_checkpoint, weights_ref
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
-from squeezer.run_folder import BASE_FILE, abs_ref, check_run, saved_inputs, write_run
+from squeezer.run_folder import BASE_FILE, RUN_FILE, abs_ref, check_run, read_run, saved_inputs, write_run
 from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
@@ -108,7 +108,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     and storage: SearchConfig). `recovery` and `latency` are a mode ("kd", "predict") or a whole config; `pool`
     says how many workers evaluate, where (local processes, Ray, a cluster), and on which Ray node latency is timed
     (by default one worker per core, or per GPU with device 'cuda'). `weights` is a state_dict for the
-    architecture `model` names; a pickled model file (and the run's base.pt made from one) loads only with
+    architecture `model` names, or a torchvision model's pretrained weights by name (from the local hub cache),
+    recorded in the run; a pickled model file (and the run's base.pt made from one) loads only with
     `trust_pickle`.
     """
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
@@ -145,13 +146,16 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     net, recipe = resolve_source(source, bundle, weights=None if resuming else weights, trust_pickle=trust_pickle)
     # the one trace of the model: every evaluator of this process, and every worker, is handed this space
     space_ = SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(knobs=config.knobs))
-    run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, search=config,
-                    eval=settings)
+    recorded = weights_ref(model, weights) if isinstance(model, str) else None
+    if recorded is None and resuming and (out / RUN_FILE).is_file():
+        recorded = read_run(out).weights  # a resume without --weights keeps the weights the run recorded
+    run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, weights=recorded,
+                    search=config, eval=settings)
     check_run(out, run)
     start = time.perf_counter()
     # The base a search compares with is recovered as every candidate is (e.g. BatchNorm re-estimated on the
     # seed's batches), so it differs a little from the model file's own accuracy; both are shown.
-    checkpoint_accuracy = score(net, bundle, device=device)[0]
+    checkpoint_accuracy = score(net, bundle, device=settings.device)[0]
     net.cpu()
     pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
     evaluators = make_pool(net, bundle, settings, config=pool_config, space=space_)

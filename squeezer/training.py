@@ -15,7 +15,7 @@ from squeezer.evaluators.accuracy import recalibrate_bn
 from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.devices import check_device
-from squeezer.models import load_source, save_checkpoint
+from squeezer.models import ModelError, check_outputs, load_source, replaced_head, save_checkpoint
 from squeezer.progress import progress_bar
 
 
@@ -29,14 +29,23 @@ class TrainResult:
 
 def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *, out: str | Path,
                    steps: int = 300, lr: float = 0.05, seed: int = 0, device: str = "cpu",
-                   weights: str | Path | None = None, trust_pickle: bool = False,
+                   weights: str | Path | None = None, trust_pickle: bool = False, replace_head: bool = False,
                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a model on `data` (from scratch, or from `weights` or a checkpoint) and save a checkpoint that every
-    other job accepts."""
+    other job accepts. `replace_head` first puts a fresh classifier sized for the data's classes in place of the
+    model's own (a pretrained model fine-tuned on other classes)."""
     bundle = data if isinstance(data, DataBundle) else load_data(data)
     torch.manual_seed(seed)
     net, recipe = load_source(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                               weights=weights, trust_pickle=trust_pickle)
+    if replace_head:
+        if recipe is not None and "arch" not in recipe:  # its recipe (base and policy) cannot say so
+            raise ModelError(f"--replace-head needs an architecture or its checkpoint, and {model!r} is a compressed "
+                             "model: replace the head of the model it was compressed from, then search again")
+        head = replaced_head(net, bundle.example_inputs(2), bundle.num_classes)
+        if recipe is not None:
+            recipe = {**recipe, "num_classes": bundle.num_classes, "head": head}
+    check_outputs(net, bundle, name=model)
     start = time.perf_counter()
     fit(net, bundle.train, FitConfig(steps=steps, lr=lr, seed=seed), device=device, on_step=on_step)
     # BatchNorm statistics of the final weights ("precise BN"): running averages lag the weights, and with a small
@@ -66,7 +75,7 @@ def default_out(model: str) -> Path:
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path | None = None, steps: int = 300,
           lr: float = 0.05, seed: int = 0, device: str = "cpu", weights: str | Path | None = None,
-          trust_pickle: bool = False, progress: bool = False) -> TrainResult:
+          trust_pickle: bool = False, replace_head: bool = False, progress: bool = False) -> TrainResult:
     """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model, saved
     to `out` (default: `default_out(model)`, e.g. runs/resnet20.pt).
 
@@ -77,7 +86,7 @@ def train(*, model: str = "resnet20", data: str = "digits", out: str | Path | No
         raise ValueError(f"steps must be at least 1, got {steps}")
     out = default_out(model) if out is None else out
     run = functools.partial(train_baseline, model, data, out=out, steps=steps, lr=lr, seed=seed, device=device,
-                            weights=weights, trust_pickle=trust_pickle)
+                            weights=weights, trust_pickle=trust_pickle, replace_head=replace_head)
     if not progress:
         return run()
     bar, update = progress_bar(steps, f"training {model}")

@@ -147,7 +147,7 @@ def test_a_whole_module_loads_only_with_trust_pickle(capsys, tmp_path) -> None:
     model = resnet20(num_classes=10, in_channels=1)
     torch.save(model, tmp_path / "whole.pt")
     code, err = cli(capsys, "space", "--model", str(tmp_path / "whole.pt"))
-    one_line(code, err, "squeezer.models.CifarResNet", "--trust-pickle", "--weights")
+    one_line(code, err, "squeezer.zoo.CifarResNet", "--trust-pickle", "--weights")
     assert cli(capsys, "space", "--model", str(tmp_path / "whole.pt"), "--trust-pickle")[0] == 0
     loaded = load_model(str(tmp_path / "whole.pt"), trust_pickle=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
