@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
+from squeezer.evaluators.data import DataConfig, FileSplit
 from squeezer.evaluators.evaluate import Evaluator
 from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
@@ -22,7 +23,7 @@ from squeezer.models import resolve_source, save_checkpoint
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
-from squeezer.run_folder import BASE_FILE, abs_ref, check_run, saved_inputs, write_run
+from squeezer.run_folder import BASE_FILE, RUN_FILE, abs_ref, check_run, read_run, saved_inputs, write_run
 from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
@@ -89,7 +90,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
                     trials: int | None = None, search: SearchConfig | None = None,
                     recovery: RecoveryConfig | str = "bn", latency: LatencyConfig | str = "measure",
                     pool: PoolConfig | None = None, device: str = "cpu", weights: str | None = None,
-                    trust_pickle: bool = False, progress: bool = False) -> SearchSummary:
+                    trust_pickle: bool = False, progress: bool = False,
+                    data_config: DataConfig | None = None) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
@@ -99,7 +101,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     says how many workers evaluate, where (local processes, Ray, a cluster), and on which Ray node latency is timed
     (by default one worker per core, or per GPU with device 'cuda'). `weights` is a state_dict for the
     architecture `model` names; a pickled model file (and the run's base.pt made from one) loads only with
-    `trust_pickle`.
+    `trust_pickle`. `data_config` says how the data is read (preprocessing, the validation samples scored, loader
+    processes, the model's class order); a resumed run reads it as recorded unless told otherwise.
     """
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
                                                   if v is not None})
@@ -117,7 +120,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
-    bundle = load_data(data)
+    data_config, split = _data_settings(out, data, data_config or DataConfig())
+    bundle = load_data(data, config=data_config, split=split)
     base_path = out / BASE_FILE
     resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
     source = str(base_path) if resuming else (model if given is None else given)
@@ -125,7 +129,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     # the one trace of the model: every evaluator of this process, and every worker, is handed this space
     space_ = SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(knobs=config.knobs))
     run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, search=config,
-                    eval=settings)
+                    eval=settings, data_config=replace(data_config, preprocess=bundle.preprocess),
+                    data_split=bundle.file_split)
     check_run(out, run)
     start = time.perf_counter()
     pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
@@ -168,6 +173,17 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
                          seconds=time.perf_counter() - start, files=files, failures=reasons.most_common(3),
                          closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
                          latency_check=prediction_error(result.rows))
+
+
+def _data_settings(out: Path, data: str, given: DataConfig) -> tuple[DataConfig, FileSplit | None]:
+    """The data settings and file division of a run folder that already searched this data (a resumed search reads
+    the same images the same way), else those given and none."""
+    if not (out / RUN_FILE).is_file():
+        return given, None
+    recorded = read_run(out)
+    if recorded.data != abs_ref(data):
+        return given, None
+    return given.resumed(recorded.data_config), recorded.data_split
 
 
 def closest_to_budget(rows: list[TrialRecord], budget: Any, *, repair: bool) -> dict[str, Any] | None:

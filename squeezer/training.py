@@ -11,7 +11,7 @@ import torch
 
 from squeezer.datasets import load_data
 from squeezer.evaluators.accuracy import recalibrate_bn
-from squeezer.evaluators.data import DataBundle
+from squeezer.evaluators.data import DataBundle, DataConfig
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.devices import check_device
 from squeezer.models import load_source, save_checkpoint
@@ -29,10 +29,11 @@ class TrainResult:
 def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *, out: str | Path,
                    steps: int = 300, lr: float = 0.05, seed: int = 0, device: str = "cpu",
                    weights: str | Path | None = None, trust_pickle: bool = False,
-                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                   on_step: Callable[[int, float], None] | None = None,
+                   data_config: DataConfig = DataConfig()) -> TrainResult:
     """Train a model on `data` (from scratch, or from `weights` or a checkpoint) and save a checkpoint that every
     other job accepts."""
-    bundle = data if isinstance(data, DataBundle) else load_data(data)
+    bundle = (data if isinstance(data, DataBundle) else load_data(data, config=data_config)).for_device(device)
     torch.manual_seed(seed)
     net, recipe = load_source(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                               weights=weights, trust_pickle=trust_pickle)
@@ -54,14 +55,14 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path = "runs/resnet20.pt", steps: int = 300,
           lr: float = 0.05, seed: int = 0, device: str = "cpu", weights: str | Path | None = None,
-          trust_pickle: bool = False, progress: bool = False) -> TrainResult:
+          trust_pickle: bool = False, progress: bool = False, data_config: DataConfig = DataConfig()) -> TrainResult:
     """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model.
 
     The checkpoint is the architecture's name and a state_dict, so it loads without unpickling code; a model that
     came from a pickle (`trust_pickle`) names no architecture and is saved pickled, needing trust_pickle again."""
     check_device(device)
     run = functools.partial(train_baseline, model, data, out=out, steps=steps, lr=lr, seed=seed, device=device,
-                            weights=weights, trust_pickle=trust_pickle)
+                            weights=weights, trust_pickle=trust_pickle, data_config=data_config)
     if not progress:
         return run()
     bar, update = progress_bar(steps, f"training {model}")
