@@ -1,8 +1,9 @@
 """Memory and data time of a search on an ImageNet-like folder: streamed images keep memory bounded by the batch.
 
-Generates (once, in parallel, under /tmp) a folder in ImageNet's layout, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG,
-of JPEGs 200-500 px on a side in `--classes` class folders, then runs a short search of torchvision resnet18 (random
-weights: nothing downloads) at 224x224 with `--workers` evaluation processes (the default pool: Ray actors where Ray is installed), and reports:
+Generates (once, in parallel, under /tmp) a folder in ImageNet's layout, train/<wnid>/*.JPEG and
+val/<wnid>/*.JPEG, of JPEGs 200-500 px on a side in `--classes` class folders, then runs a short search of
+torchvision resnet18 (random weights: nothing downloads) at 224x224 with `--workers` evaluation processes (the
+default pool: Ray actors where Ray is installed), and reports:
 
 - peak RSS (VmHWM) of the driver and of each worker process, polled from /proc while the search runs;
 - the data-loading time of one trial (reading, decoding and preprocessing exactly the batches a trial reads, alone)
