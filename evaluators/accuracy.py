@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from squeezer.evaluators.data import DataBundle, Split
+from squeezer.evaluators.data import Batches, DataBundle
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.evaluators.settings import RecoveryConfig
 
@@ -30,7 +30,7 @@ def _recalibratable(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Split, *, batches: int = 20, batch_size: int = 64, seed: int = 0,
+def recalibrate_bn(model: nn.Module, data: Batches, *, batches: int = 20, batch_size: int = 64, seed: int = 0,
                    device: str | torch.device = "cpu") -> nn.Module:
     """Reset BN running statistics and re-estimate them as a cumulative average over `batches` train batches.
 
@@ -46,7 +46,8 @@ def recalibrate_bn(model: nn.Module, data: Split, *, batches: int = 20, batch_si
         bn.momentum = None  # cumulative moving average: every batch weighs the same
         bn.train()
     try:
-        for x, _ in data.batches(batch_size, shuffle=True, seed=seed, limit=batches):
+        # the deterministic transform: statistics of augmented crops would not be those the model is scored on
+        for x, _ in data.batches(batch_size, shuffle=True, seed=seed, limit=batches, augment=False):
             model(x.to(device))
     finally:
         for bn, momentum in zip(bns, momenta):

@@ -66,9 +66,9 @@ class Evaluator:
                  latency_fn: Callable[[bytes], LatencyResult] | None = None,
                  hardware: dict[str, Any] | None = None) -> None:
         self.settings = settings
-        self.data = data
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for but torch sees no GPU: use device 'cpu'")
+        self.data = data.for_device(settings.device)
         self.device = torch.device(settings.device)
         self.base = copy.deepcopy(model).eval()
         self.example = self.data.example_inputs(1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeezer.evaluators.data import Split
+from squeezer.evaluators.data import Batches
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,10 @@ class FitConfig:
     seed: int = 0
 
 
-def fit(model: nn.Module, data: Split, config: FitConfig = FitConfig(), *, teacher: nn.Module | None = None,
+def fit(model: nn.Module, data: Batches, config: FitConfig = FitConfig(), *, teacher: nn.Module | None = None,
         device: str | torch.device = "cpu", on_step: Callable[[int, float], None] | None = None) -> nn.Module:
-    """SGD with a cosine schedule for `config.steps` steps over seeded shuffled epochs; returns the model."""
+    """SGD with a cosine schedule for `config.steps` steps over seeded shuffled epochs (augmented, where the split
+    augments); returns the model."""
     device = torch.device(device)
     model.to(device).train()
     if teacher is not None:
@@ -66,13 +67,13 @@ def fit(model: nn.Module, data: Split, config: FitConfig = FitConfig(), *, teach
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, *, batch_size: int = 256,
+def evaluate(model: nn.Module, data: Batches, *, batch_size: int = 256,
              device: str | torch.device = "cpu") -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) of `model` on a split, in eval mode."""
     device = torch.device(device)
     model.to(device).eval()
     correct, loss, n = 0, 0.0, 0
-    for x, y in data.batches(batch_size):
+    for x, y in data.batches(batch_size, augment=False):
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from optuna.storages import BaseStorage
 
+from squeezer.evaluators.data import DataConfig, FileSplit
 from squeezer.evaluators.settings import EvalSettings
 from squeezer.search.budget import METRICS, Budget
 from squeezer.search.errors import SearchError
@@ -77,7 +78,9 @@ class SearchConfig:
 class RunConfig:
     """One search run: the model and data it searched (references, as the workers and `apply` load them), the
     weights loaded into the model (a torchvision weights name in full, or a state_dict file; None: none), the
-    fingerprint of the model's space, and its search and evaluation settings."""
+    fingerprint of the model's space, its search and evaluation settings, how the data was read (`data_config`,
+    its preprocessing as resolved, statistics included) and how an image folder's files were divided
+    (`data_split`), so that a resumed search and `apply` read the same images the same way."""
 
     model: str
     data: str
@@ -85,6 +88,8 @@ class RunConfig:
     weights: str | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    data_config: DataConfig = field(default_factory=DataConfig)
+    data_split: FileSplit | None = None
 
 
 def search_record(config: SearchConfig, fingerprint: str) -> dict[str, Any]:
@@ -99,16 +104,21 @@ def run_to_json(run: RunConfig) -> dict[str, Any]:
     # absent when none were given, so a resume without --weights is not compared
     weights = {} if run.weights is None else {"weights": run.weights}
     return {"version": RUN_VERSION, "model": run.model, "data": run.data, **weights,
-            **search_record(run.search, run.fingerprint), "eval": run.eval.to_json()}
+            **search_record(run.search, run.fingerprint), "eval": run.eval.to_json(),
+            "data_config": run.data_config.to_json(),
+            "data_split": run.data_split.to_json() if run.data_split is not None else None}
 
 
 def run_from_json(data: Mapping[str, Any]) -> RunConfig:
     """The run `run_to_json` wrote, or one written before (a flat "eval" record, fewer search settings)."""
     known = {f.name for f in fields(SearchConfig)} - {"storage"}
     search = {k: data[k] for k in known if data.get(k) is not None}
+    split = data.get("data_split")
     return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),
                      weights=data.get("weights"), search=SearchConfig(**search),
-                     eval=EvalSettings.from_json(data.get("eval", {})))
+                     eval=EvalSettings.from_json(data.get("eval", {})),
+                     data_config=DataConfig.from_json(data.get("data_config") or {}),
+                     data_split=FileSplit.from_json(split) if split else None)
 
 
 def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str | Path) -> None:
@@ -127,4 +137,11 @@ def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str |
             raise SearchError(
                 f"output folder {str(out)!r} holds a study scored with other evaluation settings ({diff}): resume "
                 "with the settings it was started with, or choose another --out")
+    if "data_config" in there and "data_config" in now:  # other images, or the same read another way
+        was, now_ = (DataConfig.from_json(d).scoring() for d in (there["data_config"], now["data_config"]))
+        changed = [k for k in sorted(was) if was[k] != now_[k]]
+        if changed:
+            raise SearchError(f"output folder {str(out)!r} holds a study that read its data with other settings "
+                              f"({', '.join(changed)} differ): resume with the data flags it was started with (or "
+                              "none), or choose another --out")
 

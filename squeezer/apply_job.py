@@ -9,6 +9,7 @@ from torch import nn
 
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
+from squeezer.evaluators.data import DataConfig
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.evaluators.measurement import Measurement
@@ -17,7 +18,7 @@ from squeezer.models import compressed_recipe, resolve_source, save_checkpoint
 from squeezer.policies.export import export_onnx, with_metadata
 from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
-from squeezer.run_folder import BASE_FILE, read_run
+from squeezer.run_folder import BASE_FILE, abs_ref, read_run
 from squeezer.search.records import TrialRecord
 
 __all__ = ["ApplySummary", "apply"]
@@ -56,14 +57,18 @@ def _trial_policy(result: Any, run: Path, trial: int) -> tuple[Policy, TrialReco
 def apply(run: str | Path | None = None, *, trial: int | None = None, policy: str | Path | None = None,
           model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
           finetune_steps: int = 0, device: str = "cpu", latency: bool | None = None, progress: bool = False,
-          weights: str | Path | None = None, trust_pickle: bool = False, model_check: bool = True) -> ApplySummary:
+          weights: str | Path | None = None, trust_pickle: bool = False, model_check: bool = True,
+          data_config: DataConfig | None = None) -> ApplySummary:
     """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it;
     returns the summary, whose `model` is the compressed module.
 
     Latency is timed again (`latency=None`) unless the run measured none (`--latency none`): a number the search
     never compared would only cost time. The saved file is the compressed state_dict with its recipe (the base
-    model's architecture and weights, and the policy), which `squeezer.load` rebuilds without unpickling code. A policy must name the model it was made for
-    (its fingerprint) unless `model_check` is off; a pickled model file loads only with `trust_pickle`."""
+    model's architecture and weights, and the policy), which `squeezer.load` rebuilds without unpickling code. A
+    policy must name the model it was made for (its fingerprint) unless `model_check` is off; a pickled model file
+    loads only with `trust_pickle`. The run's data is read as the search read it (preprocessing, file division,
+    validation samples; `data_config` overrides what it sets), and test accuracy is reported on the whole test
+    split."""
     check_device(device)
     if finetune_steps < 0:
         raise ValueError(f"finetune_steps must be 0 or more, got {finetune_steps}")
@@ -72,6 +77,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     if (trial is None) == (policy is None):
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
     settings = EvalSettings()
+    data_config, split = data_config or DataConfig(), None
     recorded = None
     result = load_result(run) if run is not None else None
     if run is not None:
@@ -81,6 +87,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         if model is None and not base_file.is_file():
             weights = weights or info.weights  # the run's model is rebuilt with the weights it recorded
         model = model or (str(base_file) if base_file.is_file() else info.model)
+        if data is None or abs_ref(data) == info.data:
+            data_config, split = data_config.resumed(info.data_config), info.data_split
         data = data or info.data
     if trial is not None:
         if run is None:
@@ -95,7 +103,7 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         latency = settings.latency.mode != "none"
     settings = replace(settings, device=device,
                        latency=replace(settings.latency, mode="measure" if latency else "none"))
-    bundle = load_data(data)
+    bundle = load_data(data, config=data_config, split=split)
     net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
     evaluator = Evaluator(net, bundle, settings)
     if not model_check:  # the user vouches that the policy was made for this model

@@ -111,6 +111,62 @@ def _model_data(p: argparse.ArgumentParser, *, model_required: bool = True,
                    "or a .pt file of (images, labels) tensors")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, one per channel, got {text!r}") \
+            from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected one number per channel, e.g. 0.485,0.456,0.406")
+    return values
+
+
+def _data_options(p: argparse.ArgumentParser, *, scoring: bool = True) -> None:
+    """How an image folder is read: its preprocessing, the class order, the loader (and what the search scores)."""
+    g = p.add_argument_group("image data (image folders are streamed from disk)")
+    g.add_argument("--preprocess", choices=["imagenet"], default=None,
+                   help="a preprocessing preset: imagenet resizes the shorter side to 256, crops the centre 224 and "
+                        "standardises with ImageNet's statistics (the flags below override parts of it)")
+    g.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+                   help="centre crop N x N (default: the folder's own size when its images share one, else their "
+                        "median shorter side, at most 224)")
+    g.add_argument("--resize", type=_positive_int, default=None, metavar="N",
+                   help="resize the shorter side to N pixels before the crop")
+    g.add_argument("--mean", type=_floats, default=None, metavar="M,M,M",
+                   help="per-channel mean of [0, 1] pixels (default: computed from training images)")
+    g.add_argument("--std", type=_floats, default=None, metavar="S,S,S", help="per-channel deviation, with --mean")
+    g.add_argument("--no-augment", action="store_true",
+                   help="train and fine-tune on the plain centre crop, without random resized crops and flips")
+    g.add_argument("--classes", default=None, metavar="FILE",
+                   help="the model's output order: one class-folder name per line (a folder holding a subset of a "
+                        "pretrained model's classes is scored against the right outputs)")
+    g.add_argument("--loader-workers", type=int, default=0, metavar="N",
+                   help="DataLoader processes reading images (0: the process that evaluates)")
+    if scoring:
+        g.add_argument("--val-samples", type=_positive_int, default=None, metavar="N",
+                       help="score candidates on a fixed, seeded N-image subset of the validation split "
+                            "(default: all of it)")
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    """The DataConfig the data flags give (None fields where a flag was not given)."""
+    from dataclasses import replace
+
+    from squeezer.evaluators.data import DataConfig
+    from squeezer.evaluators.preprocess import Preprocess, imagenet
+    from squeezer.image_folders import read_classes
+
+    pre = imagenet() if args.preprocess == "imagenet" else None
+    given = {k: v for k, v in (("size", args.image_size), ("resize", args.resize), ("mean", args.mean),
+                               ("std", args.std)) if v is not None}
+    if given or args.no_augment:
+        pre = replace(pre or Preprocess(), **given, augment=not args.no_augment)
+    return DataConfig(preprocess=pre, val_samples=getattr(args, "val_samples", None),
+                      loader_workers=args.loader_workers,
+                      classes=read_classes(args.classes) if args.classes else None)
+
+
 def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where accuracy work runs; latency is always measured with onnxruntime on the CPU")
@@ -133,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-head", action="store_true",
                    help="first replace the model's final classifier (its last Linear or 1x1 conv) with a fresh one "
                         "sized for the data's classes: fine-tune a pretrained model on other classes")
+    _data_options(p, scoring=False)
     _device(p)
 
     p = _sub(subs, "space", "print a model's compressible units, their knobs and choices, and the space size")
@@ -198,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-evaluate the best K front trials with a fine-tune")
     p.add_argument("--seed", type=_count, default=0, help="sampler and evaluation seed")
     p.add_argument("--out", required=True, help="run folder (study, policies, front), e.g. runs/r20")
+    _data_options(p)
     _device(p)
 
     p = _sub(subs, "front", "show a run's Pareto front and write front.csv/json/html/png")
@@ -222,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model-check", dest="model_check", action="store_false",
                    help="apply a policy that names no model (no fingerprint) or another one, as long as its units "
                         "and choices fit this model")
+    _data_options(p)
     _device(p)
 
     p = _sub(subs, "report", "write one HTML page about a run: settings, hardware, front, a trial's policy, history")
@@ -249,7 +308,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         result = squeezer.train(model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
                                 device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
-                                replace_head=args.replace_head, progress=True)
+                                replace_head=args.replace_head, progress=True, data_config=_data_config(args))
         render.train(result)
     elif args.command == "space":
         space = squeezer.space(model=args.model, data=args.data, knobs=_split(args.knobs),
@@ -274,7 +333,8 @@ def _run(args: argparse.Namespace) -> int:
                           latency_resource=args.latency_on, eval_threads=args.eval_threads)
         summary = squeezer.search_policies(model=args.model, data=args.data, out=args.out, search=search,
                                            recovery=recovery, latency=latency, pool=pool, device=args.device,
-                                           weights=args.weights, trust_pickle=args.trust_pickle, progress=True)
+                                           weights=args.weights, trust_pickle=args.trust_pickle, progress=True,
+                                           data_config=_data_config(args))
         render.search(summary)
     elif args.command == "front":
         summary = squeezer.front(args.run, x=args.x, under=args.under)
@@ -283,7 +343,8 @@ def _run(args: argparse.Namespace) -> int:
         applied = squeezer.apply(args.run, trial=args.trial, policy=args.policy, model=args.model, data=args.data,
                                  out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
                                  device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
-                                 model_check=args.model_check, progress=not args.json)
+                                 model_check=args.model_check, progress=not args.json,
+                                 data_config=_data_config(args))
         render.print_json(render.apply_json(applied)) if args.json else render.apply(applied)
     elif args.command == "report":
         render.report(squeezer.report(args.run, trial=args.trial))

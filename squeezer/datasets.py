@@ -5,22 +5,23 @@ bundled 5,000 MNIST images), `torchvision:NAME:ROOT` (a torchvision dataset alre
 it has one, is the test split here), or an image folder: one sub-folder of images per class, or train/ with val/
 and/or test/ holding such sub-folders (a lone val/ is the test split, as ImageNet's is used), or a .pt file of
 tensors (`save_data`: an (images, labels) pair, or such pairs under 'train', 'val', 'test'; how the Python API takes
-in-memory data). Images keep their own size and channels, so a model built for the source runs on them unchanged.
+in-memory data). The small sources are held in memory at their own size and channels; image folders are streamed
+from disk (`squeezer.image_folders`) with the preprocessing given, or a size chosen from their images.
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from squeezer.evaluators.data import DataBundle, DataError, Split
+from squeezer.evaluators.data import DataBundle, DataConfig, DataError, FileSplit, Split
 
 log = logging.getLogger(__name__)
-
 
 
 def _split(x: np.ndarray, y: np.ndarray, name: str, seed: int, val_frac: float, test_frac: float,
@@ -82,39 +83,15 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
     return (x / 255.0).reshape(-1, 1, 28, 28), y
 
 
-FALLBACK_SIZE = 32  # images of different sizes are resized to this square (a uniform source keeps its own size)
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-
-
-def _open_image(path: str) -> Any:
-    """Grayscale images stay one channel (torchvision's default loader makes everything RGB, and a model built for
-    one-channel inputs then fails); anything else becomes RGB."""
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-
-
 def _arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of a dataset of (tensor, label) pairs, as one array: sizes and channels made to agree.
-
-    A source whose images share one size keeps it: a model trained on 28x28 MNIST has layers sized for 28x28.
-    Mixed grayscale and colour images all become three channels; mixed sizes are resized to FALLBACK_SIZE, and the
-    log says so (resize the images to one size beforehand to keep their resolution)."""
-    import torch.nn.functional as F
-
+    """(images, labels) of a dataset of (tensor, label) pairs whose images share one size, as one array."""
     if len(ds) == 0:
         raise DataError(f"{where} holds no images: add one sub-folder of images per class")
     _check_fits(len(ds), tuple(ds[0][0].shape), where)
     xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    if len({x.shape[0] for x in xs}) > 1:
-        xs = tuple(x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in xs)
-    if len({tuple(x.shape[1:]) for x in xs}) > 1:
-        log.warning("images in %s have different sizes: resized to %dx%d (resize them to one size to keep their "
-                    "resolution)", where, FALLBACK_SIZE, FALLBACK_SIZE)
-        xs = tuple(F.interpolate(x[None], size=(FALLBACK_SIZE, FALLBACK_SIZE), mode="bilinear", antialias=True,
-                                 align_corners=False)[0] for x in xs)
+    if len({tuple(x.shape) for x in xs}) > 1:
+        raise DataError(f"images in {where} have different sizes: save the dataset as an image folder, which is "
+                        "read with --image-size or --preprocess imagenet")
     return torch.stack(xs).numpy(), np.asarray(ys)
 
 
@@ -163,47 +140,6 @@ def _held_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
             not np.allclose(first.numpy(), x[0], atol=1e-6):
         return None
     return x, labels.astype(np.int64)
-
-
-def _split_folders(root: Path) -> dict[str, Path]:
-    """root/train with root/val and/or root/test (ImageNet's layout), if root has them; else {}."""
-    found = {}
-    for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            if (root / name).is_dir():
-                found[split] = root / name
-                break
-    return found if "train" in found and len(found) > 1 else {}
-
-
-def _image_folder(root: Path, classes: tuple[list[str], dict[str, int]] | None = None) -> tuple[Any, Any]:
-    """An ImageFolder of `root`; with `classes` (another split's), labels follow that split's numbering."""
-    from torchvision import datasets, transforms
-
-    class Folder(datasets.ImageFolder):
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            return classes if classes is not None else super().find_classes(directory)
-
-    try:
-        ds = Folder(str(root), transform=transforms.ToTensor(), loader=_open_image, allow_empty=classes is not None)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"{str(root)!r} is not an image folder ({str(exc).splitlines()[0]}): it needs one sub-folder "
-                        "of images per class, or train/ and val/ (or test/) folders that each have them") from None
-    return ds, (ds.classes, ds.class_to_idx)
-
-
-def _folder_bundle(root: Path, seed: int, val_frac: float, test_frac: float) -> DataBundle:
-    """An image folder: one folder of classes, split here; or train/ + val/ and/or test/, split as given (a lone
-    val/ is the test split: the search's own validation split is then carved from train/)."""
-    folders = _split_folders(root)
-    if not folders:
-        ds, _ = _image_folder(root)
-        return _split(*_arrays(ds, str(root)), root.name, seed, val_frac, test_frac)
-    train, classes = _image_folder(folders["train"])
-    held = {k: _arrays(_image_folder(folders[k], classes)[0], str(folders[k])) for k in ("val", "test") if k in folders}
-    test = held.get("test", held.get("val"))
-    val = held["val"] if len(held) == 2 else None
-    return _split(*_arrays(train, str(folders["train"])), root.name, seed, val_frac, test_frac, test=test, val=val)
 
 
 def _torchvision(name: str, root: str) -> tuple[tuple, tuple | None]:
@@ -297,9 +233,8 @@ def _tensor_file(path: Path, seed: int, val_frac: float, test_frac: float) -> Da
                   val=arrays.get("val"))
 
 
-def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,
-              test_frac: float = 0.2) -> DataBundle:
-    """Load a data reference into train/val/test splits (see the module docstring for the forms)."""
+def _in_memory(ref: str, seed: int, val_frac: float, test_frac: float) -> DataBundle | None:
+    """The small sources, held as tensors (fast, and what the demo and tests use); None for any other reference."""
     if ref == "digits":
         return _split(*_digits(), "digits", seed, val_frac, test_frac)
     if ref == "mnist":
@@ -311,9 +246,36 @@ def load_data(ref: str = "digits", *, seed: int = 0, val_frac: float = 0.2,
         train, test = _torchvision(parts[1], parts[2])
         return _split(*train, parts[1], seed, val_frac, test_frac, test=test)
     path = Path(ref)
-    if path.is_dir():
-        return _folder_bundle(path, seed, val_frac, test_frac)
     if path.is_file() and path.suffix in TENSOR_FILE:
         return _tensor_file(path, seed, val_frac, test_frac)
-    raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, an existing image folder "
-                    "path, or a .pt file of (images, labels) tensors")
+    return None
+
+
+def _val_subset(bundle: DataBundle, n: int | None, seed: int) -> DataBundle:
+    """The validation split cut to a fixed, seeded `n` samples (in their original order)."""
+    if n is None or n >= len(bundle.val):
+        return bundle
+    picks = sorted(np.random.default_rng(seed + 2).permutation(len(bundle.val))[:n].tolist())
+    return replace(bundle, val=bundle.val.subset(picks))
+
+
+def load_data(ref: str = "digits", *, config: DataConfig = DataConfig(), split: FileSplit | None = None,
+              seed: int = 0, val_frac: float = 0.2, test_frac: float = 0.2) -> DataBundle:
+    """Load a data reference into train/val/test splits (see the module docstring for the forms): small sources in
+    memory, image folders streamed from disk as `config` says (`split`: an image folder's division as a run
+    recorded it)."""
+    from squeezer.image_folders import folder_bundle
+
+    bundle = _in_memory(ref, seed, val_frac, test_frac)
+    if bundle is not None:
+        if config.preprocess is not None or config.classes is not None:
+            flag = "--classes" if config.classes is not None else "--image-size/--resize/--mean/--std/--preprocess"
+            raise DataError(f"{flag} applies to image folders, and {ref!r} is held in memory as it is: drop it, or "
+                            "save the images as an image folder (one sub-folder per class)")
+    else:
+        path = Path(ref)
+        if not path.is_dir():
+            raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, an existing image "
+                            "folder path, or a .pt file of (images, labels) tensors")
+        bundle = folder_bundle(path, config, seed=seed, val_frac=val_frac, test_frac=test_frac, recorded=split)
+    return _val_subset(bundle, config.val_samples, seed)

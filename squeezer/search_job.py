@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from squeezer.datasets import load_data
 from squeezer.devices import check_device
 from squeezer.evaluators.accuracy import score
+from squeezer.evaluators.data import DataConfig, FileSplit
 from squeezer.evaluators.evaluate import Evaluator
 from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
@@ -99,7 +100,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
                     trials: int | None = None, search: SearchConfig | None = None,
                     recovery: RecoveryConfig | str = "bn", latency: LatencyConfig | str = "measure",
                     pool: PoolConfig | None = None, device: str = "cpu", weights: str | None = None,
-                    trust_pickle: bool = False, progress: bool = False) -> SearchSummary:
+                    trust_pickle: bool = False, progress: bool = False,
+                    data_config: DataConfig | None = None) -> SearchSummary:
     """Search compression policies of `model` within `budget`; re-running with the same `out` resumes.
 
     `model` and `data` are references (strings, as on the command line), or from Python an nn.Module and image and
@@ -110,7 +112,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     (by default one worker per core, or per GPU with device 'cuda'). `weights` is a state_dict for the
     architecture `model` names, or a torchvision model's pretrained weights by name (from the local hub cache),
     recorded in the run; a pickled model file (and the run's base.pt made from one) loads only with
-    `trust_pickle`.
+    `trust_pickle`. `data_config` says how the data is read (preprocessing, the validation samples scored, loader
+    processes, the model's class order); a resumed run reads it as recorded unless told otherwise.
     """
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
                                                   if v is not None})
@@ -129,17 +132,19 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     with holding_folder(out):
         check_study_files(out, config.storage)
         return _search(model=model, data=data, out=out, config=config, settings=settings, pool_config=pool_config,
-                       weights=weights, trust_pickle=trust_pickle, progress=progress)
+                       weights=weights, trust_pickle=trust_pickle, progress=progress, data_config=data_config)
 
 
 def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings: EvalSettings,
-            pool_config: PoolConfig, weights: str | None, trust_pickle: bool, progress: bool) -> SearchSummary:
+            pool_config: PoolConfig, weights: str | None, trust_pickle: bool, progress: bool,
+            data_config: DataConfig | None) -> SearchSummary:
     """The search itself, with the run folder's lock held."""
     parsed = config.parsed_budget
     given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
-    bundle = load_data(data)
+    data_config, split = _data_settings(out, data, data_config or DataConfig())
+    bundle = load_data(data, config=data_config, split=split)
     base_path = out / BASE_FILE
     resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
     source = str(base_path) if resuming else (model if given is None else given)
@@ -150,7 +155,8 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     if recorded is None and resuming and (out / RUN_FILE).is_file():
         recorded = read_run(out).weights  # a resume without --weights keeps the weights the run recorded
     run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, weights=recorded,
-                    search=config, eval=settings)
+                    search=config, eval=settings, data_config=replace(data_config, preprocess=bundle.preprocess),
+                    data_split=bundle.file_split)
     check_run(out, run)
     start = time.perf_counter()
     # The base a search compares with is recovered as every candidate is (e.g. BatchNorm re-estimated on the
@@ -205,6 +211,17 @@ def failure_counts(rows: list[TrialRecord]) -> tuple[Counter[str], int]:
     (and re-run by a resumed search), so they are no failure of their policy."""
     failed = [r for r in rows if r.state == TrialState.FAIL]
     return Counter(r.fail_reason or "no reason recorded" for r in failed if not r.stale), sum(r.stale for r in failed)
+
+
+def _data_settings(out: Path, data: str, given: DataConfig) -> tuple[DataConfig, FileSplit | None]:
+    """The data settings and file division of a run folder that already searched this data (a resumed search reads
+    the same images the same way), else those given and none."""
+    if not (out / RUN_FILE).is_file():
+        return given, None
+    recorded = read_run(out)
+    if recorded.data != abs_ref(data):
+        return given, None
+    return given.resumed(recorded.data_config), recorded.data_split
 
 
 def closest_to_budget(rows: list[TrialRecord], budget: Any, *, repair: bool) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ import torch
 
 from squeezer.datasets import load_data
 from squeezer.evaluators.accuracy import recalibrate_bn
-from squeezer.evaluators.data import DataBundle
+from squeezer.evaluators.data import DataBundle, DataConfig
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.devices import check_device
 from squeezer.models import ModelError, check_outputs, load_source, replaced_head, save_checkpoint
@@ -30,11 +30,12 @@ class TrainResult:
 def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *, out: str | Path,
                    steps: int = 300, lr: float = 0.05, seed: int = 0, device: str = "cpu",
                    weights: str | Path | None = None, trust_pickle: bool = False, replace_head: bool = False,
-                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                   on_step: Callable[[int, float], None] | None = None,
+                   data_config: DataConfig = DataConfig()) -> TrainResult:
     """Train a model on `data` (from scratch, or from `weights` or a checkpoint) and save a checkpoint that every
     other job accepts. `replace_head` first puts a fresh classifier sized for the data's classes in place of the
     model's own (a pretrained model fine-tuned on other classes)."""
-    bundle = data if isinstance(data, DataBundle) else load_data(data)
+    bundle = (data if isinstance(data, DataBundle) else load_data(data, config=data_config)).for_device(device)
     torch.manual_seed(seed)
     net, recipe = load_source(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                               weights=weights, trust_pickle=trust_pickle)
@@ -75,7 +76,8 @@ def default_out(model: str) -> Path:
 
 def train(*, model: str = "resnet20", data: str = "digits", out: str | Path | None = None, steps: int = 300,
           lr: float = 0.05, seed: int = 0, device: str = "cpu", weights: str | Path | None = None,
-          trust_pickle: bool = False, replace_head: bool = False, progress: bool = False) -> TrainResult:
+          trust_pickle: bool = False, replace_head: bool = False, progress: bool = False,
+          data_config: DataConfig = DataConfig()) -> TrainResult:
     """Train a baseline checkpoint (seconds on the bundled digits) that every other job accepts as --model, saved
     to `out` (default: `default_out(model)`, e.g. runs/resnet20.pt).
 
@@ -86,7 +88,8 @@ def train(*, model: str = "resnet20", data: str = "digits", out: str | Path | No
         raise ValueError(f"steps must be at least 1, got {steps}")
     out = default_out(model) if out is None else out
     run = functools.partial(train_baseline, model, data, out=out, steps=steps, lr=lr, seed=seed, device=device,
-                            weights=weights, trust_pickle=trust_pickle, replace_head=replace_head)
+                            weights=weights, trust_pickle=trust_pickle, replace_head=replace_head,
+                            data_config=data_config)
     if not progress:
         return run()
     bar, update = progress_bar(steps, f"training {model}")
