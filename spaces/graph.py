@@ -46,6 +46,10 @@ class ChannelGroup:
     consumers: tuple[str, ...]  # layers whose input channels are these
     prunable: bool
     note: str = ""
+    # Layer -> how many of its output (producers) or input (consumers) indices the group's channels are: a flatten
+    # makes one channel many inputs, and a concatenation's consumer takes only part of its inputs from the group.
+    out_width: tuple[tuple[str, int], ...] = ()
+    in_width: tuple[tuple[str, int], ...] = ()
 
 
 def _kind(module: nn.Module) -> str:
@@ -162,27 +166,34 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, layers: list[
         try:
             group = graph.get_pruning_group(module, fn, idxs=list(range(info.out_channels)))
             producers, consumers = set(), set()
-            for dep, _ in group:
+            out_idx: dict[str, set[int]] = {}
+            in_idx: dict[str, set[int]] = {}
+            for dep, idxs in group:
                 target = names.get(dep.target.module)
                 if target not in by_name:
                     continue
                 if graph.is_out_channel_pruning_fn(dep.handler):
                     producers.add(target)
+                    out_idx.setdefault(target, set()).update(int(i) for i in idxs)
                 elif graph.is_in_channel_pruning_fn(dep.handler):
                     consumers.add(target)
+                    in_idx.setdefault(target, set()).update(int(i) for i in idxs)
             prunable, note = True, ""
             if any(by_name[p].is_output for p in producers):
                 prunable, note = False, "feeds the model output"
             elif any(by_name[p].kind == "gconv" for p in producers | consumers):
                 prunable, note = False, "grouped convolution (not depthwise) ties channels in blocks"
         except Exception as exc:  # e.g. channel shuffle: refuse this group, keep the other knobs
-            producers, consumers = {info.name}, set()
+            producers, consumers, out_idx, in_idx = {info.name}, set(), {}, {}
             prunable, note = False, f"dependency graph failed ({type(exc).__name__})"
         producers.add(info.name)
-        # A depthwise conv's output channels are its input channels: it both consumes and produces the group.
-        consumers -= {p for p in producers if by_name[p].kind != "dwconv"}
+        out_idx.setdefault(info.name, set(range(info.out_channels)))
+        # A depthwise conv's output channels are its input channels: the space prices its input from its output.
+        consumers -= {p for p in producers if by_name[p].kind == "dwconv"}
         ordered = tuple(sorted(producers, key=order.__getitem__))
         seen.update(ordered)
-        groups.append(ChannelGroup(ordered[0], info.out_channels, ordered,
-                                   tuple(sorted(consumers, key=order.__getitem__)), prunable, note))
+        inputs = tuple(sorted(consumers, key=order.__getitem__))
+        groups.append(ChannelGroup(ordered[0], info.out_channels, ordered, inputs, prunable, note,
+                                   tuple((p, len(out_idx.get(p, ())) or info.out_channels) for p in ordered),
+                                   tuple((c, len(in_idx.get(c, ()))) for c in inputs)))
     return groups
