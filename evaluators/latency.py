@@ -375,8 +375,8 @@ def _touched_units(space: Any) -> dict[str, set[str]]:
     members: dict[str, set[str]] = {}
     for name, unit in space.units.items():
         members.setdefault(unit.out_group, set()).add(name)
-        if unit.in_group is not None:
-            members.setdefault(unit.in_group, set()).add(name)
+        for group in {unit.in_group, *(g for g, _ in unit.in_parts)} - {None}:
+            members.setdefault(group, set()).add(name)
     return {name: members.get(unit.out_group, {name}) for name, unit in space.units.items()}
 
 

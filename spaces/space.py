@@ -34,6 +34,10 @@ class Unit:
     out_group: str | None  # the channel group its output channels belong to
     in_group: str | None  # the channel group its input channels belong to
     in_multiplier: int  # input features per input channel (a Linear after a flatten of C x H x W)
+    # Every group the unit's output (input) channels take part in, with how many of its output (input) indices the
+    # group holds: a concatenation's consumer reads several groups, and only pruning all of them prices it.
+    out_parts: tuple[tuple[str, int], ...] = ()
+    in_parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def name(self) -> str:
@@ -86,14 +90,24 @@ class SearchSpace:
         pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
         groups = channel_groups(model, example_inputs, layers) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
-        by_group_in = {c: g for g in groups for c in g.consumers}
+        out_parts: dict[str, list[tuple[str, int]]] = {}
+        in_parts: dict[str, list[tuple[str, int]]] = {}
+        for g in groups:
+            for p, width in g.out_width:
+                out_parts.setdefault(p, []).append((g.name, width))
+            for c, width in g.in_width:
+                in_parts.setdefault(c, []).append((g.name, width))
+        by_name = {g.name: g for g in groups}
         units = []
         for info in layers:
             out_g = by_group_out.get(info.name)
-            in_g = by_group_in.get(info.name) or (out_g if info.kind == "dwconv" else None)
-            mult = max(1, info.in_channels // in_g.channels) if in_g is not None else 1
+            # The group its input comes from: the largest part it reads (a depthwise conv reads its own group).
+            ins = sorted(in_parts.get(info.name, ()), key=lambda part: -part[1])
+            in_g = by_name[ins[0][0]] if ins else (out_g if info.kind == "dwconv" else None)
+            mult = max(1, ins[0][1] // in_g.channels) if ins and in_g is not None else 1
             knobs = _knobs_for(Site(info, out_g, config))
-            units.append(Unit(info, knobs, out_g.name if out_g else None, in_g.name if in_g else None, mult))
+            units.append(Unit(info, knobs, out_g.name if out_g else None, in_g.name if in_g else None, mult,
+                              tuple(out_parts.get(info.name, ())), tuple(ins)))
         layer_params = sum(dense_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units)
         total = sum(p.numel() for p in model.parameters())
         return cls(units, groups, config, tuple(example_inputs.shape), max(0, total - layer_params))
@@ -156,13 +170,16 @@ class SearchSpace:
 
     def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
         """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too."""
-        ratio = {g: _knob(layers, g, PRUNE) for g in self.groups}
+        removed = {}  # group -> the fraction of its channels the policy prunes, as (removed, channels)
+        for g, group in self.groups.items():
+            ratio = _knob(layers, g, PRUNE)
+            if ratio:
+                removed[g] = (group.channels - self.kept(g, ratio), group.channels)
         out = {}
         for name, unit in self.units.items():
             info = unit.layer
-            cout = self.kept(unit.out_group, ratio.get(unit.out_group, 0.0)) or info.out_channels
-            cin_ch = self.kept(unit.in_group, ratio.get(unit.in_group, 0.0))
-            cin = cin_ch * unit.in_multiplier if cin_ch is not None else info.in_channels
+            cout = info.out_channels - _cut(unit.out_parts, removed)
+            cin = cout if info.kind == "dwconv" else info.in_channels - _cut(unit.in_parts, removed)
             out[name] = self.layer_cost(unit, cin, cout, layers.get(name))
         return out
 
@@ -205,6 +222,16 @@ class SearchSpace:
     def __repr__(self) -> str:
         return (f"SearchSpace({len(self.units)} units, {len(self.groups)} channel groups, "
                 f"{len(self.distributions())} knobs, size {self.size():.3g})")
+
+
+def _cut(parts: tuple[tuple[str, int], ...], removed: Mapping[str, tuple[int, int]]) -> int:
+    """Indices a layer loses: of each group it takes part in, its share of the channels that group loses."""
+    total = 0
+    for group, width in parts:
+        if group in removed:
+            gone, channels = removed[group]
+            total += gone * width // channels
+    return total
 
 
 def _matches(name: str, config: SpaceConfig) -> bool:

@@ -109,3 +109,37 @@ def test_unit_costs_add_up_to_the_prediction(resnet) -> None:
     assert set(costs) == set(space.units)
     assert sum(m for m, _ in costs.values()) == space.predict(policy.layers).macs
     assert all(m <= space.unit_costs({})[u][0] for u, (m, _) in costs.items())
+
+
+class TwoHeads(nn.Module):
+    """A trunk with a conv head (a 1x1 conv classifier, then pooling) and a linear head, returned in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.seg = nn.Conv2d(16, 5, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.trunk(x))
+        return {"seg": torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.seg(h)), 1), 1),
+                "cls": self.fc(h.mean((2, 3)))}
+
+
+def test_every_layer_that_reaches_an_output_keeps_its_channels() -> None:
+    import torchvision
+
+    from squeezer.policies.apply import apply_policy
+    from squeezer.policies.policy import Policy
+
+    squeeze = torchvision.models.squeezenet1_1(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    space = SearchSpace.from_model(squeeze, x)
+    assert [u for u, unit in space.units.items() if unit.layer.is_output] == ["classifier.1"]
+    assert apply_policy(squeeze, Policy.uniform(space, prune=0.5), example_inputs=x, space=space)(x).shape == (1, 10)
+    heads = TwoHeads().eval()
+    space = SearchSpace.from_model(heads, X8)
+    assert {u for u, unit in space.units.items() if unit.layer.is_output} == {"seg", "fc"}
+    assert space.choices("trunk.0", "prune") and not space.choices("seg", "prune")
+    out = apply_policy(heads, Policy.uniform(space, prune=0.5), example_inputs=X8, space=space)(X8)
+    assert out["seg"].shape == (1, 5) and out["cls"].shape == (1, 3)

@@ -1,0 +1,31 @@
+"""torchvision's models as a new user meets them: space, random policies, apply, MACs and ONNX (architecture_checks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from architecture_checks import check_model
+
+FAST = ("squeezenet1_1", "mobilenet_v3_small")
+
+
+def _build(name: str):
+    segmentation = name in torchvision.models.list_models(module=torchvision.models.segmentation)
+    extra = {"weights_backbone": None} if segmentation else {}
+    return lambda: torchvision.models.get_model(name, num_classes=10, **extra)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_small_models_keep_outputs_and_are_priced_exactly(name: str, one_thread) -> None:
+    row = check_model(name, _build(name), torch.randn(1, 3, 64, 64))
+    assert row.ok, row.problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(torchvision.models.list_models(module=torchvision.models))
+                                        | set(torchvision.models.list_models(module=torchvision.models.segmentation))
+                                        - set(FAST)))
+def test_every_torchvision_model(name: str, one_thread) -> None:
+    row = check_model(name, _build(name), torch.randn(1, 3, 64, 64))
+    assert row.ok, row.problems
