@@ -63,8 +63,8 @@ def main() -> None:
     reference = export_onnx(base, x)
     meter = LatencyMeter(reference, tuple(x.shape), threads=1, runs=100)
     target = space.predict(swap_all(space, "dwsep").layers).macs
-    print(f"resnet20 mnist, base val accuracy {evaluate(base, data.val)[0]:.3f}, MACs {space.baseline().macs / 1e6:.2f} "
-          f"M; dwsep-swapped MACs {target / 1e6:.2f} M; {args.threads} torch thread(s)")
+    print(f"resnet20 mnist, base val accuracy {evaluate(base, data.val)[0]:.3f}, "
+          f"MACs {space.baseline().macs / 1e6:.2f} M; dwsep-swapped MACs {target / 1e6:.2f} M; {args.threads} torch thread(s)")
     print("| family | value | units | MACs (M) | start | fit | fit + distill | + fine-tune | ORT latency rel |")
     print("|---|---|---|---|---|---|---|---|---|")
     for family, ladder in LADDERS.items():
