@@ -64,7 +64,8 @@ def main() -> None:
     meter = LatencyMeter(reference, tuple(x.shape), threads=1, runs=100)
     target = space.predict(swap_all(space, "dwsep").layers).macs
     print(f"resnet20 mnist, base val accuracy {evaluate(base, data.val)[0]:.3f}, "
-          f"MACs {space.baseline().macs / 1e6:.2f} M; dwsep-swapped MACs {target / 1e6:.2f} M; {args.threads} torch thread(s)")
+          f"MACs {space.baseline().macs / 1e6:.2f} M; dwsep-swapped MACs {target / 1e6:.2f} M; "
+          f"{args.threads} torch thread(s)")
     print("| family | value | units | MACs (M) | start | fit | fit + distill | + fine-tune | ORT latency rel |")
     print("|---|---|---|---|---|---|---|---|---|")
     for family, ladder in LADDERS.items():
