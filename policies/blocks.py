@@ -1,4 +1,9 @@
-"""Block swap: a k x k convolution becomes depthwise k x k -> BatchNorm -> pointwise 1 x 1, fitted to mimic it.
+"""Block swap: a k x k convolution becomes a compact block, fitted to mimic it.
+
+The depthwise-separable swap (depthwise k x k -> BatchNorm -> pointwise 1 x 1) is described below; the other
+families (policies/block_families.py) start from their own closed-form fit of the kernel, get their BatchNorms set
+from the data like dwsep, then have their last convolution(s) re-solved by least squares on the same calibration
+inputs and targets, and take the same optional Adam steps.
 
 The swapped block starts from the best rank-1-per-input-channel fit of the original kernel (a depthwise-separable
 conv is exactly that factorisation), then is fitted on a few calibration batches. Each block sees the inputs it
@@ -19,13 +24,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from squeezer.policies.block_families import family_block, heads
 from squeezer.policies.context import ApplyContext
 from squeezer.policies.forward import run_hooked
 from squeezer.policies.lowrank import set_submodule
 from squeezer.policies.policy import Policy
-from squeezer.spaces.knobs import DWSEP
+from squeezer.spaces.block_shapes import DWSEP, KEEP, parse_block
 
-__all__ = ["apply_blocks", "dwsep_block", "refit", "distill", "block_error"]
+__all__ = ["apply_blocks", "dwsep_block", "swap_block", "refit", "refit_heads", "distill", "block_error",
+           "set_block_bn_stats"]
 
 LEARNING_RATE = 1e-3
 FIT_BATCHES = 4  # calibration batches a block is fitted on: the cost grows linearly, the error barely falls after
@@ -38,8 +45,8 @@ TARGET_BYTES = 256 << 20  # targets of all swapped units gathered in one pass up
 
 
 def apply_blocks(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Module:
-    """Swap every unit with block == "dwsep" for a fitted depthwise-separable block (in place)."""
-    names = [n for n in ctx.space.units if n in policy.layers and policy.layers[n].block == DWSEP]  # forward order
+    """Swap every unit whose block is not "keep" for its fitted block (in place)."""
+    names = [n for n in ctx.space.units if n in policy.layers and policy.layers[n].block != KEEP]  # forward order
     if not names:
         return model
     fit = bool(ctx.calibration)
@@ -51,21 +58,31 @@ def apply_blocks(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Modu
     # One pass gathers every target when they fit in memory (the unit outputs of `before` never change).
     stored = capture_all_outputs(before, names, batches) if fit and target_bytes <= TARGET_BYTES else {}
     for index, name in enumerate(names):
-        student = dwsep_block(model.get_submodule(name))
+        value = policy.layers[name].block
+        student = swap_block(model.get_submodule(name), value, ctx.space.config.round_to)
         set_submodule(model, name, student)
         inputs = capture_inputs(model, student, batches)
-        set_bn_stats(student, inputs)
+        set_stats = set_bn_stats if value == DWSEP else set_block_bn_stats
+        set_stats(student, inputs)
         if before is None:
             continue
         targets = stored.pop(name, [])
         if len(targets) != len(inputs):  # not gathered, or a module called more than once per pass
             targets = capture_outputs(before, before.get_submodule(name), batches)
-        refit(student, inputs, targets)
+        (refit if value == DWSEP else refit_heads)(student, inputs, targets)
         if ctx.distill_steps > 0:
             torch.manual_seed(ctx.seed + index)
             distill(student, inputs, targets, ctx.distill_steps)
-            set_bn_stats(student, inputs)
+            set_stats(student, inputs)
     return model.eval()
+
+
+def swap_block(conv: nn.Conv2d, value: str, round_to: int) -> nn.Sequential:
+    """The block `value` names ("dwsep", "invres:2", ...) for `conv`, initialised in closed form from its weights."""
+    choice = parse_block(value)
+    if choice is None or choice.family == KEEP:
+        raise ValueError(f"block {value!r} names no swap")
+    return dwsep_block(conv) if choice.family == DWSEP else family_block(conv, choice, round_to)
 
 
 def dwsep_block(conv: nn.Conv2d) -> nn.Sequential:
@@ -163,6 +180,100 @@ def set_bn_stats(block: nn.Sequential, inputs: list[torch.Tensor]) -> None:
     bn.weight.mul_(new_std / old_std)
     bn.running_mean.copy_(mean)
     bn.running_var.copy_(var)
+
+
+@torch.no_grad()
+def set_block_bn_stats(block: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """`set_bn_stats` for every BatchNorm of any block: the statistics of its input, what the block computes
+    unchanged (each BN's input is gathered in one pass; changing one BN leaves what later ones see unchanged)."""
+    norms = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not inputs or not norms:
+        return
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].transpose(0, 1).flatten(1).double()
+        total = sums.setdefault(module, [x.new_zeros(len(x)), x.new_zeros(len(x)), x.new_zeros(())])
+        total[0] += x.sum(1)
+        total[1] += x.pow(2).sum(1)
+        total[2] += x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    try:
+        for x in inputs:
+            block(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for bn, (first, second, count) in sums.items():
+        mean = first / count
+        var = ((second - count * mean.pow(2)) / (count - 1).clamp_min(1)).clamp_min(0).to(bn.running_var.dtype)
+        mean = mean.to(bn.running_mean.dtype)
+        old_std = (bn.running_var + bn.eps).sqrt()
+        new_std = (var + bn.eps).sqrt()
+        bn.bias.add_(bn.weight * (mean - bn.running_mean) / old_std)
+        bn.weight.mul_(new_std / old_std)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+
+
+def refit_heads(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Least-squares fit of the block's last convolution(s) to `targets`, the rest held; returns the error.
+
+    Exact for what it solves (the output is linear in the last layer's weights), so the error on these batches
+    cannot rise; the start is kept if rounding says otherwise, and a head whose padding the unfolded solve cannot
+    reproduce (a string or a non-zero padding mode) keeps its start.
+    """
+    start = copy.deepcopy(block.state_dict())
+    before = block_error(block, inputs, targets)
+    for conv, channels in heads(block):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        seen: list[torch.Tensor] = []
+        handle = conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                for x in inputs:
+                    block(x)
+        finally:
+            handle.remove()
+        _fit_conv(conv, seen, [y[:, channels] for y in targets])
+    after = block_error(block, inputs, targets)
+    if not after <= before:  # also catches NaN
+        block.load_state_dict(start)
+        return before
+    return after
+
+
+@torch.no_grad()
+def _fit_conv(conv: nn.Conv2d, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    """Weights (and bias) of a possibly grouped conv minimising the squared error to `targets`, group by group,
+    from the normal equations of its unfolded inputs."""
+    groups, k = conv.groups, conv.weight[0, 0].numel()
+    per_in, per_out = conv.in_channels // groups, conv.out_channels // groups
+    bias = conv.bias is not None
+    n = per_in * k + int(bias)
+    device = conv.weight.device
+    gram = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
+    cross = torch.zeros(groups, n, per_out, dtype=torch.float64, device=device)
+    for x, y in zip(inputs, targets):
+        per_sample = conv.in_channels * k * y.shape[2] * y.shape[3]
+        for xs, ys in zip(x.split(max(1, CHUNK // per_sample)), y.split(max(1, CHUNK // per_sample))):
+            cols = F.unfold(xs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # N x (cin*k) x L
+            cols = cols.reshape(len(xs), groups, per_in * k, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_in * k)
+            if bias:
+                cols = torch.cat([cols, cols.new_ones(groups, cols.shape[1], 1)], dim=2)
+            outs = ys.reshape(len(ys), groups, per_out, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_out)
+            gram += (cols.transpose(1, 2) @ cols).double()
+            cross += (cols.transpose(1, 2) @ outs).double()
+    current = conv.weight.reshape(groups, per_out, per_in * k).transpose(1, 2)
+    if bias:
+        current = torch.cat([current, conv.bias.reshape(groups, 1, per_out)], dim=1)
+    solution = torch.stack([_solve(gram[g], cross[g], current[g]) for g in range(groups)])  # groups x n x per_out
+    if bias:
+        conv.bias.copy_(solution[:, -1].reshape(-1))
+        solution = solution[:, :-1]
+    conv.weight.copy_(solution.transpose(1, 2).reshape(conv.weight.shape))
 
 
 def refit(block: nn.Sequential, inputs: list[torch.Tensor], targets: list[torch.Tensor],

@@ -231,14 +231,15 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
 
 
 def _implementing_layers(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
-    """The layer at `name`, or the factor layers of the Sequential that replaced it (rank or block swap)."""
+    """The layer at `name`, or the layers of the module that replaced it (rank or block swap), however nested (a Fire
+    block's expand holds two)."""
     module = model.get_submodule(name)
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         yield name, module
     elif isinstance(module, nn.Sequential):
-        for child, sub in module.named_children():
+        for path, sub in module.named_modules():
             if isinstance(sub, (nn.Conv2d, nn.Linear)):
-                yield f"{name}.{child}", sub
+                yield f"{name}.{path}", sub
 
 
 @dataclass

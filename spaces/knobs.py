@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
+from squeezer.spaces import block_shapes as blocks
 from squeezer.spaces import lowrank_shapes as shapes
 from squeezer.spaces.graph import ChannelGroup, LayerInfo
 from squeezer.spaces.lowrank_shapes import kept_channels
@@ -40,8 +41,8 @@ BLOCK = "block"
 
 FLOAT_BITS = 32
 STORAGE_BITS = (4, 8)  # the integer widths an ONNX file stores weights in (INT4, INT8); see policies/onnx_pack.py
-KEEP = "keep"
-DWSEP = "dwsep"
+KEEP = blocks.KEEP
+DWSEP = blocks.DWSEP
 
 # Roles: what a knob changes, which is how the latency table times it (evaluators/latency.py) and which action of
 # the DDPG agent moves it (structure or bit widths).
@@ -166,7 +167,27 @@ def _spatial_conv(site: Site) -> bool:
 
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
-    return shapes.dwsep_cost(info, cin, cout)
+    return blocks.block_cost(info, cin, cout, block, config.round_to)
+
+
+def _smaller_blocks(site: Site, grid: tuple) -> tuple:
+    """Block choices that reproduce the unit's shapes and cost fewer MACs than it, the first of each shape: a swap
+    that grows the layer compresses nothing, and two values that build the same block are one choice. dwsep is
+    offered wherever it fits, as before the families existed."""
+    info, config = site.layer, site.config
+    dense = info.positions * info.in_channels * info.out_channels * info.kernel[0] * info.kernel[1]
+    seen, options = set(), []
+    for value in grid:
+        choice = blocks.parse_block(value)
+        if choice is None or choice.family == KEEP or not blocks.fits(info, choice, config.round_to):
+            continue
+        cost = _block_cost(info, info.in_channels, info.out_channels, value, config)
+        if choice.family != DWSEP and cost[0] >= dense:
+            continue
+        if (choice.family, cost) not in seen:
+            seen.add((choice.family, cost))
+            options.append(value)
+    return tuple(options)
 
 
 def storage_bits(w_bits: int) -> int:
@@ -188,8 +209,8 @@ KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, role=BITS, lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=lambda r: 1.0 - float(r), applies=_factorable,
          offer=_smaller_ranks, cost=_rank_cost),
-    Knob(BLOCK, KEEP, (KEEP, DWSEP), str, level=lambda b: 0.0 if b == KEEP else 1.0, applies=_spatial_conv,
-         excludes=(RANK,), cost=_block_cost),
+    Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,
+         offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost),
 )}
 
 

@@ -2,6 +2,7 @@
 convolutions (also on data it never saw), and swapping every unit of ResNet-20 stays fast."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +15,8 @@ from squeezer.evaluators.finetune import evaluate
 from squeezer.policies import blocks
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
-from squeezer.policies.policy import Policy
+from squeezer.policies.policy import LayerChoice, Policy, PolicyError
+from squeezer.policies.quantize import QuantizedLayer
 from squeezer.spaces.space import SearchSpace
 
 from model_checks import layer_params, relative_error
@@ -122,3 +124,133 @@ def test_depthwise_fit_handles_stride_dilation_and_bias() -> None:
     blocks.set_bn_stats(block, inputs)
     assert blocks.block_error(block, inputs, targets) > 0.5
     assert blocks.refit(block, inputs, targets, sweeps=20) < 0.05
+
+
+# ---- the compact-block families ---------------------------------------------------------------------------------
+FAMILY_VALUES = ["invres:2", "fire:0.25", "shuffle:4", "spatial:0.5", "bottleneck:0.5"]
+
+
+def _run_ort(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(export_onnx(model, x[:1]), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def _swap_all(space: SearchSpace, value: str) -> Policy:
+    """Every unit offering the family swapped to `value`, or to the family's first offered value where `value`
+    builds the same block as another (the space offers one value per shape)."""
+    params = {f"{unit}/block": _pick(space, unit, value) for unit in space.units if _pick(space, unit, value)}
+    return Policy.from_params(params, space)
+
+
+def _pick(space: SearchSpace, unit: str, value: str) -> str | None:
+    offered = [v for v in space.choices(unit, "block") if v.partition(":")[0] == value.partition(":")[0]]
+    return (value if value in offered else offered[0]) if offered else None
+
+
+@pytest.mark.parametrize("value", FAMILY_VALUES)
+def test_family_matches_prediction_and_exports(resnet, digits, value) -> None:
+    """Every unit that offers the family is swapped: MACs and params are what the space predicted, each block keeps
+    the unit's shapes, and ONNX Runtime computes what torch does."""
+    calibration = digits.calibration(2, batch_size=32)
+    x = calibration[0][:4]
+    space = SearchSpace.from_model(resnet, x[:1])
+    policy = _swap_all(space, value)
+    assert len(policy.layers) >= 15, "the family is offered on too few units"
+    swapped = apply_policy(resnet, policy, calibration, space=space)
+    predicted = space.predict(policy.layers)
+    assert (count_macs(swapped, x[:1])[0], layer_params(swapped)) == (predicted.macs, predicted.params)
+    for unit in policy.layers:
+        assert not isinstance(swapped.get_submodule(unit), nn.Conv2d)
+        with torch.no_grad():
+            inputs = blocks.capture_inputs(resnet, resnet.get_submodule(unit), [x])[0]
+            assert swapped.get_submodule(unit)(inputs).shape == resnet.get_submodule(unit)(inputs).shape
+    with torch.no_grad():
+        out = swapped(x).numpy()
+    np.testing.assert_allclose(_run_ort(swapped, x), out, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, ladder", [
+    ("spatial", ["spatial:0.25", "spatial:0.5", "spatial:1"]),
+    ("bottleneck", ["bottleneck:0.25", "bottleneck:0.5", "bottleneck:1"]),
+    ("invres", ["invres:1", "invres:3", "invres:9"]),
+    ("fire", ["fire:0.125", "fire:0.25", "fire:0.5"]),
+    ("shuffle", ["shuffle:8", "shuffle:4", "shuffle:2"]),
+])
+def test_fit_error_falls_with_capacity(family, ladder) -> None:
+    """The closed-form start and the least-squares fit after it both get closer as the sub-choice gives the family
+    more capacity; the fit never does worse than its start."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=True).eval()
+    inputs = [torch.randn(8, 32, 10, 10) for _ in range(2)]
+    with torch.no_grad():
+        targets = [conv(x) for x in inputs]
+    starts, fits = [], []
+    for value in ladder:
+        block = blocks.swap_block(conv, value, round_to=8)
+        blocks.set_block_bn_stats(block, inputs)
+        starts.append(blocks.block_error(block, inputs, targets))
+        fits.append(blocks.refit_heads(block, inputs, targets))
+    assert starts == sorted(starts, reverse=True) and starts[0] > starts[-1]
+    assert fits == sorted(fits, reverse=True) and all(f <= s + 1e-6 for f, s in zip(fits, starts))
+    if family in ("bottleneck", "invres"):  # full capacity reproduces the kernel exactly
+        assert starts[-1] < 1e-4
+
+
+def test_spatial_factorisation_keeps_stride_padding_and_dilation() -> None:
+    """A kernel of spatial rank 4 is reproduced exactly by a factorisation of rank 6, on a strided, dilated,
+    asymmetrically padded conv."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 1), bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("rcy,nrx->ncyx", torch.randn(4, 6, 3), torch.randn(10, 4, 5)))
+    block = blocks.swap_block(conv, "spatial:1", round_to=8)
+    x = torch.randn(2, 6, 13, 11)
+    with torch.no_grad():
+        assert relative_error(block(x), conv(x)) < 1e-5
+
+
+@pytest.mark.parametrize("value", FAMILY_VALUES)
+def test_family_composes_with_prune_and_bits(resnet, digits, value) -> None:
+    """A swapped unit pruned at its outputs (and inputs) and quantized: the cost is as predicted and ONNX Runtime
+    agrees with torch."""
+    x = digits.example_inputs(1)
+    space = SearchSpace.from_model(resnet, x)
+    unit = "layer2.0.conv1"  # stride 2, its output group prunable, its input the pruned stage-1 group
+    policy = Policy.from_params({
+        f"{unit}/block": _pick(space, unit, value), f"{unit}/prune": 0.5, "conv1/prune": 0.5, f"{unit}/w_bits": 4,
+        f"{unit}/a_bits": 8, "layer2.1.conv1/block": _pick(space, "layer2.1.conv1", value),
+        "layer2.1.conv1/w_bits": 8,
+    }, space)
+    model = apply_policy(resnet, policy, digits.calibration(2), space=space)
+    predicted = space.predict(policy.layers)
+    assert (count_macs(model, x)[0], layer_params(model)) == (predicted.macs, predicted.params)
+    assert sum(isinstance(m, QuantizedLayer) for m in model.get_submodule(unit).modules()) >= 2
+    xv = digits.val.x[:256]
+    with torch.no_grad():
+        expected = model(xv).numpy()
+    out = _run_ort(model, xv)
+    assert (out.argmax(1) == expected.argmax(1)).mean() >= 0.99
+
+
+def test_old_policy_files_still_load_and_families_round_trip(resnet, digits, tmp_path) -> None:
+    x = digits.example_inputs(1)
+    space = SearchSpace.from_model(resnet, x)
+    old = {"format": "squeezer.policy", "version": 1, "fingerprint": space.fingerprint, "meta": {},
+           "layers": {"layer1.0.conv1": {"block": "dwsep", "prune": 0.5}, "layer1.0.conv2": {"block": "keep"}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    policy = Policy.load(path).validate(space)
+    assert policy.layers["layer1.0.conv1"].block == "dwsep" and policy.layers["layer1.0.conv2"].block == "keep"
+    model = apply_policy(resnet, policy, digits.calibration(1), space=space)
+    assert isinstance(model.layer1[0].conv1[1], nn.BatchNorm2d)
+    new = Policy.from_params({"layer1.0.conv1/block": "fire:0.125", "layer3.0.conv2/block": "invres:2"}, space)
+    again = Policy.load(new.save(tmp_path / "new.json")).validate(space)
+    assert again.layers == new.layers
+
+
+@pytest.mark.parametrize("value", ["fire", "invres:2.5", "shuffle:3", "spatial:0", "bogus:1", "bottleneck"])
+def test_a_block_the_unit_cannot_take_is_refused_in_one_line(resnet, value) -> None:
+    space = SearchSpace.from_model(resnet, torch.randn(1, 1, 28, 28))
+    with pytest.raises(PolicyError) as info:
+        Policy(layers={"layer1.0.conv1": LayerChoice(block=value)}, fingerprint=space.fingerprint).validate(space)
+    assert "not offered" in str(info.value) and "\n" not in str(info.value)
