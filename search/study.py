@@ -34,22 +34,10 @@ from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearch
 from squeezer.search.pareto import StudyResult, front_rows
 from squeezer.search.records import STALE_ATTR, Driver, TrialRecord, promoted_key, queue_attrs
 from squeezer.search.searcher import EvalPool, Searcher, write_record
+from squeezer.search.storage import STUDY_PREFIX, DirectStudy, check_driver, is_shared, open_shared, study_name
 from squeezer.search.working_copy import WorkingCopy
 
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "SearchError", "STUDY_PREFIX"]
-
-STUDY_PREFIX = "squeezer"
-
-
-def study_name(out: Path, storage: Any = None) -> str:
-    """'squeezer' in the run folder's own storage (so a moved folder still resumes); else named by the folder."""
-    if storage is None or storage in OWN_STORAGES:
-        return STUDY_PREFIX
-    return f"{STUDY_PREFIX}-{Path(out).resolve().name}"
-
-
-OWN_STORAGES = ("sqlite", "journal")
-
 
 def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage | str:
     """None or 'sqlite' -> `out/study.db` (SQLite, WAL mode); 'journal' -> a journal file `out/study.log`; URLs
@@ -66,11 +54,13 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
         # A killed writer leaves its lock file behind; a write holds it only briefly, so a short grace period
         # finds it stale (Optuna's default grace would stall every resume after a kill).
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=3)))
+    if is_shared(storage):
+        check_driver(storage)  # type: ignore[arg-type]
     if storage is None or storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
     if isinstance(storage, str) and storage.startswith("sqlite:"):
         return _sqlite_wal(storage)
-    return storage
+    return open_shared(storage) if is_shared(storage) else storage  # type: ignore[arg-type]
 
 
 def preload_storage(storage: str | BaseStorage | None = None) -> threading.Thread | None:
@@ -106,9 +96,10 @@ def _sqlite_wal(url: str) -> BaseStorage:
         seed_from_template(Path(url[len("sqlite:///"):]))
     try:
         rdb = optuna.storages.RDBStorage(url)
-    except sqlalchemy.exc.IntegrityError:
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
         # Optuna stamps the schema version from every process that opens the file, readers included; when two do
-        # it at once one insert fails, but the schema is then complete, so opening again succeeds.
+        # it at once one insert fails (or, for a new file, one CREATE TABLE), but the schema is then complete, so
+        # opening again succeeds.
         rdb = optuna.storages.RDBStorage(url)
 
     def on_connect(conn: Any, _record: Any) -> None:
@@ -123,11 +114,12 @@ def _sqlite_wal(url: str) -> BaseStorage:
 
 
 def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerprint: str,
-               workers: int = 1) -> tuple[optuna.Study, WorkingCopy]:
+               workers: int = 1) -> tuple[optuna.Study, WorkingCopy | DirectStudy]:
     """Create or load the run's study; refuse to resume one made for another model, budget, sampler or knob set
     (by `check_resume`, the check a run folder's run.json passes too).
 
-    Returns the study and its working copy (the in-memory study the searcher uses, written through to storage).
+    Returns the study and its working copy (the in-memory study the searcher uses, written through to storage); in
+    a shared storage, where other drivers add trials too, the searcher works on the stored study itself.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +130,8 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
         sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=config.trials)
     resolved = resolve_storage(config.storage, out)
     backend = optuna.storages.get_storage(resolved)  # what create_study would wrap it in; the copy writes there
-    study = optuna.create_study(storage=backend, study_name=study_name(out, config.storage),
+    name = study_name(out=out, storage=config.storage, study=config.study)
+    study = optuna.create_study(storage=backend, study_name=name,
                                 directions=objective.directions, sampler=sampler_obj, load_if_exists=True)
     # the cost metric as the objective resolved it (the budget's first metric when the config names none)
     record = {**search_record(config, fingerprint), "cost_metric": objective.cost_metric}
@@ -152,8 +145,9 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
         for key, value in {**record, "settings": settings, "base": objective.base.metrics(),
                            "hardware": dict(objective.base.hardware), "created": time.time()}.items():
             study.set_user_attr(key, value)
-    requeue_stale(study)
-    return study, WorkingCopy(study, backend, study.sampler)
+    shared = is_shared(config.storage)
+    requeue_stale(study, shared=shared)
+    return study, DirectStudy(study) if shared else WorkingCopy(study, backend, study.sampler)
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
@@ -171,14 +165,15 @@ def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objecti
     return OptunaSearcher(study, space, objective, name=name, repair=repair, latency_model=latency_model)
 
 
-def requeue_stale(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose driver is gone and enqueue their params again; returns their numbers."""
+def requeue_stale(study: optuna.Study, *, shared: bool = False) -> list[int]:
+    """Fail the RUNNING trials whose driver is gone and enqueue their params again; returns their numbers. In a
+    `shared` storage a trial of a driver on another host is left to it: from here it cannot be told dead."""
     host = socket.gethostname()
     stale = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = TrialRecord.from_trial(ft)
         owner = record.driver
-        if owner is not None and owner.host == host and _alive(owner.pid):
+        if owner is not None and ((owner.host == host and _alive(owner.pid)) or (shared and owner.host != host)):
             continue
         # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
         params = {**ft.system_attrs.get("fixed_params", {}), **ft.params}
@@ -207,6 +202,13 @@ def finished_count(study: optuna.Study) -> int:
     for ft in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         n += not TrialRecord.from_trial(ft).stale
     return n
+
+
+def claimed_count(study: optuna.Study) -> int:
+    """Trials of a shared study that count toward `trials`: finished ones (as finished_count) and running ones, of
+    every driver, so that drivers sharing a study stop together at its total rather than each running `trials`."""
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return finished_count(study) + running
 
 
 def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path,
@@ -250,8 +252,9 @@ def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path
     # benchmarks/RESULTS.md).
     depth = workers if getattr(pool, "in_process", False) else workers + 1
     lock = MachineLock()  # the driver's own CPU work never runs beside a latency timing run on this machine
+    shared = isinstance(work, DirectStudy)  # other drivers take trials too: count what the stored study holds
     while True:
-        while len(in_flight) < depth and done + len(in_flight) < trials:
+        while len(in_flight) < depth and (claimed_count(study) if shared else done + len(in_flight)) < trials:
             with lock.compute():
                 proposal = searcher.ask()
                 proposal.record = replace(proposal.record, driver=driver)

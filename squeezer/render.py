@@ -78,6 +78,8 @@ def search(summary: Any) -> None:
     for reason, count in summary.failures:
         console.print(f"  {count} failed: {reason}", markup=False, highlight=False)
     _latency_check(summary.latency_check)
+    if getattr(summary, "study", None):
+        console.print(summary.study, markup=False, highlight=False)
     if summary.front:
         best = max(summary.front, key=lambda r: r.accuracy)
         console.print(f"next: squeezer apply {summary.out} --trial {best.number} --out compressed.pt")
