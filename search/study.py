@@ -173,7 +173,9 @@ def requeue_stale(study: optuna.Study, *, shared: bool = False) -> list[int]:
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = TrialRecord.from_trial(ft)
         owner = record.driver
-        if owner is not None and ((owner.host == host and _alive(owner.pid)) or (shared and owner.host != host)):
+        if shared and (owner is None or owner.host != host):  # another driver's, or being asked right now
+            continue
+        if owner is not None and owner.host == host and _alive(owner.pid):
             continue
         # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
         params = {**ft.system_attrs.get("fixed_params", {}), **ft.params}
