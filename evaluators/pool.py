@@ -22,7 +22,7 @@ from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import multiprocessing as mp
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from squeezer.evaluators.data import DataBundle
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator, worker_evaluator
 from squeezer.evaluators.measurement import EvalFailure, Outcome
+from squeezer.evaluators.ray_cluster import check_reachable, describe_cluster, load_runtime_env, resolve_address
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
 
@@ -47,7 +48,9 @@ class PoolConfig:
     """Where and how many evaluations run. `workers` None: one per core (one per GPU with device 'cuda'), of the
     cluster `ray_address` names when it names one. `backend` "local" (processes), "ray" (actors), or "auto" (Ray
     when importable and there is more than one worker, a Ray address or a latency resource). `latency_resource`:
-    the custom Ray resource of the node that times latency (the target device). `cache_dir`: where evaluations
+    the custom Ray resource of the node that times latency (the target device). `ray_address` None honours
+    RAY_ADDRESS as `ray.init()` does. `runtime_env`: Ray's runtime_env (working_dir, py_modules, ...) that ships
+    the user's code, such as a `module:function` model or a dataset class, to every node. `cache_dir`: where evaluations
     and the latency table are kept on disk (none: in memory only). `eval_threads`: torch threads per worker
     (None: OMP_NUM_THREADS when set, else cores // workers); on a busy machine one thread per worker can be far
     faster than several, whose OpenMP barriers wait on a core another process holds."""
@@ -58,6 +61,7 @@ class PoolConfig:
     latency_resource: str | None = None
     cache_dir: str | Path | None = None
     eval_threads: int | None = None
+    runtime_env: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.eval_threads is not None and self.eval_threads < 1:
@@ -146,6 +150,8 @@ class LocalPool:
         self._executor: ProcessPoolExecutor | None = None
         self.evaluator: Evaluator | None = None
         self.restarts = 0
+        self.description = (f"evaluating in {self.workers} local process{'es' * (self.workers > 1)}"
+                            if self.workers > 1 else "evaluating in this process")
         if self.workers == 1:
             torch.set_num_threads(threads_per_worker(1, config.eval_threads))
             self.evaluator = Evaluator(model, data, settings, space=space, cache_dir=config.cache_dir)
@@ -238,19 +244,6 @@ class LocalPool:
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------------
-def _check_address(address: str) -> None:
-    """Fail in seconds, not minutes, when a host:port Ray address does not answer."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
-            pass
-    except (OSError, ValueError):
-        raise ValueError(f"no Ray cluster answers at {address!r}: start one with `ray start --head` or drop "
-                         "the Ray address to run locally") from None
-
-
 class RayPool:
     """Ray actors each holding one Evaluator; a local Ray (num_cpus=workers) is started and stopped by the pool
     unless `address` names a running cluster. With `latency_resource`, latency is timed by one actor placed on a
@@ -268,23 +261,24 @@ class RayPool:
         from squeezer.evaluators import ray_actors
 
         self.ray = ray
-        address = config.ray_address
+        address = resolve_address(config.ray_address)
+        runtime_env = load_runtime_env(config.runtime_env)
         # no number given: one per core (GPU) of this machine, or of the cluster once joined
         self.workers = config.workers or (0 if address else default_workers(settings.device))
         data = data.without_test()
         self._owns = False
         if not ray.is_initialized():
             if address:
-                _check_address(address)
+                check_reachable(address)
                 try:
-                    ray.init(address=address, log_to_driver=False)
+                    ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
                 except (ConnectionError, RuntimeError) as exc:
                     raise ValueError(f"cannot connect to Ray at {address!r} ({type(exc).__name__}): start it with "
                                      "`ray start --head` or drop the Ray address to run locally") from None
             else:
                 # address="local": always a fresh private instance, never a cluster some other run left behind
                 ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                         logging_level=logging.WARNING, runtime_env=runtime_env)
                 self._owns = True
         offered = ray.cluster_resources()
         if not self.workers:
@@ -308,6 +302,7 @@ class RayPool:
         self._inflight: dict[Any, tuple[int, Policy, int, int, Any]] = {}  # ref -> key, policy, attempts, index, actor
         self._queue: deque[tuple[int, Policy, int]] = deque()  # (key, policy, attempts) waiting for an idle actor
         self.restarts = 0
+        self.description = describe_cluster(ray, address=address, workers=self.workers, device=settings.device)
 
     def _dispatch(self) -> None:
         """Send queued policies to idle actors, first in first out."""
@@ -400,10 +395,11 @@ def make_pool(model: nn.Module, data: DataBundle, settings: EvalSettings = EvalS
               config: PoolConfig = PoolConfig(workers=1), space: SearchSpace | None = None) -> EvalPool:
     """A pool of `config.workers` evaluators in the backend `config` names (see PoolConfig); `space`, the model's
     traced SearchSpace, saves each worker tracing it again. The pool's `workers` says how many it holds."""
+    config = replace(config, ray_address=resolve_address(config.ray_address))  # RAY_ADDRESS and auto, as Ray reads them
     workers = config.workers
     if workers is None and not config.ray_address:
         workers = default_workers(settings.device)
-    remote = bool(config.ray_address or config.latency_resource)
+    remote = bool(config.ray_address or config.latency_resource or config.runtime_env)
     backend = config.backend
     if backend == "auto":
         try:
@@ -422,5 +418,6 @@ def make_pool(model: nn.Module, data: DataBundle, settings: EvalSettings = EvalS
             log.warning("Ray did not start (%s: %s); evaluating in %d local processes instead", type(exc).__name__,
                         str(exc).splitlines()[0][:200] if str(exc) else "", workers)
     if remote:
-        raise ValueError("a Ray address or latency resource needs the Ray backend: pip install ray, or drop them")
+        raise ValueError("a Ray address, latency resource or runtime env needs the Ray backend: pip install ray, or "
+                         "drop them")
     return LocalPool(model, data, settings, config=replace(config, workers=workers), space=space)

@@ -38,7 +38,8 @@ class SearchConfig:
     the budget's first metric; "single": the most accurate policy within the budget), over the `knobs` offered;
     `repair` shrinks each proposal into the budget first, `promote` re-evaluates that many of the front's most
     accurate trials with a distilled fine-tune, `seed` seeds sampler and evaluation, `storage` is the Optuna storage
-    (None or "sqlite": the run folder's study.db; "journal"; a URL; or a storage object)."""
+    (None or "sqlite": the run folder's study.db; "journal"; a URL; or a storage object), and `study` names the
+    study in a shared storage (a URL) that several drivers optimize together (None: one named for the run folder)."""
 
     budget: str = ""
     trials: int = 50
@@ -50,6 +51,7 @@ class SearchConfig:
     promote: int = 0
     seed: int = 0
     storage: str | BaseStorage | None = None
+    study: str | None = None
 
     def __post_init__(self) -> None:
         # the budget as Budget prints it, so a record compares equal however the user spaced it
@@ -111,7 +113,7 @@ def run_to_json(run: RunConfig) -> dict[str, Any]:
 
 def run_from_json(data: Mapping[str, Any]) -> RunConfig:
     """The run `run_to_json` wrote, or one written before (a flat "eval" record, fewer search settings)."""
-    known = {f.name for f in fields(SearchConfig)} - {"storage"}
+    known = {f.name for f in fields(SearchConfig)} - {"storage", "study"}
     search = {k: data[k] for k in known if data.get(k) is not None}
     split = data.get("data_split")
     return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),

@@ -19,6 +19,7 @@ from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import Budget, BudgetError, cost_fraction
 from squeezer.search.records import TrialRecord, promoted_key
 from squeezer.search.study_check import corrupt_error, sqlite_damage
+from squeezer.search.storage import read_storage_file
 
 __all__ = ["StudyResult", "front_rows", "front_row", "hypervolume"]
 
@@ -114,7 +115,10 @@ class StudyResult:
         try:
             if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
                 folder = Path(storage_or_dir)
-                if (folder / "study.db").is_file():
+                shared = read_storage_file(folder)  # a search in a shared storage: read its study there
+                if shared is not None:
+                    storage, study_name = shared[0], study_name or shared[1]
+                elif (folder / "study.db").is_file():
                     # A reader never creates tables, and waits for a starting search to finish its schema: Optuna
                     # stamps the schema version from every process that opens the file, and two stamps at once crash.
                     db = folder / "study.db"

@@ -37,23 +37,12 @@ from squeezer.search.records import STALE_ATTR, Driver, TrialRecord, promoted_ke
 from squeezer.search.run_lock import holding_folder
 from squeezer.search.searcher import EvalPool, Searcher, write_record
 from squeezer.search.study_check import check_study_files
+from squeezer.search.storage import (STUDY_PREFIX, DirectStudy, check_driver, dashboard_command, is_shared,
+                                     open_shared, study_name)
 from squeezer.search.working_copy import WorkingCopy
 
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "dashboard_command", "metric_names",
            "SearchError", "STUDY_PREFIX"]
-
-STUDY_PREFIX = "squeezer"
-
-
-def study_name(out: Path, storage: Any = None) -> str:
-    """'squeezer' in the run folder's own storage (so a moved folder still resumes); else named by the folder."""
-    if storage is None or storage in OWN_STORAGES:
-        return STUDY_PREFIX
-    return f"{STUDY_PREFIX}-{Path(out).resolve().name}"
-
-
-OWN_STORAGES = ("sqlite", "journal")
-
 
 def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage | str:
     """None or 'sqlite' -> `out/study.db` (SQLite, WAL mode); 'journal' -> a journal file `out/study.log`; URLs
@@ -70,11 +59,13 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
         # A killed writer leaves its lock file behind; a write holds it only briefly, so a short grace period
         # finds it stale (Optuna's default grace would stall every resume after a kill).
         return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=3)))
+    if is_shared(storage):
+        check_driver(storage)  # type: ignore[arg-type]
     if storage is None or storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
     if isinstance(storage, str) and storage.startswith("sqlite:"):
         return _sqlite_wal(storage)
-    return storage
+    return open_shared(storage) if is_shared(storage) else storage  # type: ignore[arg-type]
 
 
 def preload_storage(storage: str | BaseStorage | None = None) -> threading.Thread | None:
@@ -110,9 +101,10 @@ def _sqlite_wal(url: str) -> BaseStorage:
         seed_from_template(Path(url[len("sqlite:///"):]))
     try:
         rdb = optuna.storages.RDBStorage(url)
-    except sqlalchemy.exc.IntegrityError:
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
         # Optuna stamps the schema version from every process that opens the file, readers included; when two do
-        # it at once one insert fails, but the schema is then complete, so opening again succeeds.
+        # it at once one insert fails (or, for a new file, one CREATE TABLE), but the schema is then complete, so
+        # opening again succeeds.
         rdb = optuna.storages.RDBStorage(url)
 
     def on_connect(conn: Any, _record: Any) -> None:
@@ -127,11 +119,12 @@ def _sqlite_wal(url: str) -> BaseStorage:
 
 
 def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerprint: str,
-               workers: int = 1) -> tuple[optuna.Study, WorkingCopy]:
+               workers: int = 1) -> tuple[optuna.Study, WorkingCopy | DirectStudy]:
     """Create or load the run's study; refuse to resume one made for another model, budget, sampler or knob set
     (by `check_resume`, the check a run folder's run.json passes too).
 
-    Returns the study and its working copy (the in-memory study the searcher uses, written through to storage).
+    Returns the study and its working copy (the in-memory study the searcher uses, written through to storage); in
+    a shared storage, where other drivers add trials too, the searcher works on the stored study itself.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +136,8 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
         sampler_obj = make_sampler(sampler, objective=objective, seed=seed, trials=config.trials)
     resolved = resolve_storage(config.storage, out)
     backend = optuna.storages.get_storage(resolved)  # what create_study would wrap it in; the copy writes there
-    study = optuna.create_study(storage=backend, study_name=study_name(out, config.storage),
+    name = study_name(out=out, storage=config.storage, study=config.study)
+    study = optuna.create_study(storage=backend, study_name=name,
                                 directions=objective.directions, sampler=sampler_obj, load_if_exists=True)
     # the cost metric as the objective resolved it (the budget's first metric when the config names none)
     record = {**search_record(config, fingerprint), "cost_metric": objective.cost_metric}
@@ -164,8 +158,9 @@ def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerp
         with warnings.catch_warnings():  # experimental in Optuna's eyes, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
-    requeue_stale(study)
-    return study, WorkingCopy(study, backend, study.sampler)
+    shared = is_shared(config.storage)
+    requeue_stale(study, shared=shared)
+    return study, DirectStudy(study) if shared else WorkingCopy(study, backend, study.sampler)
 
 
 def metric_names(objective: Objective) -> list[str]:
@@ -173,26 +168,6 @@ def metric_names(objective: Objective) -> list[str]:
     if objective.kind == "multi":
         return ["accuracy", f"{objective.cost_metric}_of_base"]
     return ["accuracy_penalised"]  # an infeasible trial's value is pushed below every feasible one
-
-
-def dashboard_command(storage: str | BaseStorage | None, out: str | Path) -> str | None:
-    """The `optuna-dashboard` command that opens the run's study (None for a storage object: it has no URL).
-    A password in a database URL is masked."""
-    if storage == "journal":
-        return f"optuna-dashboard {Path(out) / 'study.log'}"
-    if storage is None or storage == "sqlite":
-        return f"optuna-dashboard sqlite:///{Path(out) / 'study.db'}"
-    if isinstance(storage, str):
-        return f"optuna-dashboard {_mask_password(storage)}"
-    return None
-
-
-def _mask_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    login, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in login:
-        return url
-    return f"{scheme}://{login.split(':', 1)[0]}:***@{host}"
 
 
 def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objective, *, seed: int = 0,
@@ -210,13 +185,16 @@ def make_searcher(name: str, study: optuna.Study, space: Any, objective: Objecti
     return OptunaSearcher(study, space, objective, name=name, repair=repair, latency_model=latency_model)
 
 
-def requeue_stale(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose driver is gone and enqueue their params again; returns their numbers."""
+def requeue_stale(study: optuna.Study, *, shared: bool = False) -> list[int]:
+    """Fail the RUNNING trials whose driver is gone and enqueue their params again; returns their numbers. In a
+    `shared` storage a trial of a driver on another host is left to it: from here it cannot be told dead."""
     host = socket.gethostname()
     stale = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = TrialRecord.from_trial(ft)
         owner = record.driver
+        if shared and (owner is None or owner.host != host):  # another driver's, or being asked right now
+            continue
         if owner is not None and owner.host == host and _alive(owner.pid):
             continue
         # A trial killed while being asked may hold only some params; an enqueued one keeps all in fixed_params.
@@ -246,6 +224,13 @@ def finished_count(study: optuna.Study) -> int:
     for ft in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         n += not TrialRecord.from_trial(ft).stale
     return n
+
+
+def claimed_count(study: optuna.Study) -> int:
+    """Trials of a shared study that count toward `trials`: finished ones (as finished_count) and running ones, of
+    every driver, so that drivers sharing a study stop together at its total rather than each running `trials`."""
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return finished_count(study) + running
 
 
 def run_search(space: Any, pool: EvalPool, base: Measurement, *, out: str | Path,
@@ -297,8 +282,9 @@ def _search(space: Any, pool: EvalPool, base: Measurement, *, out: Path, config:
     # benchmarks/RESULTS.md).
     depth = workers if getattr(pool, "in_process", False) else workers + 1
     lock = MachineLock()  # the driver's own CPU work never runs beside a latency timing run on this machine
+    shared = isinstance(work, DirectStudy)  # other drivers take trials too: count what the stored study holds
     while True:
-        while len(in_flight) < depth and done + len(in_flight) < trials:
+        while len(in_flight) < depth and (claimed_count(study) if shared else done + len(in_flight)) < trials:
             with lock.compute():
                 proposal = searcher.ask()
                 proposal.record = replace(proposal.record, driver=driver)

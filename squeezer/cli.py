@@ -217,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
                         "URL such as postgresql://user@host/db shared by several machines (default: SQLite "
                         "--out/study.db)")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster, e.g. ray://head:10001")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help="study name in a shared --storage URL: searches on other folders or machines given the same "
+                        "storage and NAME optimize one study together (default: a name unique to --out)")
+    p.add_argument("--ray-address", default=None,
+                   help="join an existing Ray cluster: host:port, ray://head:10001, or auto (default: RAY_ADDRESS when "
+                        "set, else a private local Ray)")
+    p.add_argument("--ray-runtime-env", default=None, metavar="JSON|FILE",
+                   help="Ray runtime_env shipping your code to every node, e.g. '{\"working_dir\": \".\"}' for a "
+                        "module:function model or a dataset class defined in the current folder")
     p.add_argument("--pool", choices=["auto", "local", "ray"], default="auto",
                    help="where evaluations run: local processes, Ray actors, or auto (Ray when installed and "
                         "--workers > 1 or a Ray address is given)")
@@ -317,20 +325,22 @@ def _run(args: argparse.Namespace) -> int:
         render.space(space)
     elif args.command == "search":
         from squeezer.evaluators.pool import PoolConfig
+        from squeezer.evaluators.ray_cluster import load_runtime_env
         from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
         from squeezer.search.config import SearchConfig
         from squeezer.spaces.knobs import KNOBS
 
         search = SearchConfig(budget=args.budget, trials=args.trials, sampler=args.sampler, objective=args.objective,
                               knobs=_split(args.knobs) or tuple(KNOBS), repair=args.repair, promote=args.promote,
-                              seed=args.seed, storage=args.storage)
+                              seed=args.seed, storage=args.storage, study=args.study)
         recovery = RecoveryConfig(mode=args.recovery, bn_batches=args.bn_batches, finetune_steps=args.finetune_steps,
                                   finetune_lr=args.finetune_lr, kd_temperature=args.kd_temperature,
                                   kd_weight=args.kd_weight)
         latency = LatencyConfig(mode=args.latency, threads=args.latency_threads, batch=args.latency_batch,
                                 table_reps=args.latency_table_reps)
         pool = PoolConfig(workers=getattr(args, "workers", None), backend=args.pool, ray_address=args.ray_address,
-                          latency_resource=args.latency_on, eval_threads=args.eval_threads)
+                          latency_resource=args.latency_on, eval_threads=args.eval_threads,
+                          runtime_env=load_runtime_env(args.ray_runtime_env))
         summary = squeezer.search_policies(model=args.model, data=args.data, out=args.out, search=search,
                                            recovery=recovery, latency=latency, pool=pool, device=args.device,
                                            weights=args.weights, trust_pickle=args.trust_pickle, progress=True,

@@ -90,12 +90,14 @@ def search(summary: Any) -> None:
         console.print(f"  {summary.interrupted} interrupted when a search was stopped, and queued again to run on "
                       "resume (not counted as failed)", markup=False, highlight=False)
     _latency_check(summary.latency_check)
+    if getattr(summary, "study", None):
+        console.print(summary.study, markup=False, highlight=False)
     if summary.front:
         best = max(summary.front, key=lambda r: r.accuracy)
         console.print(f"next: squeezer apply {summary.out} --trial {best.number} --out compressed.pt")
     elif summary.closest:
         _closest(summary.closest)
-    if summary.dashboard:
+    if summary.dashboard and not getattr(summary, "study", None):  # a shared study's line already names it
         console.print(f"browse the study: {summary.dashboard}  (pip install optuna-dashboard)", markup=False,
                       highlight=False)
 

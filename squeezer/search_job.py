@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from squeezer.evaluators.evaluate import Evaluator
 from squeezer.evaluators.latency import LatencyTable
 from squeezer.evaluators.measurement import Measurement
 from squeezer.evaluators.pool import PoolConfig, make_pool
+from squeezer.evaluators.ray_cluster import resolve_address
 from squeezer.evaluators.settings import EvalSettings, LatencyConfig, RecoveryConfig
 from squeezer.models import resolve_source, save_checkpoint, weights_ref
 from squeezer.plots import write_front_files
@@ -29,6 +31,7 @@ from squeezer.search.config import RunConfig, SearchConfig
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.records import TrialRecord
 from squeezer.search.run_lock import holding_folder
+from squeezer.search.storage import banner, study_name, write_storage_file
 from squeezer.search.study import dashboard_command, preload_storage, run_search
 from squeezer.search.study_check import check_study_files
 from squeezer.spaces.knobs import SpaceConfig
@@ -79,6 +82,15 @@ class SearchSummary:
     latency_check: dict[str, float] | None = None  # the latency table's predictions vs the candidates timed
     dashboard: str | None = None  # the optuna-dashboard command that opens the study
     checkpoint_accuracy: float | None = None  # the model file's own validation accuracy, as saved (before recovery)
+    study: str | None = None  # in a shared storage: which study, where, and the dashboard command
+
+
+def _say(line: str | None, progress: bool) -> None:
+    """Where the search runs, told to the user at its start (the summary repeats it at the end) and to the log."""
+    if line:
+        log.info(line)
+        if progress:
+            print(f"squeezer search: {line}", file=sys.stderr, flush=True)
 
 
 def _base_measurement(pool: Any, fingerprint: str) -> Measurement:
@@ -118,7 +130,7 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
                                                   if v is not None})
     pool_config = pool or PoolConfig()
-    check_device(device, cluster=bool(pool_config.ray_address))
+    check_device(device, cluster=bool(resolve_address(pool_config.ray_address)))
     parsed = config.parsed_budget
     if not parsed.limits:
         raise ValueError("the budget is empty: pass a limit such as --budget 'macs<=50%'")
@@ -164,12 +176,17 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     checkpoint_accuracy = score(net, bundle, device=settings.device)[0]
     net.cpu()
     pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
+    where = banner(storage=config.storage, name=study_name(out=out, storage=config.storage, study=config.study))
+    _say(where, progress)
     evaluators = make_pool(net, bundle, settings, config=pool_config, space=space_)
+    _say(getattr(evaluators, "description", None), progress)
     try:
         base = _base_measurement(evaluators, space_.fingerprint)
         parsed.check_reachable(space_, base)
         _warn_if_untrained(base, bundle, model, data)
         write_run(out, run)
+        write_storage_file(out, storage=config.storage,
+                           name=study_name(out=out, storage=config.storage, study=config.study))
         # Repair and the agent's action wall judge a latency limit by the lookup table (int8 units can be slower than
         # float ones, which MACs cannot see), so such a search builds the table even when every candidate is timed.
         judges_latency = (config.repair or config.sampler == "ddpg") and "latency" in parsed.metrics
@@ -203,7 +220,8 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
                          files=files, failures=failed.most_common(3),
                          closest=None if front else closest_to_budget(result.rows, parsed, repair=config.repair),
                          latency_check=prediction_error(result.rows),
-                         dashboard=dashboard_command(config.storage, out), checkpoint_accuracy=checkpoint_accuracy)
+                         dashboard=dashboard_command(config.storage, out), checkpoint_accuracy=checkpoint_accuracy,
+                         study=where)
 
 
 def failure_counts(rows: list[TrialRecord]) -> tuple[Counter[str], int]:

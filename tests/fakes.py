@@ -123,7 +123,7 @@ class ThreadPool:
 
 
 def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: int = 2, delay: float = 0.0,
-                budget: str = "macs<=45%", seed: int = 0) -> None:
+                budget: str = "macs<=45%", seed: int = 0, storage: str | None = None, study: str | None = None) -> None:
     """A whole search with the fake evaluator on resnet20/8x8 inputs (the resume test runs and kills this)."""
     import torch
 
@@ -137,7 +137,8 @@ def fake_search(out: str, *, sampler: str = "tpe", trials: int = 12, workers: in
     ev = FakeEvaluator(space, delay=delay)
     pool = ThreadPool(ev, workers=workers)
     try:
-        config = SearchConfig(budget=budget, sampler=sampler, trials=trials, seed=seed, repair=sampler != "ddpg")
+        config = SearchConfig(budget=budget, sampler=sampler, trials=trials, seed=seed, repair=sampler != "ddpg",
+                              storage=storage, study=study)
         run_search(space, pool, ev.base(), out=out, config=config, workers=workers)
     finally:
         pool.close()

@@ -1,0 +1,86 @@
+"""Shared storage: unique study names, one-line errors for missing database drivers, several drivers on one study."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fakes import fake_search
+from squeezer.search.config import SearchError
+from squeezer.search.pareto import StudyResult
+from squeezer.search.storage import (banner, check_driver, display_url, read_storage_file, study_name,
+                                     write_storage_file)
+
+
+def test_study_names_in_a_shared_storage_are_unique_per_folder(tmp_path: Path) -> None:
+    url = "postgresql://u:secret@db/s"
+    a, b = tmp_path / "x" / "r1", tmp_path / "y" / "r1"  # two runs whose folders share a base name
+    assert study_name(out=a, storage=url) != study_name(out=b, storage=url)
+    assert study_name(out=a, storage=url).startswith("squeezer-r1-")
+    assert study_name(out=a, storage=url, study="shared") == study_name(out=b, storage=url, study="shared")
+    assert study_name(out=a) == study_name(out=a, storage="journal") == "squeezer"  # the folder's own storage
+
+
+def test_a_password_is_never_printed_or_written(tmp_path: Path) -> None:
+    url = "postgresql://u:secret@db:5432/s"
+    assert "secret" not in display_url(url) and "db:5432/s" in display_url(url)
+    line = banner(storage=url, name="squeezer-r1-abc")
+    assert line and "squeezer-r1-abc" in line and "optuna-dashboard" in line and "secret" not in line
+    assert banner(storage=None, name="squeezer") is None
+    write_storage_file(tmp_path, storage=url, name="n")
+    assert "secret" not in (tmp_path / "storage.json").read_text()
+    assert read_storage_file(tmp_path) == ("postgresql://u@db:5432/s", "n")
+
+
+def test_a_storage_url_without_its_driver_names_the_package() -> None:
+    pytest.importorskip("sqlalchemy")
+    try:
+        import MySQLdb  # noqa: F401
+        pytest.skip("mysqlclient is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SearchError, match="pip install mysqlclient"):
+        check_driver("mysql://u@localhost/db")
+    with pytest.raises(SearchError, match="not a storage URL"):
+        check_driver("nosuchdb://x")
+    check_driver("sqlite:///x.db")  # the standard library's
+
+
+def test_two_drivers_share_one_study_each_trial_once(tmp_path: Path) -> None:
+    """Two searches on different folders, one storage URL and one --study: one study of `trials` trials in all
+    (a driver may start one more when both ask at once), no trial number twice, each evaluated by one driver."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    errors: list[BaseException] = []
+
+    def drive(name: str) -> None:
+        try:
+            fake_search(str(tmp_path / name), trials=12, workers=1, delay=0.05, storage=url, study="together",
+                        sampler="random")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drive, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    study = optuna.load_study(study_name="together", storage=url)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert 12 <= len(finished) <= 13 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len({t.number for t in trials}) == len(trials)
+    from squeezer.search.records import TrialRecord
+
+    runs = {TrialRecord.from_trial(t).driver.run for t in finished}
+    assert len(runs) == 2  # both drivers evaluated some
+    # each folder holds the policy files of its own trials only, and the front reads the one study from either
+    files = [{p.name for p in (tmp_path / n / "policies").glob("*.json")} for n in ("a", "b")]
+    assert not files[0] & files[1] and len(files[0] | files[1]) == len(trials)
+    for n in ("a", "b"):
+        write_storage_file(tmp_path / n, storage=url, name="together")
+    fronts = [sorted(r.number for r in StudyResult.load(tmp_path / n).front()) for n in ("a", "b")]
+    assert fronts[0] == fronts[1] and fronts[0]
