@@ -7,9 +7,9 @@ agent, the summaries) reads back, as typed fields.
 held), and METRICS_ATTR, complete once it is told (the measurement and how it meets the budget; when asked, only the
 searcher's latency prediction if it made one). A told trial also carries copies of the main metrics (FLAT_METRICS)
 as attrs of their own: Optuna's tools (optuna-dashboard, `trials_dataframe`) show and sort flat values, not one
-JSON blob. The reader takes METRICS_ATTR, which holds the same numbers. What a trial carries from Optuna's queue (an
-agent episode's actions, a re-queued trial's origin) and `stale` stay attrs of their own, since Optuna copies an enqueued
-trial's attrs onto it.
+JSON blob. The reader takes METRICS_ATTR, which holds the same numbers. What a trial carries from Optuna's queue
+(an agent episode's actions, a re-queued trial's origin) and `stale` stay attrs of their own, since Optuna copies an
+enqueued trial's attrs onto it.
 
 The policy is stored once, in the trial, and the policies/trial_NNNNN.json file a search writes is an export of it
 for users and `squeezer apply --policy FILE`. Storage is the only state every reader has (a study in a database

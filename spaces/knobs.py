@@ -200,6 +200,10 @@ def _bits_level(bits: Any) -> float:
     return 1.0 - min(float(bits), FLOAT_BITS) / FLOAT_BITS
 
 
+def _rank_level(rank: Any) -> float:
+    return 1.0 - float(rank)
+
+
 # The registry, in the order knobs appear in a unit's Optuna params, tables and plots.
 KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(PRUNE, 0.0, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75), float, level=float, applies=_leads_its_group,
@@ -207,7 +211,7 @@ KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, role=BITS,
          lowers=frozenset({"size", "bops"})),
     Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, role=BITS, lowers=frozenset({"bops"})),
-    Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=lambda r: 1.0 - float(r), applies=_factorable,
+    Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
          offer=_smaller_ranks, cost=_rank_cost),
     Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,
          offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost),

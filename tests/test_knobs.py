@@ -123,3 +123,11 @@ def test_a_new_knob_needs_only_its_entry_and_its_applier(gain_knob: list[str], t
     out = apply_policy(model, Policy.from_params({"fc/gain": 0.5}, space), example_inputs=X8, space=space)
     assert gain_knob == ["fc"]
     assert torch.allclose(out.fc.weight, 0.5 * model.fc.weight)
+
+
+def test_a_space_pickles_for_local_worker_processes(resnet) -> None:
+    """Spawned workers receive the traced space by pickle: every knob's functions must be importable by name."""
+    import pickle
+
+    space = SearchSpace.from_model(resnet, torch.randn(2, 1, 8, 8))
+    assert pickle.loads(pickle.dumps(space)).fingerprint == space.fingerprint
