@@ -14,7 +14,7 @@ from squeezer.evaluators.evaluate import EvalSettings, Evaluator
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.evaluators.measurement import Measurement
 from squeezer.inspection import load_result
-from squeezer.models import compressed_recipe, resolve_source, save_checkpoint
+from squeezer.models import compressed_recipe, resolve_source, save_checkpoint, weights_preprocessing
 from squeezer.policies.export import export_onnx, with_metadata
 from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
@@ -103,7 +103,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         latency = settings.latency.mode != "none"
     settings = replace(settings, device=device,
                        latency=replace(settings.latency, mode="measure" if latency else "none"))
-    bundle = load_data(data, config=data_config, split=split)
+    implied = weights_preprocessing(model, str(weights)) if weights is not None else None
+    bundle = load_data(data, config=data_config, split=split, implied=implied)
     net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
     evaluator = Evaluator(net, bundle, settings)
     if not model_check:  # the user vouches that the policy was made for this model

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from squeezer.evaluators.data import DataBundle, DataConfig, DataError, FileSplit, Split
+from squeezer.evaluators.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +261,12 @@ def _val_subset(bundle: DataBundle, n: int | None, seed: int) -> DataBundle:
 
 
 def load_data(ref: str = "digits", *, config: DataConfig = DataConfig(), split: FileSplit | None = None,
-              seed: int = 0, val_frac: float = 0.2, test_frac: float = 0.2) -> DataBundle:
+              seed: int = 0, val_frac: float = 0.2, test_frac: float = 0.2,
+              implied: Preprocess | None = None) -> DataBundle:
     """Load a data reference into train/val/test splits (see the module docstring for the forms): small sources in
     memory, image folders streamed from disk as `config` says (`split`: an image folder's division as a run
-    recorded it)."""
+    recorded it). `implied`: the preprocessing an image folder gets when `config` sets none, e.g. a pretrained
+    model's own transforms (`squeezer.models.weights_preprocessing`)."""
     from squeezer.image_folders import folder_bundle
 
     bundle = _in_memory(ref, seed, val_frac, test_frac)
@@ -277,5 +280,7 @@ def load_data(ref: str = "digits", *, config: DataConfig = DataConfig(), split: 
         if not path.is_dir():
             raise DataError(f"data {ref!r} not found: use 'digits', 'mnist', torchvision:NAME:ROOT, an existing image "
                             "folder path, or a .pt file of (images, labels) tensors")
+        if config.preprocess is None and implied is not None:
+            config = replace(config, preprocess=implied)
         bundle = folder_bundle(path, config, seed=seed, val_frac=val_frac, test_frac=test_frac, recorded=split)
     return _val_subset(bundle, config.val_samples, seed)

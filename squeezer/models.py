@@ -23,12 +23,12 @@ from squeezer.model_error import ModelError
 from squeezer.model_files import (PICKLE_WAYS, Recipe, arch_recipe, build_for_state, compressed_recipe, load,
                                   load_checkpoint, load_file, load_state, model_record, read_state_file,
                                   save_checkpoint, weights_shapes)
-from squeezer.pretrained import (Preprocessing, build_pretrained, classes_of, is_weights_name, preprocessing_of,
+from squeezer.pretrained import (build_pretrained, classes_of, is_weights_name, preprocessing_of,
                                  read_cached, weights_entry, weights_preprocessing)
 from squeezer.zoo import (ZOO, BasicBlock, CifarResNet, InvertedResidual, SmallMobileNetV2, SmallVGG,
                           mobilenetv2_small, resnet20, resnet56, vgg_small)
 
-__all__ = ["BasicBlock", "CifarResNet", "InvertedResidual", "ModelError", "PICKLE_WAYS", "Preprocessing", "Recipe",
+__all__ = ["BasicBlock", "CifarResNet", "InvertedResidual", "ModelError", "PICKLE_WAYS", "Recipe",
            "SmallMobileNetV2", "SmallVGG", "ZOO", "arch_recipe", "build_model", "builder_for", "check_outputs",
            "compressed_recipe", "find_head", "is_checkpoint", "load", "load_checkpoint", "load_model",
            "load_source", "load_workload", "mobilenetv2_small", "model_record", "preprocessing_of", "replace_head",

@@ -20,25 +20,14 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from squeezer.evaluators.preprocess import Preprocess, from_weights
 from squeezer.builders import FILE_SUFFIXES, torchvision_name
 from squeezer.model_error import ModelError
 
-__all__ = ["Preprocessing", "build_pretrained", "cache_file", "classes_of", "is_weights_name", "preprocessing_of",
+__all__ = ["build_pretrained", "cache_file", "classes_of", "is_weights_name", "preprocessing_of",
            "read_cached", "weights_entry", "weights_preprocessing"]
 
 _BUILDING = threading.Lock()  # the state_dict a builder is handed is set on its weights class while it builds
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a weights entry's own `transforms()` does to an image: resize its shorter side to `resize_size`
-    (with `interpolation`), centre-crop `crop_size` square, scale to [0, 1], normalise with `mean` and `std`."""
-
-    resize_size: int
-    crop_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
 
 
 def is_weights_name(weights: str) -> bool:
@@ -136,21 +125,17 @@ def build_pretrained(model: str, entry: Any, state: Mapping[str, torch.Tensor], 
                          f"{cache_file(entry).name} with the file from {entry.url}") from None
 
 
-def preprocessing_of(weights: Any) -> Preprocessing:
+def preprocessing_of(weights: Any) -> Preprocess:
     """The preprocessing a weights entry was trained with, from its own `transforms()`: what the data of a model
     loaded with these weights gets by default."""
-    transform = weights.transforms()
-    sizes = [getattr(transform, key, None) for key in ("resize_size", "crop_size")]
-    if not all(isinstance(s, (list, tuple)) and len(s) == 1 for s in sizes):
+    try:
+        return from_weights(weights)
+    except (AttributeError, IndexError, TypeError, ValueError):
         raise ModelError(f"weights {weights} do not preprocess single images to one size (not an image classifier's "
-                         "weights): pass --image-size and --mean/--std instead")
-    interpolation = getattr(transform, "interpolation", "bilinear")
-    return Preprocessing(resize_size=int(sizes[0][0]), crop_size=int(sizes[1][0]),
-                         mean=tuple(float(m) for m in transform.mean), std=tuple(float(s) for s in transform.std),
-                         interpolation=str(getattr(interpolation, "value", interpolation)))
+                         "weights): pass --image-size and --mean/--std instead") from None
 
 
-def weights_preprocessing(model: str, weights: str | None) -> Preprocessing | None:
+def weights_preprocessing(model: str, weights: str | None) -> Preprocess | None:
     """The preprocessing `--model MODEL --weights NAME` expects, or None when `weights` names no torchvision
     weights (no file is read: the data can be set up before the model is loaded)."""
     if not weights or not is_weights_name(weights) or torchvision_name(model) is None:

@@ -158,6 +158,25 @@ def demo(summary: Any) -> None:
     search(summary.search)
     if summary.applied is not None:
         apply(summary.applied)
+    if getattr(summary, "compared", None) is not None:
+        side_by_side(summary.compared)
+
+
+def side_by_side(compared: Any) -> None:
+    """The two files a user holds, measured alike: what compression bought on this machine, said plainly."""
+    b, c = compared.base, compared.compressed
+    names = ["metric", b.onnx.name, c.onnx.name]
+    rows = [dict(zip(names, row)) for row in (
+        ["test accuracy", f"{b.test_accuracy:.4f}", f"{c.test_accuracy:.4f}"],
+        ["MACs", f"{b.macs:,}", f"{c.macs:,}"],
+        ["ONNX bytes", f"{b.onnx_bytes:,}", f"{c.onnx_bytes:,}"],
+        ["onnxruntime latency ms", f"{b.latency_ms:.4f}", f"{c.latency_ms:.4f}"])]
+    table(rows, "base beside compressed, timed interleaved on this machine", names)
+    speed = (f"{compared.speedup:.2f}x faster" if compared.faster
+             else f"not faster here ({compared.speedup:.2f}x): it buys size only")
+    console.print(f"compressed: {speed}, {b.onnx_bytes / max(1, c.onnx_bytes):.1f}x smaller on disk, "
+                  f"{c.test_accuracy - b.test_accuracy:+.4f} test accuracy; time both yourself: {b.onnx} and "
+                  f"{c.onnx}", markup=False, highlight=False)
 
 
 # ---- machine-readable output (--json): one JSON document on stdout, nothing else -----------------------------------

@@ -22,7 +22,7 @@ from squeezer.evaluators.measurement import Measurement
 from squeezer.evaluators.pool import PoolConfig, make_pool
 from squeezer.evaluators.ray_cluster import resolve_address
 from squeezer.evaluators.settings import EvalSettings, LatencyConfig, RecoveryConfig
-from squeezer.models import resolve_source, save_checkpoint, weights_ref
+from squeezer.models import resolve_source, save_checkpoint, weights_preprocessing, weights_ref
 from squeezer.plots import write_front_files
 from squeezer.policies.policy import Policy
 from squeezer.progress import LiveDisplay, progress_bar
@@ -156,7 +156,9 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
     data_config, split = _data_settings(out, data, data_config or DataConfig())
-    bundle = load_data(data, config=data_config, split=split)
+    # a pretrained torchvision model's own transforms, for an image folder given no preprocessing
+    implied = weights_preprocessing(model, str(weights)) if isinstance(model, str) and weights else None
+    bundle = load_data(data, config=data_config, split=split, implied=implied)
     base_path = out / BASE_FILE
     resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
     source = str(base_path) if resuming else (model if given is None else given)

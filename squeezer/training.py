@@ -15,7 +15,8 @@ from squeezer.evaluators.accuracy import recalibrate_bn
 from squeezer.evaluators.data import DataBundle, DataConfig
 from squeezer.evaluators.finetune import FitConfig, evaluate, fit
 from squeezer.devices import check_device
-from squeezer.models import ModelError, check_outputs, load_source, replaced_head, save_checkpoint
+from squeezer.models import (ModelError, check_outputs, load_source, replaced_head, save_checkpoint,
+                             weights_preprocessing)
 from squeezer.progress import progress_bar
 
 
@@ -35,7 +36,9 @@ def train_baseline(model: str = "resnet20", data: str | DataBundle = "digits", *
     """Train a model on `data` (from scratch, or from `weights` or a checkpoint) and save a checkpoint that every
     other job accepts. `replace_head` first puts a fresh classifier sized for the data's classes in place of the
     model's own (a pretrained model fine-tuned on other classes)."""
-    bundle = (data if isinstance(data, DataBundle) else load_data(data, config=data_config)).for_device(device)
+    implied = weights_preprocessing(model, str(weights)) if weights is not None else None  # pretrained transforms
+    bundle = data if isinstance(data, DataBundle) else load_data(data, config=data_config, implied=implied)
+    bundle = bundle.for_device(device)
     torch.manual_seed(seed)
     net, recipe = load_source(model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                               weights=weights, trust_pickle=trust_pickle)

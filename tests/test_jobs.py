@@ -545,3 +545,32 @@ def test_a_hybrid_repaired_search_records_each_timed_candidate_into_the_table_on
         assert times == [pytest.approx(row.latency_rel)]
     calibration = 16  # the random policies the table is fitted to before the search
     assert len(hybrid_search.recorded) == calibration + len(timed)
+
+
+def test_the_side_by_side_says_plainly_what_compression_bought(tmp_path, capsys) -> None:
+    from squeezer import render
+    from squeezer.side_by_side import Column, SideBySide
+
+    base = Column(onnx=tmp_path / "base.onnx", test_accuracy=0.98, macs=1000, onnx_bytes=4000, latency_ms=0.2)
+    fast = SideBySide(base=base, compressed=Column(onnx=tmp_path / "compressed.onnx", test_accuracy=0.97, macs=400,
+                                                   onnx_bytes=1000, latency_ms=0.1))
+    render.side_by_side(fast)
+    said = capsys.readouterr().out
+    assert fast.faster and fast.smaller and "2.00x faster" in said and "4.0x smaller" in said
+    slow = SideBySide(base=base, compressed=Column(onnx=tmp_path / "compressed.onnx", test_accuracy=0.98, macs=1000,
+                                                   onnx_bytes=1000, latency_ms=0.3))
+    render.side_by_side(slow)
+    assert not slow.faster and "buys size only" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_demo_ends_with_the_applied_model_beside_the_base(tmp_path) -> None:
+    import squeezer
+
+    summary = squeezer.demo(out=tmp_path / "demo", trials=4, workers=1)
+    compared = summary.compared
+    assert compared is not None and (tmp_path / "demo" / "base.onnx").is_file()
+    assert compared.base.onnx_bytes == (tmp_path / "demo" / "base.onnx").stat().st_size
+    assert compared.compressed.onnx_bytes == (tmp_path / "demo" / "compressed.onnx").stat().st_size
+    assert compared.compressed.macs < compared.base.macs and compared.smaller
+    assert compared.base.latency_ms > 0 and compared.compressed.latency_ms > 0

@@ -175,7 +175,7 @@ def test_the_weights_preprocessing_is_their_own_transforms(full) -> None:
     entry = torchvision.models.get_weight(full)
     transform = entry.transforms()
     got = preprocessing_of(entry)
-    assert [got.resize_size] == transform.resize_size and [got.crop_size] == transform.crop_size
+    assert [got.resize] == transform.resize_size and [got.size] == transform.crop_size
     assert list(got.mean) == transform.mean and list(got.std) == transform.std
     assert got.interpolation == transform.interpolation.value
     model = full.split("_Weights")[0].lower()

@@ -76,3 +76,16 @@ def test_bad_data_flags_are_one_line_usage_errors(capsys, tmp_path, argv, messag
     code = main(["train", "--data", "digits", "--out", str(tmp_path / "m.pt"), "--steps", "1", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_pretrained_models_weights_preprocess_an_image_folder_given_none(tmp_path) -> None:
+    from squeezer.evaluators.preprocess import Preprocess
+    from squeezer.models import weights_preprocessing
+
+    root = _folder(tmp_path / "f")
+    implied = weights_preprocessing("resnet18", "IMAGENET1K_V1")
+    data = load_data(str(root), implied=implied)
+    assert data.preprocess.size == 224 and data.preprocess.resize == 256
+    assert data.preprocess.mean == pytest.approx((0.485, 0.456, 0.406)) and data.input_shape[-2:] == (224, 224)
+    told = load_data(str(root), config=DataConfig(preprocess=Preprocess(size=32, resize=40)), implied=implied)
+    assert told.preprocess.size == 32  # what the user says wins
