@@ -561,16 +561,3 @@ def test_the_side_by_side_says_plainly_what_compression_bought(tmp_path, capsys)
                                                    onnx_bytes=1000, latency_ms=0.3))
     render.side_by_side(slow)
     assert not slow.faster and "buys size only" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_the_demo_ends_with_the_applied_model_beside_the_base(tmp_path) -> None:
-    import squeezer
-
-    summary = squeezer.demo(out=tmp_path / "demo", trials=4, workers=1)
-    compared = summary.compared
-    assert compared is not None and (tmp_path / "demo" / "base.onnx").is_file()
-    assert compared.base.onnx_bytes == (tmp_path / "demo" / "base.onnx").stat().st_size
-    assert compared.compressed.onnx_bytes == (tmp_path / "demo" / "compressed.onnx").stat().st_size
-    assert compared.compressed.macs < compared.base.macs and compared.smaller
-    assert compared.base.latency_ms > 0 and compared.compressed.latency_ms > 0

@@ -65,6 +65,10 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
         done = subprocess.run(squeezer + args[1:], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        if command.startswith("squeezer demo"):  # it ends with the applied model timed beside the base
+            demo = tmp_path / "runs/demo"
+            assert "base beside compressed" in done.stdout and (demo / "base.onnx").is_file()
+            assert (demo / "compressed.onnx").stat().st_size < (demo / "base.onnx").stat().st_size
         if args[:2] == ["squeezer", "search"]:
             trial = _most_accurate(tmp_path / "runs/r20")
     python = fast(readme_blocks("python")[0].replace("trials=60", f"trials={FAST_TRIALS}"), trial)
