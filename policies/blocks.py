@@ -172,8 +172,12 @@ def set_bn_stats(block: nn.Sequential, inputs: list[torch.Tensor]) -> None:
     if not inputs:
         return
     outputs = torch.cat([depthwise(x).transpose(0, 1).flatten(1) for x in inputs], dim=1)  # C x (N*H*W)
-    mean = outputs.mean(1)
-    var = outputs.var(1, unbiased=outputs.shape[1] > 1)
+    _retarget_bn(bn, outputs.mean(1), outputs.var(1, unbiased=outputs.shape[1] > 1))
+
+
+@torch.no_grad()
+def _retarget_bn(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Give `bn` the input statistics (mean, var) while its eval-mode output stays the same function of its input."""
     old_std = (bn.running_var + bn.eps).sqrt()
     new_std = (var + bn.eps).sqrt()
     bn.bias.add_(bn.weight * (mean - bn.running_mean) / old_std)
@@ -208,13 +212,7 @@ def set_block_bn_stats(block: nn.Module, inputs: list[torch.Tensor]) -> None:
     for bn, (first, second, count) in sums.items():
         mean = first / count
         var = ((second - count * mean.pow(2)) / (count - 1).clamp_min(1)).clamp_min(0).to(bn.running_var.dtype)
-        mean = mean.to(bn.running_mean.dtype)
-        old_std = (bn.running_var + bn.eps).sqrt()
-        new_std = (var + bn.eps).sqrt()
-        bn.bias.add_(bn.weight * (mean - bn.running_mean) / old_std)
-        bn.weight.mul_(new_std / old_std)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+        _retarget_bn(bn, mean.to(bn.running_mean.dtype), var)
 
 
 def refit_heads(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
