@@ -99,13 +99,10 @@ def _sqlite_wal(url: str) -> BaseStorage:
 
     if url.startswith("sqlite:///") and "?" not in url:
         seed_from_template(Path(url[len("sqlite:///"):]))
-    try:
-        rdb = optuna.storages.RDBStorage(url)
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-        # Optuna stamps the schema version from every process that opens the file, readers included; when two do
-        # it at once one insert fails (or, for a new file, one CREATE TABLE), but the schema is then complete, so
-        # opening again succeeds.
-        rdb = optuna.storages.RDBStorage(url)
+    # Optuna stamps the schema version from every process that opens the file, readers included; when two do it at
+    # once one insert fails (or, for a new file, one CREATE TABLE), but the schema is then complete, so opening
+    # again succeeds: open_shared retries with a pause.
+    rdb = open_shared(url)
 
     def on_connect(conn: Any, _record: Any) -> None:
         cur = conn.cursor()

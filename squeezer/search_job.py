@@ -179,12 +179,13 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     net.cpu()
     pool_config = replace(pool_config, cache_dir=pool_config.cache_dir or out / "cache")
     where = banner(storage=config.storage, name=study_name(out=out, storage=config.storage, study=config.study))
-    _say(where, progress)
     evaluators = make_pool(net, bundle, settings, config=pool_config, space=space_)
-    _say(getattr(evaluators, "description", None), progress)
     try:
         base = _base_measurement(evaluators, space_.fingerprint)
         parsed.check_reachable(space_, base)
+        # where the search runs, said once its inputs are known good: a refused search says one line, its reason
+        _say(where, progress)
+        _say(getattr(evaluators, "description", None), progress)
         _warn_if_untrained(base, bundle, model, data)
         write_run(out, run)
         write_storage_file(out, storage=config.storage,
