@@ -159,13 +159,15 @@ def test_data_that_cannot_be_loaded_is_named_with_the_fix(ref: str, message: str
         load_data(ref)
 
 
-def test_evaluation_workers_get_no_test_split(digits) -> None:
+def test_evaluation_workers_get_no_test_split(digits, monkeypatch) -> None:
     from squeezer.evaluators.evaluate import EvalSettings
     from squeezer.evaluators.pool import LocalPool, PoolConfig
     from squeezer.evaluators.settings import LatencyConfig
 
     from squeezer.models import resnet20
 
+    # what the workers would unpickle is built before they start: no need to start them
+    monkeypatch.setattr(LocalPool, "_new_executor", lambda self: None)
     pool = LocalPool(resnet20(num_classes=10, in_channels=1), digits, EvalSettings(latency=LatencyConfig(mode="none")),
                      config=PoolConfig(workers=2))
     try:
