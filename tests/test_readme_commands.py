@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TRIALS = 3
@@ -71,11 +72,23 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
             assert (demo / "compressed.onnx").stat().st_size < (demo / "base.onnx").stat().st_size
         if args[:2] == ["squeezer", "search"]:
             trial = _most_accurate(tmp_path / "runs/r20")
+        if args[:2] == ["squeezer", "apply"] and "--trial" in args:  # the applied model has the searched MACs
+            _assert_searched_macs(tmp_path / "runs/r20", trial, tmp_path / args[args.index("--out") + 1])
     python = fast(readme_blocks("python")[0].replace("trials=60", f"trials={FAST_TRIALS}"), trial)
     (tmp_path / "example.py").write_text(python)
     done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _assert_searched_macs(run: Path, trial: int, saved: Path) -> None:
+    import squeezer
+    from squeezer.evaluators.cost import count_macs
+    from squeezer.models import load_checkpoint
+
+    row = next(r for r in squeezer.front(str(run)).front if r.number == trial)
+    model, _ = load_checkpoint(saved)
+    assert count_macs(model, torch.randn(1, 1, 8, 8))[0] == row.macs
 
 
 def _most_accurate(run: Path) -> int:
