@@ -122,9 +122,14 @@ def _slice_svd(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _invres(conv: nn.Conv2d, w: torch.Tensor, mid: int) -> nn.Sequential:
     cout, cin, kh, kw = w.shape
-    e = mid // cin
-    expand = torch.eye(cin, dtype=w.dtype).repeat_interleave(e, dim=0)  # mid channel c*e + j copies input c
-    kernels, mixing = _slice_svd(w, e)
+    if mid % cin == 0:
+        e = mid // cin
+        expand = torch.eye(cin, dtype=w.dtype).repeat_interleave(e, dim=0)  # mid channel c*e + j copies input c
+        kernels, mixing = _slice_svd(w, e)
+    else:  # a narrowing expansion: the kernel's leading input directions, one depthwise kernel each
+        basis = _leading(w.transpose(0, 1).reshape(cin, -1), mid)  # cin x mid
+        expand = basis.T
+        kernels, mixing = _slice_svd(torch.einsum("oikl,is->oskl", w, basis), 1)
     depthwise = _geometry(conv, mid, mid, groups=mid)
     depthwise.weight.copy_(kernels.reshape(mid, 1, kh, kw))
     project = mixing.permute(1, 0, 2).reshape(cout, mid)

@@ -19,13 +19,13 @@ __all__ = ["KEEP", "DWSEP", "INVRES", "FIRE", "SHUFFLE", "SPATIAL", "BOTTLENECK"
 
 KEEP = "keep"
 DWSEP = "dwsep"
-INVRES = "invres"  # 1x1 expand -> depthwise k x k -> BN -> 1x1 project; sub-choice: expansion (int)
+INVRES = "invres"  # 1x1 expand -> depthwise k x k -> BN -> 1x1 project; sub-choice: expansion (whole, or < 1)
 FIRE = "fire"  # 1x1 squeeze -> [1x1 expand | k x k expand] concatenated; sub-choice: squeeze width / output channels
 SHUFFLE = "shuffle"  # grouped 1x1 -> shuffle -> depthwise k x k -> BN -> grouped 1x1; sub-choice: groups (int)
 SPATIAL = "spatial"  # k x 1 -> 1 x k; sub-choice: middle width / min(cin, cout)
 BOTTLENECK = "bottleneck"  # 1x1 reduce -> k x k -> 1x1 restore; sub-choice: width / min(cin, cout)
 FAMILIES = (INVRES, FIRE, SHUFFLE, SPATIAL, BOTTLENECK)
-_INT_FAMILIES = (INVRES, SHUFFLE)
+_INT_FAMILIES = (INVRES, SHUFFLE)  # whole sub-choices (an expansion may also be a fraction: a narrowing one)
 
 DEFAULT_GRID = (KEEP, DWSEP, "invres:1", "invres:2", "invres:4", "fire:0.125", "fire:0.25", "fire:0.5",
                 "shuffle:2", "shuffle:4", "shuffle:8", "spatial:0.25", "spatial:0.5", "spatial:0.75",
@@ -49,6 +49,8 @@ def parse_block(value: str) -> BlockChoice | None:
         number = float(sub)
     except ValueError:
         return None
+    if family == INVRES and 0.0 < number < 1.0:
+        return BlockChoice(family, number)
     if family in _INT_FAMILIES:
         if number != int(number) or number < 1:
             return None
@@ -61,7 +63,7 @@ def block_value(family: str, sub: float = 0.0) -> str:
     """The canonical string of a choice (what the grid, policies and Optuna params hold)."""
     if family in (KEEP, DWSEP):
         return family
-    return f"{family}:{int(sub)}" if family in _INT_FAMILIES else f"{family}:{sub:g}"
+    return f"{family}:{int(sub)}" if family in _INT_FAMILIES and sub >= 1 else f"{family}:{sub:g}"
 
 
 def _width(channels: int, ratio: float, round_to: int) -> int:
@@ -71,8 +73,8 @@ def _width(channels: int, ratio: float, round_to: int) -> int:
 def widths(choice: BlockChoice, cin: int, cout: int, round_to: int) -> int:
     """The family's inner width at these channels: expanded, squeezed, factor or bottleneck channels (groups for
     the shuffle)."""
-    if choice.family == INVRES:
-        return int(choice.sub) * cin
+    if choice.family == INVRES:  # whole expansions copy each input channel; a fraction keeps that share of them
+        return int(choice.sub) * cin if choice.sub >= 1 else _width(cin, choice.sub, round_to)
     if choice.family == FIRE:
         return _width(cout, choice.sub, round_to)
     if choice.family == SHUFFLE:

@@ -17,6 +17,8 @@ from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import LayerChoice, Policy, PolicyError
 from squeezer.policies.quantize import QuantizedLayer
+from squeezer.spaces.block_shapes import DEFAULT_GRID
+from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 from model_checks import layer_params, relative_error
@@ -147,13 +149,13 @@ def _pick(space: SearchSpace, unit: str, value: str) -> str | None:
     return (value if value in offered else offered[0]) if offered else None
 
 
-@pytest.mark.parametrize("value", FAMILY_VALUES)
+@pytest.mark.parametrize("value", [*FAMILY_VALUES, "invres:0.5"])
 def test_family_matches_prediction_and_exports(resnet, digits, value) -> None:
     """Every unit that offers the family is swapped: MACs and params are what the space predicted, each block keeps
-    the unit's shapes, and ONNX Runtime computes what torch does."""
+    the unit's shapes, and ONNX Runtime computes what torch does (a narrowing expansion too, given in the grid)."""
     calibration = digits.calibration(2, batch_size=32)
     x = calibration[0][:4]
-    space = SearchSpace.from_model(resnet, x[:1])
+    space = SearchSpace.from_model(resnet, x[:1], SpaceConfig(choices={"block": (*DEFAULT_GRID, value)}))
     policy = _swap_all(space, value)
     assert len(policy.layers) >= 15, "the family is offered on too few units"
     swapped = apply_policy(resnet, policy, calibration, space=space)
@@ -172,7 +174,7 @@ def test_family_matches_prediction_and_exports(resnet, digits, value) -> None:
 @pytest.mark.parametrize("family, ladder", [
     ("spatial", ["spatial:0.25", "spatial:0.5", "spatial:1"]),
     ("bottleneck", ["bottleneck:0.25", "bottleneck:0.5", "bottleneck:1"]),
-    ("invres", ["invres:1", "invres:3", "invres:9"]),
+    ("invres", ["invres:0.25", "invres:0.5", "invres:1", "invres:3", "invres:9"]),
     ("fire", ["fire:0.125", "fire:0.25", "fire:0.5"]),
     ("shuffle", ["shuffle:8", "shuffle:4", "shuffle:2"]),
 ])
