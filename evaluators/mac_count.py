@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from squeezer.evaluators.attention_macs import DISPATCH_RULES
 from squeezer.evaluators.cost import count_macs
 
 with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: torch's deprecation note on every run
@@ -58,10 +59,10 @@ def _bmm(args: tuple, out: torch.Tensor) -> int:
 
 # fvcore's counted ops (cost._analysis) as a forward reaches the dispatcher: linear, matmul and einsum arrive as
 # mm/addmm/bmm, priced as fvcore prices linear and matmul (an einsum fvcore prices by its best contraction path,
-# which mac_counter's comparison catches).
+# which mac_counter's comparison catches); fused attention kernels as evaluators/attention_macs.py prices them.
 RULES: dict[Any, Callable[[tuple, torch.Tensor], int]] = {
     aten.convolution.default: _conv, aten._convolution.default: _conv,
-    aten.addmm.default: _addmm, aten.mm.default: _mm, aten.bmm.default: _bmm,
+    aten.addmm.default: _addmm, aten.mm.default: _mm, aten.bmm.default: _bmm, **DISPATCH_RULES,
 }
 
 
