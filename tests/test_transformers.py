@@ -12,7 +12,7 @@ from torch import nn
 from architecture_checks import check_model, random_policy
 from squeezer.evaluators.cost import count_macs, measure_cost
 from squeezer.evaluators.latency import LatencyMeter
-from squeezer.evaluators.mac_count import forward_macs
+from squeezer.evaluators.mac_count import forward_macs, mac_counter
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
@@ -88,6 +88,7 @@ def test_base_attention_is_priced_as_its_explicit_form(name: str) -> None:
     model, x = _model(name)
     predicted = SearchSpace.from_model(model, x).baseline().macs  # the explicit form's count: check_model below
     assert count_macs(model, x)[0] == forward_macs(model, x)[0] == predicted
+    assert mac_counter(model, x) is forward_macs  # the quick count agrees with fvcore's module by module
 
 
 @pytest.mark.parametrize("name", list(MODELS))
