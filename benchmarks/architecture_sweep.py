@@ -14,15 +14,9 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the checks live with the tests
-from architecture_checks import check_model  # noqa: E402
+from architecture_checks import check_model, torchvision_builder  # noqa: E402
 
 MARK_START, MARK_END = "<!-- architecture_sweep:start -->", "<!-- architecture_sweep:end -->"
-
-
-def _build(name: str):
-    segmentation = name in torchvision.models.list_models(module=torchvision.models.segmentation)
-    extra = {"weights_backbone": None} if segmentation else {}
-    return lambda: torchvision.models.get_model(name, num_classes=10, **extra)
 
 
 def main() -> None:
@@ -40,7 +34,7 @@ def main() -> None:
              "| model | units | apply ok | outputs kept | MACs predicted / counted (each policy) | ONNX ok | s |",
              "|---|---|---|---|---|---|---|"]
     for name in args.models:
-        row = check_model(name, _build(name), torch.randn(1, 3, args.size, args.size))
+        row = check_model(name, torchvision_builder(name, args.size), torch.randn(1, 3, args.size, args.size))
         macs = ", ".join(f"{p}/{c}" for p, c in row.macs) or "-"
         lines.append(f"| {name} | {row.units} | {row.apply_ok} | {row.outputs_kept} | {macs} | {row.onnx_ok} "
                      f"| {row.seconds:.1f} |")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from squeezer.evaluators.attention_macs import JIT_HANDLES
 from squeezer.policies.policy import Policy
 from squeezer.spaces.knobs import FLOAT_BITS, storage_bits
 from squeezer.spaces.space import SearchSpace
@@ -23,7 +24,8 @@ MB = 1e6
 
 
 def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
-    """An fvcore FlopCountAnalysis that counts only multiply-adds of conv/linear/matmul (one MAC = one "flop")."""
+    """An fvcore FlopCountAnalysis that counts only multiply-adds of conv/linear/matmul and of PyTorch's fused
+    attention (one MAC = one "flop")."""
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn import jit_handles as h
 
@@ -32,7 +34,7 @@ def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
     analysis.set_op_handle("aten::_convolution", h.conv_flop_jit, "aten::linear", h.linear_flop_jit,
                            "aten::addmm", h.addmm_flop_jit, "aten::matmul", h.matmul_flop_jit,
                            "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit,
-                           "aten::einsum", h.einsum_flop_jit)
+                           "aten::einsum", h.einsum_flop_jit, **JIT_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis
 
@@ -87,8 +89,16 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
     units = list(space.units)
     bits = {u: (c.w_bits, c.a_bits) for u, c in policy.layers.items()}
     bops, in_units = 0.0, 0
+    # A unit inside another (an attention's projections inside the attention) is booked under both names: the
+    # outer unit's own MACs are what is left once its inner units' are taken out.
+    nested = {u: _unit_of(u.rpartition(".")[0], units) for u in units}
+    own = dict.fromkeys(units, 0)
     for unit in units:
-        macs = per_module.get(unit, 0)
+        own[unit] += per_module.get(unit, 0)
+        if nested[unit] is not None:
+            own[nested[unit]] -= per_module.get(unit, 0)
+    for unit in units:
+        macs = own[unit]
         w, a = bits.get(unit, (FLOAT_BITS, FLOAT_BITS))
         bops += macs * w * a
         in_units += macs

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from squeezer.evaluators.attention_macs import DISPATCH_RULES
 from squeezer.evaluators.cost import count_macs
+from squeezer.spaces.attention import explicit_attention
 
 with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: torch's deprecation note on every run
     warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
@@ -58,10 +60,10 @@ def _bmm(args: tuple, out: torch.Tensor) -> int:
 
 # fvcore's counted ops (cost._analysis) as a forward reaches the dispatcher: linear, matmul and einsum arrive as
 # mm/addmm/bmm, priced as fvcore prices linear and matmul (an einsum fvcore prices by its best contraction path,
-# which mac_counter's comparison catches).
+# which mac_counter's comparison catches); fused attention kernels as evaluators/attention_macs.py prices them.
 RULES: dict[Any, Callable[[tuple, torch.Tensor], int]] = {
     aten.convolution.default: _conv, aten._convolution.default: _conv,
-    aten.addmm.default: _addmm, aten.mm.default: _mm, aten.bmm.default: _bmm,
+    aten.addmm.default: _addmm, aten.mm.default: _mm, aten.bmm.default: _bmm, **DISPATCH_RULES,
 }
 
 
@@ -73,6 +75,10 @@ class _Recorder(TorchDispatchMode):
         self.stack: list[str] = []
         self.total = 0
         self.per_module: Counter[str] = Counter()
+
+    def enter(self, name: str) -> None:  # a forward pre-hook: a called module is booked, with 0 MACs at least
+        self.stack.append(name)
+        self.per_module[name] += 0
 
     def leave(self) -> None:  # a forward hook: returning the popped name would replace the module's output
         self.stack.pop()
@@ -100,7 +106,7 @@ def forward_macs(model: nn.Module, example_inputs: torch.Tensor,
     for name, module in model.named_modules():
         if names is not None and name not in names:
             continue
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: recorder.stack.append(name)))
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: recorder.enter(name)))
         handles.append(module.register_forward_hook(lambda m, a, o: recorder.leave()))
     x = example_inputs[:1]
     try:
@@ -118,13 +124,19 @@ def mac_counter(base: nn.Module, example_inputs: torch.Tensor, watch: Collection
     `watch`: the only modules whose own MACs the caller reads (the space's units, for BOPs); the forward pass then
     hooks just those, and the total is still every op's.
     """
+    # Compared in the form applied models take (spaces/attention.py): a fused encoder layer books its Linears'
+    # MACs to the layer, where the explicit form books them to each Linear, as every applied model does.
+    base = explicit_attention(base)
     traced = count_macs(base, example_inputs)
     try:
         forward = forward_macs(base, example_inputs)
     except Exception as exc:  # noqa: BLE001  (an op the dispatch mode cannot run through: fvcore it is)
         log.info("MACs are counted by fvcore's trace: a forward pass under the counter failed (%s)", exc)
         return count_macs
-    if forward[0] == traced[0] and all(forward[1].get(name, 0) == macs for name, macs in traced[1].items()):
+    # fvcore also books MACs to containers no forward calls (a ModuleList of layers), which no unit is: compared
+    # are the modules the forward pass ran.
+    if forward[0] == traced[0] and all(forward[1][name] == macs for name, macs in traced[1].items()
+                                       if name in forward[1]):
         return forward_macs if watch is None else functools.partial(forward_macs, names=frozenset(watch))
     log.info("MACs are counted by fvcore's trace: a forward pass counts %d on the base model, fvcore %d",
              forward[0], traced[0])

@@ -1,9 +1,10 @@
 """apply_policy: turn a policy into a new, physically changed model.
 
 Each knob of the registry (spaces/knobs.py) has its applier here, in `APPLIERS`. They run in a fixed order, each on
-the output of the one before: prune (channels leave every layer of a group), decompose (a layer becomes its factor
-layers), swap blocks (a conv becomes a depthwise-separable block, distilled to mimic the original), then quantize
-(weights and activations of whatever layers now exist).
+the output of the one before: prune (channels leave every layer of a group), heads (whole attention heads leave
+their projections), decompose (a layer becomes its factor layers), swap blocks (a conv becomes a
+depthwise-separable block, distilled to mimic the original), then quantize (weights and activations of whatever
+layers now exist).
 """
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ from torch import nn
 from squeezer.policies.blocks import apply_blocks
 from squeezer.policies.clone import clone_module
 from squeezer.policies.context import ApplyContext
+from squeezer.policies.heads import apply_heads
 from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
 from squeezer.policies.quantize import apply_quantize
-from squeezer.spaces.knobs import A_BITS, BLOCK, PRUNE, RANK, W_BITS
+from squeezer.spaces.attention import explicit_attention
+from squeezer.spaces.knobs import A_BITS, BLOCK, HEADS, PRUNE, RANK, W_BITS
 from squeezer.spaces.space import SearchSpace
 
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
 
 # Knob name -> its applier, in the order they run. Register a new knob's applier here. An applier serving several
 # knobs (quantize: both bit widths, one wrapper per layer) is listed under each and runs once, at its first place.
-APPLIERS: dict[str, Applier] = {PRUNE: apply_prune, RANK: apply_lowrank, BLOCK: apply_blocks,
+APPLIERS: dict[str, Applier] = {PRUNE: apply_prune, HEADS: apply_heads, RANK: apply_lowrank, BLOCK: apply_blocks,
                                  W_BITS: apply_quantize, A_BITS: apply_quantize}
 
 
@@ -62,8 +65,13 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
             raise ValueError("apply_policy needs example_inputs or calibration batches to trace the model")
     device = next(model.parameters()).device
     example_inputs = example_inputs[:1].to(device)
-    reference = model  # read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation)
-    work = clone_module(model).eval()
+    # Read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation). A model with
+    # nn.MultiheadAttention is first rewritten (a copy, kept in the memo) into the form its space was traced in.
+    memo = {} if memo is None else memo
+    if "attention rewrite" not in memo:
+        memo["attention rewrite"] = explicit_attention(model)
+    reference = memo["attention rewrite"]
+    work = clone_module(reference).eval()
     space = space or SearchSpace.from_model(clone_module(model), example_inputs)  # from_model sets eval mode
     policy.validate(space)
     # Forward order, whatever order the policy was written in (JSON sorts names): appliers meet units as the
@@ -73,7 +81,7 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
                                                             key=lambda item: rank.get(item[0], len(rank)))))
     ctx = ApplyContext(space=space, example_inputs=example_inputs, reference=reference,
                        calibration=[b.to(device) for b in batches], importance=importance,
-                       distill_steps=distill_steps, seed=seed, memo={} if memo is None else memo)
+                       distill_steps=distill_steps, seed=seed, memo=memo)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         for applier in dict.fromkeys(APPLIERS.values()):

@@ -14,6 +14,7 @@ from torch import nn
 
 from squeezer.policies.onnx_pack import pack_constants
 from squeezer.policies.quantize import fold_batchnorm
+from squeezer.spaces.attention import explicit_attention
 
 OPSET = 17
 
@@ -21,9 +22,11 @@ OPSET = 17
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | Path | None = None) -> bytes:
     """Export with the TorchScript exporter (far quicker than the dynamo one for small CNNs) and a dynamic batch axis.
 
-    Returns the serialized model; also writes it to `path` when given.
+    Returns the serialized model; also writes it to `path` when given. nn.MultiheadAttention has no export of its
+    fused kernel: a model that still holds one (an unapplied base) is exported in its explicit form, the same
+    function in matmuls.
     """
-    model = fold_batchnorm(model.eval(), example_inputs)
+    model = fold_batchnorm(explicit_attention(model).eval(), example_inputs)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -26,14 +26,16 @@ from typing import Any, Callable, Collection, Mapping
 
 from squeezer.spaces import block_shapes as blocks
 from squeezer.spaces import lowrank_shapes as shapes
+from squeezer.spaces.attention import ATTENTION, kept_heads
 from squeezer.spaces.graph import ChannelGroup, LayerInfo
 from squeezer.spaces.lowrank_shapes import kept_channels
 
 __all__ = ["Knob", "KNOBS", "Site", "SpaceConfig", "param_key", "split_key", "settle", "settle_params",
-           "kept_channels", "PRUNE", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
+           "kept_channels", "PRUNE", "HEADS", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
            "CHANNELS", "FORM", "BITS", "storage_bits"]
 
 PRUNE = "prune"
+HEADS = "heads"
 W_BITS = "w_bits"
 A_BITS = "a_bits"
 RANK = "rank"
@@ -146,6 +148,26 @@ def _distinct_widths(site: Site, grid: tuple) -> tuple:
     return tuple(options)
 
 
+def _is_attention(site: Site) -> bool:
+    return site.layer.kind == ATTENTION
+
+
+def _has_weights(site: Site) -> bool:
+    """Bit widths are for layers with weights: an attention's matmuls multiply activations only."""
+    return site.layer.kind != ATTENTION
+
+
+def _distinct_heads(site: Site, grid: tuple) -> tuple:
+    """Ratios that keep distinct head counts, the smallest ratio of each (at least one head stays)."""
+    seen, options = set(), []
+    for ratio in sorted(set(grid) | {0.0}):
+        kept = kept_heads(site.layer, ratio)
+        if kept not in seen:
+            seen.add(kept)
+            options.append(float(ratio))
+    return tuple(options)
+
+
 def _factorable(site: Site) -> bool:
     return site.layer.kind in ("conv", "linear")
 
@@ -208,9 +230,12 @@ def _rank_level(rank: Any) -> float:
 KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(PRUNE, 0.0, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75), float, level=float, applies=_leads_its_group,
          offer=_distinct_widths, role=CHANNELS),
-    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, role=BITS,
+    Knob(HEADS, 0.0, (0.0, 0.25, 0.5, 0.75), float, level=float, applies=_is_attention, offer=_distinct_heads,
+         role=CHANNELS),
+    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, applies=_has_weights, role=BITS,
          lowers=frozenset({"size", "bops"})),
-    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, role=BITS, lowers=frozenset({"bops"})),
+    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, applies=_has_weights, role=BITS,
+         lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
          offer=_smaller_ranks, cost=_rank_cost),
     Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,

@@ -16,9 +16,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from squeezer.spaces import attention
 from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
-from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key,
-                                    storage_bits)
+from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, HEADS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig,
+                                    param_key, storage_bits)
 from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
@@ -85,10 +86,13 @@ class SearchSpace:
         if not isinstance(example_inputs, torch.Tensor):
             raise SpaceError("example_inputs must be one tensor batch, e.g. torch.randn(1, 3, 32, 32)")
         example_inputs = example_inputs[:1]
-        model = model.eval()
-        layers = trace_layers(model, example_inputs)
+        model = attention.checked_rewrite(model.eval(), example_inputs)
+        layers = attention.with_attention(trace_layers(model, example_inputs),
+                                          attention.attention_layers(model, example_inputs))
         pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
-        groups = channel_groups(model, example_inputs, layers) if pruned else []
+        groups = attention.protect_attention(
+            channel_groups(model, example_inputs, [i for i in layers if i.kind != attention.ATTENTION]), layers
+        ) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
         out_parts: dict[str, list[tuple[str, int]]] = {}
         in_parts: dict[str, list[tuple[str, int]]] = {}
@@ -108,7 +112,8 @@ class SearchSpace:
             knobs = _knobs_for(Site(info, out_g, config))
             units.append(Unit(info, knobs, out_g.name if out_g else None, in_g.name if in_g else None, mult,
                               tuple(out_parts.get(info.name, ())), tuple(ins)))
-        layer_params = sum(dense_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units)
+        layer_params = sum(dense_params(u.layer, u.layer.in_channels, u.layer.out_channels) for u in units
+                           if u.layer.kind != attention.ATTENTION)
         total = sum(p.numel() for p in model.parameters())
         return cls(units, groups, config, tuple(example_inputs.shape), max(0, total - layer_params))
 
@@ -169,17 +174,23 @@ class SearchSpace:
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
 
     def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-        """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too."""
+        """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too, and
+        removing heads the attention's projections."""
         removed = {}  # group -> the fraction of its channels the policy prunes, as (removed, channels)
         for g, group in self.groups.items():
             ratio = _knob(layers, g, PRUNE)
             if ratio:
                 removed[g] = (group.channels - self.kept(g, ratio), group.channels)
+        heads: dict[str, tuple[int, int]] = {}  # unit -> (output, input) indices removed heads take from it
+        for name, choice in layers.items():
+            if name in self.units and getattr(choice, HEADS, 0.0):
+                heads.update(attention.head_cuts(self.units[name].layer, getattr(choice, HEADS)))
         out = {}
         for name, unit in self.units.items():
             info = unit.layer
-            cout = info.out_channels - _cut(unit.out_parts, removed)
-            cin = cout if info.kind == "dwconv" else info.in_channels - _cut(unit.in_parts, removed)
+            out_cut, in_cut = heads.get(name, (0, 0))
+            cout = info.out_channels - _cut(unit.out_parts, removed) - out_cut
+            cin = cout if info.kind == "dwconv" else info.in_channels - _cut(unit.in_parts, removed) - in_cut
             out[name] = self.layer_cost(unit, cin, cout, layers.get(name))
         return out
 
@@ -187,6 +198,8 @@ class SearchSpace:
         """(MACs per sample, params) of one unit at the given channels, in the form `choice` gives it (an object with
         an attribute per knob, e.g. a LayerChoice; None: the unit's own form)."""
         info = unit.layer
+        if info.kind == attention.ATTENTION:
+            return attention.attention_macs(info, cin, cout), 0
         if choice is not None:
             for knob in self._reshapers:
                 value = getattr(choice, knob.name)
@@ -209,8 +222,9 @@ class SearchSpace:
             group = self.groups.get(unit.out_group) if unit.out_group else None
             rows.append({
                 "unit": name, "kind": info.kind,
-                "shape": f"{info.in_channels}->{info.out_channels}"
-                         + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind != "linear" else ""),
+                "shape": f"{info.groups} heads x {info.out_channels // info.groups}"
+                if info.kind == attention.ATTENTION else f"{info.in_channels}->{info.out_channels}"
+                + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind != "linear" else ""),
                 "macs": macs, "params": params,
                 "group": (group.name + (f" ({len(group.producers)} layers)" if len(group.producers) > 1 else ""))
                 if group else "-",

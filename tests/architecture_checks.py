@@ -46,6 +46,21 @@ class SweepRow:
         return not self.problems
 
 
+def torchvision_builder(name: str, size: int) -> Callable[[], nn.Module]:
+    """Builds torchvision's `name` with random weights and 10 classes, for `size` x `size` images."""
+    import torchvision
+
+    segmentation = name in torchvision.models.list_models(module=torchvision.models.segmentation)
+    extra = {"weights_backbone": None} if segmentation else {}
+
+    def build() -> nn.Module:
+        try:  # a vision transformer's position embedding is made for one image size: the sweep's
+            return torchvision.models.get_model(name, num_classes=10, image_size=size, **extra)
+        except TypeError:  # every other model takes any size
+            return torchvision.models.get_model(name, num_classes=10, **extra)
+    return build
+
+
 def random_policy(space: SearchSpace, rng: random.Random, knobs: tuple[str, ...]) -> Policy:
     """Each offered knob of `knobs` set to a random choice on about half the units (neutral elsewhere)."""
     params = {}
@@ -79,7 +94,7 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 
 def check_model(name: str, build: Callable[[], nn.Module], x: torch.Tensor, *, policies: int = 3, seed: int = 0,
-                knobs: tuple[str, ...] = ("prune", "rank", "w_bits"), onnx: bool = True) -> SweepRow:
+                knobs: tuple[str, ...] = ("prune", "heads", "rank", "w_bits"), onnx: bool = True) -> SweepRow:
     """Run the checks on a randomly initialised model; every failure is recorded, none raised."""
     row, start = SweepRow(name), time.perf_counter()
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ def test_a_space_offers_each_knobs_choices_from_neutral_to_most_compressed(resne
     for unit, name in space.param_names():
         levels = [KNOBS[name].level(v) for v in space.choices(unit, name)]
         assert levels[0] == 0.0 and levels == sorted(levels) and len(levels) > 1
-    assert {name for _, name in space.param_names()} == set(KNOBS)
+    assert {name for _, name in space.param_names()} == set(KNOBS) - {"heads"}  # heads: tests/test_transformers.py
 
 
 def test_param_keys_round_trip() -> None:
