@@ -139,9 +139,10 @@ class DirectStudy:
         """Nothing to write: `tell` wrote it."""
 
 
-def open_shared(url: str, attempts: int = 3) -> Any:
-    """An RDB storage on `url`, opened again when another driver was creating the schema at the same moment (the
-    loser's CREATE TABLE fails though the schema is then complete)."""
+def open_shared(url: str, attempts: int = 3, *, kind: Any = None) -> Any:
+    """An RDB storage on `url` (of class `kind`, Optuna's RDBStorage unless given), opened again when another
+    driver was creating the schema at the same moment (the loser's CREATE TABLE fails though the schema is then
+    complete)."""
     import time
 
     import optuna
@@ -149,7 +150,7 @@ def open_shared(url: str, attempts: int = 3) -> Any:
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url)
+            return (kind or optuna.storages.RDBStorage)(url)
         except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == attempts - 1:
                 raise

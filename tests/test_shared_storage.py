@@ -49,8 +49,33 @@ def test_a_storage_url_without_its_driver_names_the_package() -> None:
     check_driver("sqlite:///x.db")  # the standard library's
 
 
-@pytest.mark.xfail(strict=False, reason="known race (issue 27, open): two drivers starting on an empty study can "
-                   "both take one queued trial, and the second tell fails with UpdateFinishedTrialError")
+def test_a_waiting_trial_is_claimed_by_one_sqlite_writer_only(tmp_path: Path) -> None:
+    """Two storages on one SQLite file claim the same WAITING trial at the same moment, many times: Optuna's claim
+    (set_trial_state_values to RUNNING) must return True to exactly one (plain SQLite lets both win often)."""
+    from squeezer.search.sqlite_storage import open_sqlite
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    a, b = open_sqlite(url), open_sqlite(url)
+    study = optuna.create_study(storage=a, study_name="s")
+    for i in range(8):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+        trial_id = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[0]._trial_id
+        won: list[bool] = []
+        start = threading.Barrier(2)
+
+        def claim(storage: optuna.storages.RDBStorage) -> None:
+            start.wait()
+            won.append(storage.set_trial_state_values(trial_id, TrialState.RUNNING))
+
+        threads = [threading.Thread(target=claim, args=(s,)) for s in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(won) == [False, True], f"round {i}: claims {won}"
+        a.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
 def test_two_drivers_share_one_study_each_trial_once(tmp_path: Path) -> None:
     """Two searches on different folders, one storage URL and one --study: one study of `trials` trials in all
     (a driver may start one more when both ask at once), no trial number twice, each evaluated by one driver."""
