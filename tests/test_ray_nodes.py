@@ -2,8 +2,6 @@
 and a worker node killed mid-search losing no trial and counting none twice."""
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -31,10 +29,14 @@ FAST_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
 
 
 @pytest.fixture()
-def two_nodes():
+def two_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A head node holding the device resource and a worker node, each offering two cores to evaluations."""
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # The nodes' processes inherit this: their timing lock is this test's own, not that of whatever else on this
+    # machine uses squeezer's machine-wide lock (a timing run waits for all of their torch work).
+    monkeypatch.setenv("SQUEEZER_LOCK_DIR", str(tmp_path / "locks"))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {DEVICE: 1}, "include_dashboard": False, "_system_config": FAST_DEATH})
     worker = cluster.add_node(num_cpus=2)
@@ -49,6 +51,8 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_a_search_across_two_nodes_survives_losing_one(two_nodes, tmp_path: Path) -> None:
+    """12 trials on two workers (one per node), latency timed on the device node; the worker node dies after the
+    third trial: its evaluation runs again on a new actor on the head, and the study holds each trial once."""
     cluster, worker = two_nodes
     data = load_data("digits")
     torch.manual_seed(0)
