@@ -295,7 +295,10 @@ class RayPool:
         # Task events feed a cluster's dashboard and state API; the private instance has neither, and without them
         # each evaluation costs Ray a little less (benchmarks/search_orchestration.py).
         resources = actor_resources(settings.device, self.workers, offered.get("GPU", 0))
-        actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address))
+        # SPREAD: the evaluations go to every node that offers a core rather than filling the driver's node
+        # first, and an actor replacing one lost with its node goes to a node still alive.
+        actor = ray.remote(ray_actors.EvalActor).options(**resources, enable_task_events=bool(address),
+                                                         scheduling_strategy="SPREAD")
         self._make = lambda: actor.remote(model_ref, data_ref, settings, space=space_ref, cache_dir=config.cache_dir,
                                           threads=threads, latency_service=self.latency_actor)
         self.actors = [self._make() for _ in range(self.workers)]

@@ -43,6 +43,12 @@ class EvalActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this actor runs on (where its evaluations run)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class LatencyService:
     """Times ONNX models against the base model's, on whichever node carries the pool's latency resource."""

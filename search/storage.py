@@ -27,6 +27,8 @@ DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", 
                    "asyncpg": "asyncpg", "mysqldb": "mysqlclient", "pymysql": "pymysql",
                    "mysqlconnector": "mysql-connector-python", "mariadbconnector": "mariadb",
                    "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_oracle": "cx_Oracle"}
+# the drivers a hint may name, preferred first, for a URL whose own driver is missing
+BACKEND_DRIVERS = {"postgresql": ("psycopg", "psycopg2", "pg8000"), "mysql": ("pymysql", "mysqldb", "mysqlconnector")}
 
 
 def is_shared(storage: Any) -> bool:
@@ -76,14 +78,32 @@ def check_driver(url: str) -> None:
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise SearchError(f"--storage {display_url(url)!r} is not a storage URL SQLAlchemy knows ({exc}): use e.g. "
-                          "postgresql://user@host/db, or 'journal'") from None
+                          "postgresql+psycopg://user@host/db, or 'journal'") from None
     try:
         dialect.import_dbapi()
     except ImportError:
-        driver = parsed.get_driver_name()
+        driver, backend = parsed.get_driver_name(), parsed.get_backend_name()
         package = DRIVER_PACKAGES.get(driver.lower(), driver)
-        raise SearchError(f"--storage {parsed.get_backend_name()}:// needs the Python package {package!r}, which "
-                          f"is not installed: pip install {package}") from None
+        other = _installed_driver(backend, but=driver)
+        hint = f", or name the driver that is installed: {backend}+{other}://..." if other else ""
+        raise SearchError(f"--storage {backend}:// (driver {driver}) needs the Python package {package!r}, which "
+                          f"is not installed: pip install {package}{hint}") from None
+
+
+def _installed_driver(backend: str, *, but: str) -> str | None:
+    """Another importable driver of `backend` (a bare postgresql:// means psycopg2 to SQLAlchemy 2.0 and psycopg
+    to 2.1, while squeezer[postgres] installs psycopg), or None."""
+    from sqlalchemy.engine import make_url
+
+    for driver in BACKEND_DRIVERS.get(backend, ()):
+        if driver == but:
+            continue
+        try:
+            make_url(f"{backend}+{driver}://").get_dialect().import_dbapi()
+        except Exception:  # noqa: BLE001  (not installed, or this SQLAlchemy has no such dialect)
+            continue
+        return driver
+    return None
 
 
 def dashboard_command(storage: Any, out: str | Path | None = None) -> str | None:
@@ -139,9 +159,10 @@ class DirectStudy:
         """Nothing to write: `tell` wrote it."""
 
 
-def open_shared(url: str, attempts: int = 3) -> Any:
-    """An RDB storage on `url`, opened again when another driver was creating the schema at the same moment (the
-    loser's CREATE TABLE fails though the schema is then complete)."""
+def open_shared(url: str, attempts: int = 3, *, kind: Any = None) -> Any:
+    """An RDB storage on `url` (of class `kind`, Optuna's RDBStorage unless given), opened again when another
+    driver was creating the schema at the same moment (the loser's CREATE TABLE fails though the schema is then
+    complete)."""
     import time
 
     import optuna
@@ -149,7 +170,7 @@ def open_shared(url: str, attempts: int = 3) -> Any:
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url)
+            return (kind or optuna.storages.RDBStorage)(url)
         except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == attempts - 1:
                 raise

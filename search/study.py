@@ -35,6 +35,7 @@ from squeezer.search.optuna_searcher import SAMPLERS, LatencyModel, OptunaSearch
 from squeezer.search.pareto import StudyResult, front_rows
 from squeezer.search.records import STALE_ATTR, Driver, TrialRecord, promoted_key, queue_attrs
 from squeezer.search.run_lock import holding_folder
+from squeezer.search.sqlite_storage import open_sqlite
 from squeezer.search.searcher import EvalPool, Searcher, write_record
 from squeezer.search.study_check import check_study_files
 from squeezer.search.storage import (STUDY_PREFIX, DirectStudy, check_driver, dashboard_command, is_shared,
@@ -64,7 +65,7 @@ def resolve_storage(storage: str | BaseStorage | None, out: Path) -> BaseStorage
     if storage is None or storage == "sqlite":
         storage = f"sqlite:///{Path(out).resolve() / 'study.db'}"
     if isinstance(storage, str) and storage.startswith("sqlite:"):
-        return _sqlite_wal(storage)
+        return open_sqlite(storage)
     return open_shared(storage) if is_shared(storage) else storage  # type: ignore[arg-type]
 
 
@@ -90,29 +91,6 @@ def preload_storage(storage: str | BaseStorage | None = None) -> threading.Threa
     thread = threading.Thread(target=load, name="squeezer-storage-imports", daemon=True)
     thread.start()
     return thread
-
-
-def _sqlite_wal(url: str) -> BaseStorage:
-    import sqlalchemy
-
-    from squeezer.search.sqlite_template import seed_from_template
-
-    if url.startswith("sqlite:///") and "?" not in url:
-        seed_from_template(Path(url[len("sqlite:///"):]))
-    # Optuna stamps the schema version from every process that opens the file, readers included; when two do it at
-    # once one insert fails (or, for a new file, one CREATE TABLE), but the schema is then complete, so opening
-    # again succeeds: open_shared retries with a pause.
-    rdb = open_shared(url)
-
-    def on_connect(conn: Any, _record: Any) -> None:
-        cur = conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    sqlalchemy.event.listen(rdb.engine, "connect", on_connect)
-    rdb.engine.dispose()
-    return rdb
 
 
 def open_study(*, out: Path, config: SearchConfig, objective: Objective, fingerprint: str,

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "workers); on a busy machine 1 is often fastest")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: 'journal' (a journal file --out/study.log, no one-time schema set-up) or a "
-                        "URL such as postgresql://user@host/db shared by several machines (default: SQLite "
+                        "URL such as postgresql+psycopg://user@host/db shared by several machines (default: SQLite "
                         "--out/study.db)")
     p.add_argument("--study", default=None, metavar="NAME",
                    help="study name in a shared --storage URL: searches on other folders or machines given the same "

@@ -1,6 +1,7 @@
 """Shared storage: unique study names, one-line errors for missing database drivers, several drivers on one study."""
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import pytest
 from optuna.trial import TrialState
 
 from fakes import fake_search
+from postgres_server import missing as postgres_missing
+from postgres_server import postgres_server
 from squeezer.search.config import SearchError
 from squeezer.search.pareto import StudyResult
+from squeezer.search.records import TrialRecord
 from squeezer.search.storage import (banner, check_driver, display_url, read_storage_file, study_name,
                                      write_storage_file)
 
@@ -49,12 +53,50 @@ def test_a_storage_url_without_its_driver_names_the_package() -> None:
     check_driver("sqlite:///x.db")  # the standard library's
 
 
-@pytest.mark.xfail(strict=False, reason="known race (issue 27, open): two drivers starting on an empty study can "
-                   "both take one queued trial, and the second tell fails with UpdateFinishedTrialError")
-def test_two_drivers_share_one_study_each_trial_once(tmp_path: Path) -> None:
-    """Two searches on different folders, one storage URL and one --study: one study of `trials` trials in all
-    (a driver may start one more when both ask at once), no trial number twice, each evaluated by one driver."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_a_missing_driver_names_the_installed_one_of_its_database() -> None:
+    pytest.importorskip("psycopg")  # what squeezer[postgres] installs
+    try:
+        import psycopg2  # noqa: F401
+        pytest.skip("psycopg2 is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SearchError, match=r"pip install psycopg2-binary, or name the driver that is installed: "
+                                          r"postgresql\+psycopg://"):
+        check_driver("postgresql+psycopg2://u@localhost/db")
+    check_driver("postgresql+psycopg://u@localhost/db")
+
+
+def test_a_waiting_trial_is_claimed_by_one_sqlite_writer_only(tmp_path: Path) -> None:
+    """Two storages on one SQLite file claim the same WAITING trial at the same moment, many times: Optuna's claim
+    (set_trial_state_values to RUNNING) must return True to exactly one (plain SQLite lets both win often)."""
+    from squeezer.search.sqlite_storage import open_sqlite
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    a, b = open_sqlite(url), open_sqlite(url)
+    study = optuna.create_study(storage=a, study_name="s")
+    for i in range(8):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+        trial_id = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[0]._trial_id
+        won: list[bool] = []
+        start = threading.Barrier(2)
+
+        def claim(storage: optuna.storages.RDBStorage) -> None:
+            start.wait()
+            won.append(storage.set_trial_state_values(trial_id, TrialState.RUNNING))
+
+        threads = [threading.Thread(target=claim, args=(s,)) for s in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(won) == [False, True], f"round {i}: claims {won}"
+        a.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def _two_drivers(tmp_path: Path, url: str) -> list[optuna.trial.FrozenTrial]:
+    """Two searches on folders a and b, one storage URL and one study ('together'), run side by side; checks that
+    the one study holds `trials` trials in all (a driver may start one more when both ask at once), no trial
+    number twice, each evaluated by one driver whose folder holds its policy file; returns the trials."""
     errors: list[BaseException] = []
 
     def drive(name: str) -> None:
@@ -75,14 +117,37 @@ def test_two_drivers_share_one_study_each_trial_once(tmp_path: Path) -> None:
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert 12 <= len(finished) <= 13 and not [t for t in trials if t.state == TrialState.RUNNING]
     assert len({t.number for t in trials}) == len(trials)
-    from squeezer.search.records import TrialRecord
-
     runs = {TrialRecord.from_trial(t).driver.run for t in finished}
     assert len(runs) == 2  # both drivers evaluated some
-    # each folder holds the policy files of its own trials only, and the front reads the one study from either
+    # each folder holds the policy files of its own trials only
     files = [{p.name for p in (tmp_path / n / "policies").glob("*.json")} for n in ("a", "b")]
     assert not files[0] & files[1] and len(files[0] | files[1]) == len(trials)
-    for n in ("a", "b"):
+    for n in ("a", "b"):  # what `squeezer search` writes for a shared storage, so that `front` reads it from there
         write_storage_file(tmp_path / n, storage=url, name="together")
+    return trials
+
+
+def test_two_drivers_share_one_study_each_trial_once(tmp_path: Path) -> None:
+    _two_drivers(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}")
     fronts = [sorted(r.number for r in StudyResult.load(tmp_path / n).front()) for n in ("a", "b")]
+    assert fronts[0] == fronts[1] and fronts[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postgres_missing() is not None, reason=str(postgres_missing()))
+def test_two_drivers_share_one_study_in_a_real_postgresql(tmp_path: Path, capsys) -> None:
+    """The same two drivers against a PostgreSQL server of its own; `squeezer front` reads one front from either
+    folder."""
+    from squeezer.cli import main
+
+    with postgres_server() as url:
+        check_driver(url)
+        trials = _two_drivers(tmp_path, url)
+        fronts = []
+        for n in ("a", "b"):
+            capsys.readouterr()
+            assert main(["front", str(tmp_path / n), "--json"]) == 0
+            front = json.loads(capsys.readouterr().out)
+            assert front["completed"] == len([t for t in trials if t.state == TrialState.COMPLETE])
+            fronts.append([row["number"] for row in front["front"]])
     assert fronts[0] == fronts[1] and fronts[0]
