@@ -20,7 +20,7 @@ from squeezer.policies.lowrank import apply_lowrank
 from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
 from squeezer.policies.quantize import apply_quantize
-from squeezer.spaces.knobs import A_BITS, BLOCK, PRUNE, RANK, W_BITS
+from squeezer.spaces.knobs import A_BITS, BLOCK, PRUNE, RANK, W_BITS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
@@ -64,7 +64,9 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
     example_inputs = example_inputs[:1].to(device)
     reference = model  # read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation)
     work = clone_module(model).eval()
-    space = space or SearchSpace.from_model(clone_module(model), example_inputs)  # from_model sets eval mode
+    if space is None:  # the rounding the policy was made with (from_model sets eval mode)
+        config = SpaceConfig() if policy.channel_round is None else SpaceConfig(round_to=policy.channel_round)
+        space = SearchSpace.from_model(clone_module(model), example_inputs, config)
     policy.validate(space)
     # Forward order, whatever order the policy was written in (JSON sorts names): appliers meet units as the
     # search applied them.
