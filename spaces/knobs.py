@@ -62,7 +62,8 @@ class SpaceConfig:
     `knobs` limits the knobs offered (every registered knob by default); `include`/`exclude` are fnmatch patterns on
     unit names; `choices` overrides a knob's grid; `round_to` rounds kept channels (and ranks, block widths) up to a
     multiple (CHANNEL_ROUND by default: odd widths ran no faster here; a smaller step gives a narrow layer more widths
-    to choose from and lets aggressive budgets be reached); `decomposition` picks Tucker-2 ("tucker") or CP ("cp") for k×k convolutions.
+    to choose from and lets aggressive budgets be reached); `decomposition` picks Tucker-2 ("tucker") or CP ("cp")
+    for k×k convolutions.
     """
 
     knobs: tuple[str, ...] = field(default_factory=lambda: tuple(KNOBS))
