@@ -102,8 +102,9 @@ def main() -> None:
         space = SearchSpace.from_model(base, example, SpaceConfig(knobs=(PRUNE,), round_to=args.channel_round))
         recovery = RecoveryConfig(mode="kd", finetune_steps=args.kd_steps, finetune_lr=args.kd_lr)
 
-        def finish(model: nn.Module, seed: int, found_s: float, into: Scores) -> None:
-            """The identical recovery every method gets, and the test scores before and after it."""
+        def finish(model: nn.Module, seed: int, found_s: float, into: Scores, name: str) -> None:
+            """The identical recovery every method gets, and the test scores before and after it (each printed as
+            it comes, so a stopped run keeps what it measured)."""
             into.macs.append(count_macs(model, example)[0] / base_macs)
             into.before.append(evaluate(model, bundle.test)[0])
             start = time.perf_counter()
@@ -111,6 +112,9 @@ def main() -> None:
             into.recover_s.append(time.perf_counter() - start)
             into.after.append(evaluate(tuned, bundle.test)[0])
             into.find_s.append(found_s)
+            print(f"  seed {seed} {name}: MACs {into.macs[-1]:.3f}, test {into.before[-1]:.4f} after BN, "
+                  f"{into.after[-1]:.4f} after the fine-tune ({found_s:.0f} s + {into.recover_s[-1]:.0f} s)",
+                  flush=True)
 
         for text in args.budgets:
             limit = Budget.parse(text).limits[0]
@@ -120,12 +124,12 @@ def main() -> None:
             for seed in args.seeds:
                 for name, (model, found_s) in fixed.items():
                     bn = recover(copy.deepcopy(model), BN, bundle, seed=seed)  # as `apply` recovers a policy
-                    finish(bn, seed, found_s, results.setdefault(name, Scores()))
+                    finish(bn, seed, found_s, results.setdefault(name, Scores()), name)
                 for sampler in args.samplers:
                     model, found_s = searched(ckpt, args.data, work / f"{sampler}-{target:.3f}-s{seed}", text,
                                               sampler=sampler, trials=args.trials, seed=seed,
                                               channel_round=args.channel_round, target=target, threads=args.threads)
-                    finish(model, seed, found_s, results.setdefault(sampler, Scores()))
+                    finish(model, seed, found_s, results.setdefault(sampler, Scores()), sampler)
                 print(f"  {text} seed {seed} done", flush=True)
             report(text, target, results, args.samplers, base_test)
 
@@ -217,7 +221,8 @@ def report(budget: str, target: float, results: dict[str, Scores], samplers: lis
         diffs = [a - b for a, b in zip(s.after, ref.after)]
         pooled = ((sd(s.after) ** 2 + sd(ref.after) ** 2) / 2) ** 0.5
         gain = mean(diffs)
-        verdict = "beats it beyond twice the pooled sd" if gain > 2 * pooled and gain > 0 else \
+        verdict = "one seed: no spread to judge by" if len(diffs) < 2 else \
+            "beats it beyond twice the pooled sd" if gain > 2 * pooled and gain > 0 else \
             "does NOT beat it beyond twice the pooled sd"
         cost = mean(s.find_s) + mean(s.recover_s)
         print(f"{name} - {best}: {100 * gain:+.2f} points (paired sd {100 * sd(diffs):.2f}; pooled sd "
