@@ -20,7 +20,7 @@ from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
 from squeezer.run_folder import BASE_FILE, abs_ref, read_run
 from squeezer.search.records import TrialRecord
-from squeezer.spaces.knobs import SpaceConfig
+from squeezer.spaces.knobs import KNOBS, PRUNE, SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["ApplySummary", "apply"]
@@ -108,9 +108,11 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     implied = weights_preprocessing(model, str(weights)) if weights is not None else None
     bundle = load_data(data, config=data_config, split=split, implied=implied)
     net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
-    # the space the policy was made in: the run's prune grid, the policy's own channel rounding
-    rounding = chosen.channel_round or searched.round_to
-    space = SearchSpace.from_model(net, bundle.example_inputs(), replace(searched, round_to=rounding))
+    # every knob, at the policy's own channel rounding, offering the run's pruning ratios as well as the defaults
+    grid = tuple(sorted({*searched.grid(PRUNE), *KNOBS[PRUNE].grid}))
+    space = SearchSpace.from_model(net, bundle.example_inputs(),
+                                   SpaceConfig(round_to=chosen.channel_round or searched.round_to,
+                                               choices={PRUNE: grid}))
     evaluator = Evaluator(net, bundle, settings, space=space)
     if not model_check:  # the user vouches that the policy was made for this model
         chosen = replace(chosen, fingerprint="")
