@@ -186,6 +186,9 @@ def _bisect(prune: Callable[[float], nn.Module], example: torch.Tensor, target: 
     """The model pruned at the smallest ratio whose MACs are at or under `target` of the base."""
     lo, hi = 0.0, 0.99
     best = prune(hi)
+    if count_macs(best, example)[0] > target * base_macs:
+        raise SystemExit(f"Torch-Pruning at ratio {hi} keeps more than {target:.1%} of the MACs: that method cannot "
+                         "reach the budget here (try another --channel-round)")
     for _ in range(12):
         mid = (lo + hi) / 2
         model = prune(mid)
