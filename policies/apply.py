@@ -23,7 +23,7 @@ from squeezer.policies.policy import Policy
 from squeezer.policies.prune import apply_prune
 from squeezer.policies.quantize import apply_quantize
 from squeezer.spaces.attention import explicit_attention
-from squeezer.spaces.knobs import A_BITS, BLOCK, HEADS, PRUNE, RANK, W_BITS
+from squeezer.spaces.knobs import A_BITS, BLOCK, HEADS, PRUNE, RANK, W_BITS, SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 Applier = Callable[[nn.Module, Policy, ApplyContext], nn.Module]
@@ -65,14 +65,16 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Iterable[torch.T
             raise ValueError("apply_policy needs example_inputs or calibration batches to trace the model")
     device = next(model.parameters()).device
     example_inputs = example_inputs[:1].to(device)
-    # Read only: nothing below writes to it, so no second copy (~10% of a cheap evaluation). A model with
+    # Read only: nothing below writes to it, so no second copy. A model with
     # nn.MultiheadAttention is first rewritten (a copy, kept in the memo) into the form its space was traced in.
     memo = {} if memo is None else memo
     if "attention rewrite" not in memo:
         memo["attention rewrite"] = explicit_attention(model)
     reference = memo["attention rewrite"]
     work = clone_module(reference).eval()
-    space = space or SearchSpace.from_model(clone_module(model), example_inputs)  # from_model sets eval mode
+    if space is None:  # the rounding the policy was made with (from_model sets eval mode)
+        config = SpaceConfig() if policy.channel_round is None else SpaceConfig(round_to=policy.channel_round)
+        space = SearchSpace.from_model(clone_module(model), example_inputs, config)
     policy.validate(space)
     # Forward order, whatever order the policy was written in (JSON sorts names): appliers meet units as the
     # search applied them.

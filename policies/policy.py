@@ -85,11 +85,14 @@ for _name, _knob in KNOBS.items():  # neutral values as plain class attributes: 
 
 @dataclass(frozen=True)
 class Policy:
-    """Unit name -> LayerChoice; units not named are kept as they are."""
+    """Unit name -> LayerChoice; units not named are kept as they are. `channel_round` is the multiple kept channels
+    (and ranks, block widths) were rounded to in the space the policy was made in: the same ratio keeps another
+    width at another rounding, so it travels with the policy (None: whatever the space applying it rounds to)."""
 
     layers: Mapping[str, LayerChoice] = field(default_factory=dict)
     fingerprint: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    channel_round: int | None = None
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -110,7 +113,7 @@ class Policy:
             choice = LayerChoice(**settle(knobs))
             if not choice.is_neutral():
                 layers[unit] = choice
-        return cls(layers=layers, fingerprint=space.fingerprint, meta=dict(meta))
+        return cls(layers=layers, fingerprint=space.fingerprint, meta=dict(meta), channel_round=space.config.round_to)
 
     @classmethod
     def uniform(cls, space: SearchSpace, **knobs: Any) -> "Policy":
@@ -148,6 +151,10 @@ class Policy:
                 f"policy was made for another model (fingerprint {self.fingerprint[:12]}, this model "
                 f"{space.fingerprint[:12]}): apply it to the model it was searched on"
             )
+        if self.layers and self.channel_round is not None and self.channel_round != space.config.round_to:
+            raise PolicyError(f"policy rounds kept channels to multiples of {self.channel_round}, the space to "
+                              f"{space.config.round_to}: apply it in a space with round_to={self.channel_round} "
+                              f"(--channel-round {self.channel_round})")
         for unit, choice in self.layers.items():
             if unit not in space.units:
                 close = space.closest_unit(unit)
@@ -175,6 +182,7 @@ class Policy:
             "fingerprint": self.fingerprint,
             "meta": dict(self.meta),
             "layers": {u: c.changed() for u, c in sorted(self.layers.items()) if not c.is_neutral()},
+            **({} if self.channel_round is None else {"channel_round": self.channel_round}),
         }
 
     @classmethod
@@ -208,7 +216,10 @@ class Policy:
             raise PolicyError("policy 'fingerprint' must be a string and 'meta' an object")
         if _deeper_than(meta, META_DEPTH):
             raise PolicyError(f"policy 'meta' nests more than {META_DEPTH} levels: keep it a flat record")
-        return cls(layers=layers, fingerprint=fp, meta=meta)
+        rounding = data.get("channel_round")
+        if rounding is not None and (not isinstance(rounding, int) or isinstance(rounding, bool) or rounding < 1):
+            raise PolicyError(f"policy 'channel_round' must be a whole number of 1 or more, got {shown(rounding)}")
+        return cls(layers=layers, fingerprint=fp, meta=meta, channel_round=rounding)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

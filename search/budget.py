@@ -175,7 +175,8 @@ class Budget:
             if not ok:
                 shown = f"{100 * frac:.3g}%" + (f" ({_fmt(lim.metric, reached)})" if reached is not None else "")
                 raise BudgetError(f"budget {lim.text} is unreachable: the cheapest policy in this space reaches "
-                                  f"{shown}; loosen the limit or widen the space")
+                                  f"{shown}; loosen the limit or widen the space (more knobs, or a smaller "
+                                  f"--channel-round than {space.config.round_to})")
 
 
 def metric_value(m: Measurement, metric: str) -> float | None:

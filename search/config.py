@@ -8,7 +8,7 @@ into configs hold them as one flat "eval" record; they read back the same.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +20,7 @@ from squeezer.search.budget import METRICS, Budget
 from squeezer.search.errors import SearchError
 from squeezer.search.objectives import KINDS
 from squeezer.search.optuna_searcher import SAMPLERS
-from squeezer.spaces.knobs import KNOBS, SpaceConfig
+from squeezer.spaces.knobs import CHANNEL_ROUND, KNOBS, PRUNE, SpaceConfig
 
 __all__ = ["RESUME_KEYS", "RUN_VERSION", "RunConfig", "SearchConfig", "SearchError", "check_resume", "run_from_json",
            "run_to_json", "search_record"]
@@ -28,7 +28,11 @@ __all__ = ["RESUME_KEYS", "RUN_VERSION", "RunConfig", "SearchConfig", "SearchErr
 RUN_VERSION = 2  # run.json with the evaluation settings as configs (1: one flat "eval" record)
 SAMPLER_NAMES = (*SAMPLERS, "ddpg")
 # What a resumed run must share with the one it resumes; absent from an older record, a key is not compared.
-RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric", "weights")
+RESUME_KEYS = ("fingerprint", "budget", "objective", "knobs", "sampler", "cost_metric", "weights", "channel_round",
+               "prune_grid")
+# What a record written before the space's settings were recorded searched: kept channels rounded to multiples of 8,
+# pruning at most 75% of a group's channels.
+LEGACY_SPACE = {"channel_round": 8, "prune_grid": (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +41,9 @@ class SearchConfig:
     proposed by `sampler`, towards `objective` ("multi": the accuracy-vs-cost front over `cost_metric`, by default
     the budget's first metric; "single": the most accurate policy within the budget), over the `knobs` offered;
     `repair` shrinks each proposal into the budget first, `promote` re-evaluates that many of the front's most
-    accurate trials with a distilled fine-tune, `seed` seeds sampler and evaluation, `storage` is the Optuna storage
+    accurate trials with a distilled fine-tune, `channel_round` rounds kept channels (and ranks, block widths) up to
+    a multiple, `prune_grid` is the pruning ratios offered (None, for both: what a resumed run recorded, else the
+    space's defaults), `seed` seeds sampler and evaluation, `storage` is the Optuna storage
     (None or "sqlite": the run folder's study.db; "journal"; a URL; or a storage object), and `study` names the
     study in a shared storage (a URL) that several drivers optimize together (None: one named for the run folder)."""
 
@@ -49,6 +55,8 @@ class SearchConfig:
     knobs: tuple[str, ...] = tuple(KNOBS)
     repair: bool = False
     promote: int = 0
+    channel_round: int | None = None
+    prune_grid: tuple[float, ...] | None = None
     seed: int = 0
     storage: str | BaseStorage | None = None
     study: str | None = None
@@ -70,6 +78,31 @@ class SearchConfig:
         SpaceConfig(knobs=self.knobs)  # names an unknown knob and the known ones
         if self.promote < 0:
             raise ValueError(f"promote must be 0 or more, got {self.promote}")
+        if self.channel_round is not None and self.channel_round < 1:
+            raise ValueError(f"channel_round must be 1 or more, got {self.channel_round}")
+        if self.prune_grid is not None:
+            grid = tuple(sorted({float(r) for r in self.prune_grid}))
+            if not grid or not all(0.0 <= r < 1.0 for r in grid):
+                raise ValueError(f"prune_grid must hold ratios in [0, 1), got {list(self.prune_grid)}")
+            object.__setattr__(self, "prune_grid", grid)
+
+    @property
+    def space(self) -> SpaceConfig:
+        """The space searched: the knobs, the prune grid and the channel rounding (the defaults where None)."""
+        return SpaceConfig(knobs=self.knobs, round_to=self.channel_round or CHANNEL_ROUND,
+                           choices={PRUNE: self.prune_grid or KNOBS[PRUNE].grid})
+
+    def resumed(self, recorded: "SearchConfig | None") -> "SearchConfig":
+        """This search with the space settings it leaves unset (None) taken from the run it resumes (`recorded`),
+        so an older run resumes with the space it searched; then every one resolved."""
+        pick = {}
+        for name in LEGACY_SPACE:
+            value = getattr(self, name)
+            if value is None and recorded is not None:
+                value = getattr(recorded, name)
+            pick[name] = value
+        space = replace(self, **pick).space
+        return replace(self, channel_round=space.round_to, prune_grid=space.grid(PRUNE))
 
     @property
     def parsed_budget(self) -> Budget:
@@ -96,9 +129,11 @@ class RunConfig:
 
 def search_record(config: SearchConfig, fingerprint: str) -> dict[str, Any]:
     """The search settings as JSON (the storage is left out: a URL can carry a password, an object has no JSON)."""
+    space = config.space
     return {"fingerprint": fingerprint, "budget": config.budget, "objective": config.objective,
             "knobs": list(config.knobs), "sampler": config.sampler, "cost_metric": config.cost_metric,
-            "seed": config.seed, "trials": config.trials, "repair": config.repair, "promote": config.promote}
+            "seed": config.seed, "trials": config.trials, "repair": config.repair, "promote": config.promote,
+            "channel_round": space.round_to, "prune_grid": list(space.grid(PRUNE))}
 
 
 def run_to_json(run: RunConfig) -> dict[str, Any]:
@@ -114,7 +149,7 @@ def run_to_json(run: RunConfig) -> dict[str, Any]:
 def run_from_json(data: Mapping[str, Any]) -> RunConfig:
     """The run `run_to_json` wrote, or one written before (a flat "eval" record, fewer search settings)."""
     known = {f.name for f in fields(SearchConfig)} - {"storage", "study"}
-    search = {k: data[k] for k in known if data.get(k) is not None}
+    search = {**LEGACY_SPACE, **{k: data[k] for k in known if data.get(k) is not None}}
     split = data.get("data_split")
     return RunConfig(model=data["model"], data=data["data"], fingerprint=data.get("fingerprint", ""),
                      weights=data.get("weights"), search=SearchConfig(**search),
@@ -126,7 +161,10 @@ def run_from_json(data: Mapping[str, Any]) -> RunConfig:
 def check_resume(there: Mapping[str, Any], now: Mapping[str, Any], *, out: str | Path) -> None:
     """Refuse, before anything runs, to resume `there` (a run.json, or a study's attrs) with the settings `now`
     (`run_to_json` or `search_record` of them) when its trials would not be comparable with the new ones: another
-    model, budget, objective, knob set or sampler, or (where both hold them) other evaluation settings."""
+    model, budget, objective, knob set, sampler or space settings, or (where both hold them) other evaluation
+    settings. A record written before the space settings were recorded searched the legacy space."""
+    legacy = {k: list(v) if isinstance(v, tuple) else v for k, v in LEGACY_SPACE.items()}
+    there = {**legacy, **there} if "fingerprint" in there else there
     for key in RESUME_KEYS:
         if key in there and key in now and there[key] != now[key]:
             raise SearchError(f"output folder {str(out)!r} holds a different study ({key} {there[key]!r} there, "

@@ -41,6 +41,7 @@ from squeezer.search.study_check import check_study_files
 from squeezer.search.storage import (STUDY_PREFIX, DirectStudy, check_driver, dashboard_command, is_shared,
                                      open_shared, study_name)
 from squeezer.search.working_copy import WorkingCopy
+from squeezer.spaces.knobs import PRUNE
 
 __all__ = ["run_search", "open_study", "make_searcher", "preload_storage", "dashboard_command", "metric_names",
            "SearchError", "STUDY_PREFIX"]
@@ -233,6 +234,8 @@ def _search(space: Any, pool: EvalPool, base: Measurement, *, out: Path, config:
     budget = config.parsed_budget
     if workers < 1:
         raise SearchError(f"workers must be at least 1, got {workers}")
+    # the space searched is what the study records: its rounding and prune grid, whatever the config left unset
+    config = replace(config, channel_round=space.config.round_to, prune_grid=space.config.grid(PRUNE))
     if budget.limits:
         budget.check_reachable(space, base)
     obj = make_objective(config.objective, budget=budget, base=base, cost_metric=config.cost_metric)

@@ -32,7 +32,7 @@ from squeezer.spaces.lowrank_shapes import kept_channels
 
 __all__ = ["Knob", "KNOBS", "Site", "SpaceConfig", "param_key", "split_key", "settle", "settle_params",
            "kept_channels", "PRUNE", "HEADS", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
-           "CHANNELS", "FORM", "BITS", "storage_bits"]
+           "CHANNELS", "FORM", "BITS", "storage_bits", "CHANNEL_ROUND"]
 
 PRUNE = "prune"
 HEADS = "heads"
@@ -52,6 +52,8 @@ CHANNELS = "channels"  # the channels of a whole group (timed alone)
 FORM = "form"  # the layer's own structure (timed alone; bit widths are timed on it)
 BITS = "bits"  # numeric precision (timed in its int8 form, on the unit's form)
 
+CHANNEL_ROUND = 8  # kept channels are rounded up to a multiple of this unless a space says otherwise
+
 _EVERY_METRIC = frozenset({"macs", "params", "size", "bops", "latency"})
 
 
@@ -60,15 +62,17 @@ class SpaceConfig:
     """How a space is restricted: which knobs, which layers, which choices.
 
     `knobs` limits the knobs offered (every registered knob by default); `include`/`exclude` are fnmatch patterns on
-    unit names; `choices` overrides a knob's grid; `round_to` rounds kept channels up to a multiple (8 by default:
-    odd widths ran no faster here); `decomposition` picks Tucker-2 ("tucker") or CP ("cp") for k×k convolutions.
+    unit names; `choices` overrides a knob's grid; `round_to` rounds kept channels (and ranks, block widths) up to a
+    multiple (CHANNEL_ROUND by default: odd widths ran no faster here; a smaller step gives a narrow layer more widths
+    to choose from and lets aggressive budgets be reached); `decomposition` picks Tucker-2 ("tucker") or CP ("cp")
+    for k×k convolutions.
     """
 
     knobs: tuple[str, ...] = field(default_factory=lambda: tuple(KNOBS))
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     choices: dict[str, tuple] = field(default_factory=dict)
-    round_to: int = 8
+    round_to: int = CHANNEL_ROUND
     decomposition: str = "tucker"
 
     def grid(self, knob: str) -> tuple:
@@ -228,7 +232,7 @@ def _rank_level(rank: Any) -> float:
 
 # The registry, in the order knobs appear in a unit's Optuna params, tables and plots.
 KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
-    Knob(PRUNE, 0.0, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75), float, level=float, applies=_leads_its_group,
+    Knob(PRUNE, 0.0, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875), float, level=float, applies=_leads_its_group,
          offer=_distinct_widths, role=CHANNELS),
     Knob(HEADS, 0.0, (0.0, 0.25, 0.5, 0.75), float, level=float, applies=_is_attention, offer=_distinct_heads,
          role=CHANNELS),

@@ -20,6 +20,8 @@ from squeezer.policies.policy import Policy
 from squeezer.progress import progress_bar
 from squeezer.run_folder import BASE_FILE, abs_ref, read_run
 from squeezer.search.records import TrialRecord
+from squeezer.spaces.knobs import KNOBS, PRUNE, SpaceConfig
+from squeezer.spaces.space import SearchSpace
 
 __all__ = ["ApplySummary", "apply"]
 
@@ -78,11 +80,11 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         raise ValueError("pass exactly one of --trial N (with a run folder) or --policy FILE")
     settings = EvalSettings()
     data_config, split = data_config or DataConfig(), None
-    recorded = None
+    recorded, searched = None, SpaceConfig()
     result = load_result(run) if run is not None else None
     if run is not None:
         info = read_run(run)
-        settings = info.eval
+        settings, searched = info.eval, info.search.space
         base_file = Path(run) / BASE_FILE
         if model is None and not base_file.is_file():
             weights = weights or info.weights  # the run's model is rebuilt with the weights it recorded
@@ -106,7 +108,12 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     implied = weights_preprocessing(model, str(weights)) if weights is not None else None
     bundle = load_data(data, config=data_config, split=split, implied=implied)
     net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
-    evaluator = Evaluator(net, bundle, settings)
+    # every knob, at the policy's own channel rounding, offering the run's pruning ratios as well as the defaults
+    grid = tuple(sorted({*searched.grid(PRUNE), *KNOBS[PRUNE].grid}))
+    space = SearchSpace.from_model(net, bundle.example_inputs(),
+                                   SpaceConfig(round_to=chosen.channel_round or searched.round_to,
+                                               choices={PRUNE: grid}))
+    evaluator = Evaluator(net, bundle, settings, space=space)
     if not model_check:  # the user vouches that the policy was made for this model
         chosen = replace(chosen, fingerprint="")
     chosen.validate(evaluator.space, require_fingerprint=model_check)

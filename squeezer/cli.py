@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knobs", default=None, help="comma-separated knobs to offer, e.g. prune,w_bits")
     p.add_argument("--include", default=None, help="comma-separated unit-name patterns to include, e.g. 'layer3.*'")
     p.add_argument("--exclude", default=None, help="comma-separated unit-name patterns to exclude")
+    _channel_round(p)
 
     p = _sub(subs, "search", "search compression policies under a budget; re-running resumes the study")
     _model_data(p)
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sessions each lookup-table entry is timed over, its runs split among them (predict, "
                         "hybrid): more help on tiny inputs, and take longer to build")
     p.add_argument("--knobs", default=None, help="comma-separated knobs to search, e.g. prune,w_bits")
+    _channel_round(p, resumed=True)
     p.add_argument("--repair", action="store_true", help="shrink sampled policies into the budget before evaluation")
     p.add_argument("--promote", type=_count, default=0, metavar="K",
                    help="re-evaluate the best K front trials with a fine-tune")
@@ -303,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _channel_round(p: argparse.ArgumentParser, *, resumed: bool = False) -> None:
+    default = "a resumed run's own, else 8" if resumed else "8"
+    p.add_argument("--channel-round", type=_positive_int, default=None, metavar="N",
+                   help=f"round kept channels (and ranks, block widths) up to a multiple of N (default: {default}); "
+                        "a smaller N gives narrow layers more widths and reaches tighter budgets, e.g. 4 or 1")
+
+
 def _split(text: str | None) -> tuple[str, ...] | None:
     return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
 
@@ -320,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "space":
         space = squeezer.space(model=args.model, data=args.data, knobs=_split(args.knobs),
                                include=_split(args.include), exclude=_split(args.exclude), weights=args.weights,
-                               trust_pickle=args.trust_pickle)
+                               trust_pickle=args.trust_pickle, channel_round=args.channel_round)
         render.space(space)
     elif args.command == "search":
         from squeezer.evaluators.pool import PoolConfig
@@ -331,7 +340,8 @@ def _run(args: argparse.Namespace) -> int:
 
         search = SearchConfig(budget=args.budget, trials=args.trials, sampler=args.sampler, objective=args.objective,
                               knobs=_split(args.knobs) or tuple(KNOBS), repair=args.repair, promote=args.promote,
-                              seed=args.seed, storage=args.storage, study=args.study)
+                              channel_round=args.channel_round, seed=args.seed, storage=args.storage,
+                              study=args.study)
         recovery = RecoveryConfig(mode=args.recovery, bn_batches=args.bn_batches, finetune_steps=args.finetune_steps,
                                   finetune_lr=args.finetune_lr, kd_temperature=args.kd_temperature,
                                   kd_weight=args.kd_weight)

@@ -21,9 +21,11 @@ __all__ = ["FrontSummary", "X_METRICS", "front", "load_result", "report", "space
 
 def space(*, model: str, data: str = "digits", knobs: tuple[str, ...] | None = None,
           include: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None,
-          weights: str | Path | None = None, trust_pickle: bool = False) -> SearchSpace:
+          weights: str | Path | None = None, trust_pickle: bool = False,
+          channel_round: int | None = None) -> SearchSpace:
     """The search space of `model` (with `weights`, a state_dict for it) on inputs shaped like `data`'s, optionally
-    restricted; a pickled model file only with `trust_pickle`."""
+    restricted, with kept channels rounded to `channel_round` (None: the default); a pickled model file only with
+    `trust_pickle`."""
     bundle = load_data(data)
     net = resolve_model(model, bundle, weights=weights, trust_pickle=trust_pickle)
     options: dict[str, Any] = {}
@@ -33,6 +35,8 @@ def space(*, model: str, data: str = "digits", knobs: tuple[str, ...] | None = N
         options["include"] = tuple(include)
     if exclude:
         options["exclude"] = tuple(exclude)
+    if channel_round is not None:
+        options["round_to"] = channel_round
     return SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(**options))
 
 

@@ -34,7 +34,6 @@ from squeezer.search.run_lock import holding_folder
 from squeezer.search.storage import banner, study_name, write_storage_file
 from squeezer.search.study import dashboard_command, preload_storage, run_search
 from squeezer.search.study_check import check_study_files
-from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -163,11 +162,14 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
     source = str(base_path) if resuming else (model if given is None else given)
     net, recipe = resolve_source(source, bundle, weights=None if resuming else weights, trust_pickle=trust_pickle)
+    before = read_run(out) if (out / RUN_FILE).is_file() else None
+    # a resumed run searches the space it recorded (rounding, prune grid) unless told otherwise
+    config = config.resumed(before.search if before is not None else None)
     # the one trace of the model: every evaluator of this process, and every worker, is handed this space
-    space_ = SearchSpace.from_model(net, bundle.example_inputs(), SpaceConfig(knobs=config.knobs))
+    space_ = SearchSpace.from_model(net, bundle.example_inputs(), config.space)
     recorded = weights_ref(model, weights) if isinstance(model, str) else None
-    if recorded is None and resuming and (out / RUN_FILE).is_file():
-        recorded = read_run(out).weights  # a resume without --weights keeps the weights the run recorded
+    if recorded is None and resuming and before is not None:
+        recorded = before.weights  # a resume without --weights keeps the weights the run recorded
     run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, weights=recorded,
                     search=config, eval=settings, data_config=replace(data_config, preprocess=bundle.preprocess),
                     data_split=bundle.file_split)

@@ -84,7 +84,8 @@ def test_run_json_round_trips(tmp_path: Path) -> None:
                                       latency=LatencyConfig(mode="hybrid", threads=2, table_reps=6), seed=7))
     data = json.loads(json.dumps(run_to_json(run)))
     assert data["version"] == 2 and data["eval"]["latency"]["table_reps"] == 6 and "storage" not in data
-    assert run_from_json(data) == replace(run, search=replace(run.search, storage=None))  # a URL may hold a password
+    # a URL may hold a password; the space settings left unset are recorded as searched
+    assert run_from_json(data) == replace(run, search=replace(run.search.resumed(None), storage=None))
     write_run(tmp_path, run)
     assert read_run(tmp_path) == run_from_json(data)
     check_run(tmp_path, run)  # the same settings resume
@@ -98,6 +99,27 @@ def test_a_run_json_written_before_the_configs_reads_back() -> None:
                                     latency=LatencyConfig(mode="hybrid", threads=2), seed=3)
     # the one-level names are exactly those records', so outcomes they cached keep their keys
     assert run.eval.flat() == LEGACY_EVAL
+
+
+def test_the_space_settings_are_recorded_and_an_older_run_resumes_with_its_own(tmp_path: Path) -> None:
+    old = run_from_json(LEGACY_RUN)  # written before the rounding and the prune grid were recorded
+    assert (old.search.channel_round, old.search.prune_grid) == (8, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75))
+    unset = SearchConfig(budget="macs<=50%", knobs=("prune", "w_bits"), seed=3)
+    resumed = unset.resumed(old.search)  # a resume that says nothing searches the recorded space
+    assert resumed.space.round_to == 8 and max(resumed.space.grid("prune")) == 0.75
+    fresh = unset.resumed(None)  # a new run: the defaults, which prune deeper
+    assert fresh.space.grid("prune")[-1] == 0.875
+    finer = SearchConfig(channel_round=4, prune_grid=(0.9, 0.5, 0.0)).resumed(old.search)  # what is set stays set
+    assert (finer.channel_round, finer.prune_grid) == (4, (0.0, 0.5, 0.9))
+    with pytest.raises(SearchError, match="channel_round 8 there, 4 now"):
+        check_resume(LEGACY_RUN, run_to_json(replace(old, search=replace(old.search, channel_round=4))),
+                     out=tmp_path)
+    check_resume(LEGACY_RUN, run_to_json(replace(old, search=resumed)), out=tmp_path)
+    record = run_to_json(replace(old, search=finer))
+    assert (record["channel_round"], record["prune_grid"]) == (4, [0.0, 0.5, 0.9])
+    for bad in ({"channel_round": 0}, {"prune_grid": (0.5, 1.0)}, {"prune_grid": ()}):
+        with pytest.raises(ValueError, match="channel_round|prune_grid"):
+            SearchConfig(**bad)
 
 
 def test_one_check_refuses_a_resume_whose_trials_would_not_compare(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from squeezer.cli import main
 import squeezer as jobs
 from squeezer.evaluators.pool import PoolConfig
 from squeezer.evaluators.settings import LatencyConfig, RecoveryConfig
-from squeezer.search.config import SearchConfig
+from squeezer.search.config import LEGACY_SPACE, SearchConfig
 from squeezer.inspection import FrontSummary
 from squeezer.search.records import TrialRecord
 from squeezer.search_job import SearchSummary, _warn_if_untrained, closest_to_budget
@@ -31,11 +31,13 @@ ONE = PoolConfig(workers=1)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A finished 3-trial pruning search on a briefly trained ResNet-20 (digits)."""
+    """A finished 3-trial pruning search on a briefly trained ResNet-20 (digits), in the space searches had before
+    the channel rounding and the prune grid were settings (so an older run folder can be made from it)."""
     root = tmp_path_factory.mktemp("jobs")
     jobs.train(model="resnet20", data="digits", out=root / "base.pt", steps=60)
     summary = jobs.search_policies(model=str(root / "base.pt"), data="digits", budget="macs<=60%", out=root / "run",
-                                   trials=3, search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,
+                                   trials=3, search=SearchConfig(knobs=("prune",), **LEGACY_SPACE),
+                                   latency=QUICK_LATENCY,
                                    recovery=QUICK_RECOVERY, pool=ONE)
     assert summary.completed == 3 and summary.front
     return root / "run"
@@ -182,13 +184,16 @@ def test_bad_budgets(capsys, run: Path, tmp_path: Path, budget: str, needle: str
 def test_latency_threads_and_batch_reach_the_meter(capsys, run: Path, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "search", "--model", str(run / "base.pt"), "--budget", "macs<=60%", "--out",
                        str(tmp_path / "t"), "--knobs", "prune", "--trials", "1", "--workers", "1",
-                       "--latency-threads", "2", "--latency-batch", "2", "--latency-table-reps", "6")
+                       "--latency-threads", "2", "--latency-batch", "2", "--latency-table-reps", "6",
+                       "--channel-round", "4")
     assert code == 0, err
     info = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert info["channel_round"] == 4 and info["prune_grid"][-1] == 0.875  # a new run: the deeper grid
     assert info["eval"]["latency"]["threads"] == 2 and info["eval"]["latency"]["batch"] == 2
     assert info["eval"]["latency"]["table_reps"] == 6
     row = jobs.front(tmp_path / "t").front[0]
     assert row.hardware["threads"] == 2 and row.latency_ms > 0  # the fingerprint names the pinned threads
+    assert row.policy is not None and row.policy.channel_round == 4  # what `apply` rebuilds it with
 
 
 @pytest.mark.slow
@@ -460,7 +465,13 @@ def test_a_run_folder_written_before_the_configs_resumes_and_applies(run: Path, 
                                    trials=4, search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,
                                    recovery=QUICK_RECOVERY, pool=ONE)
     assert summary.completed == 4  # three resumed, one new
-    assert json.loads((old / "run.json").read_text())["eval"]["recovery"]["bn_batches"] == 4  # rewritten as now
+    written = json.loads((old / "run.json").read_text())  # rewritten as now, the space as it searched
+    assert written["eval"]["recovery"]["bn_batches"] == 4
+    assert (written["channel_round"], tuple(written["prune_grid"])) == (8, LEGACY_SPACE["prune_grid"])
+    with pytest.raises(ValueError, match="channel_round 8 there, 4 now"):
+        jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="macs<=60%", out=old, trials=5,
+                             search=SearchConfig(knobs=("prune",), channel_round=4), latency=QUICK_LATENCY,
+                             recovery=QUICK_RECOVERY, pool=ONE)
     with pytest.raises(ValueError, match="bn_batches 4 there, 5 now"):
         jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="macs<=60%", out=old, trials=5,
                              search=SearchConfig(knobs=("prune",)), latency=QUICK_LATENCY,

@@ -42,6 +42,8 @@ def test_block_swap_drops_rank_of_same_unit() -> None:
     (lambda d: d.update(format="other"), "not a squeezer policy"),
     (lambda d: d.update(fingerprint="0123456789abcdef"), "another model"),
     (lambda d: d.update(layers=[1, 2]), "must be an object"),
+    (lambda d: d.update(channel_round=4), "rounds kept channels to multiples of 4, the space to 8"),
+    (lambda d: d.update(channel_round="8"), "'channel_round' must be a whole number"),
 ])
 def test_bad_policy_files_give_one_line_errors(tmp_path, edit, message) -> None:
     data = Policy.from_params({"layer1.0.conv1/prune": 0.5}, SPACE).to_json()
@@ -99,3 +101,16 @@ def test_generated_policy_files_apply_or_fail_cleanly(tmp_path_factory, data) ->
         return
     model = apply_policy(MODEL, policy, example_inputs=X8, space=SPACE, distill_steps=5)
     assert model(X8).shape == (1, 10)
+
+
+def test_a_policy_applies_at_the_channel_rounding_it_was_made_with() -> None:
+    from squeezer.spaces.knobs import SpaceConfig
+
+    fine = SearchSpace.from_model(MODEL, X8, SpaceConfig(round_to=4))
+    policy = Policy.from_params({"conv1/prune": 0.75, "layer3.0.conv1/prune": 0.875}, fine)
+    loaded = Policy.from_json(json.loads(json.dumps(policy.to_json())))
+    assert loaded.channel_round == 4 and loaded == policy
+    # applied without a space, it rebuilds the one it was made in: 4 of the stem's 16 channels, 8 of 64
+    model = apply_policy(MODEL, loaded, example_inputs=X8)
+    assert model.conv1.out_channels == 4 and model.layer3[0].conv1.out_channels == 8
+    assert Policy.from_json({**policy.to_json(), "channel_round": None}).channel_round is None  # older files

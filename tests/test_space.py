@@ -145,3 +145,21 @@ def test_every_layer_that_reaches_an_output_keeps_its_channels() -> None:
     assert space.choices("trunk.0", "prune") and not space.choices("seg", "prune")
     out = apply_policy(heads, Policy.uniform(space, prune=0.5), example_inputs=X8, space=space)(X8)
     assert out["seg"].shape == (1, 5) and out["cls"].shape == (1, 3)
+
+
+def test_a_finer_channel_rounding_reaches_six_percent_of_resnet20_with_pruning_alone(resnet) -> None:
+    from squeezer.search.budget import Budget, BudgetError
+    from squeezer.search.shrink import cheapest_policy
+    from tests.fakes import FakeEvaluator
+
+    coarse = SearchSpace.from_model(resnet, X8, SpaceConfig(knobs=("prune",)))
+    fine = SearchSpace.from_model(resnet, X8, SpaceConfig(knobs=("prune",), round_to=4))
+    # a 16-channel group: two widths at multiples of 8, four at multiples of 4
+    assert [fine.kept("conv1", r) for r in fine.choices("conv1", "prune")] == [16, 12, 8, 4]
+    assert len(coarse.choices("conv1", "prune")) == 2
+    assert coarse.kept("layer3.0.conv1", coarse.choices("layer3.0.conv1", "prune")[-1]) == 8  # the grid goes to 7/8
+    cheapest = fine.predict(cheapest_policy(fine, "macs").layers).macs / fine.baseline().macs
+    assert cheapest < 0.05
+    Budget.parse("macs<=6%").check_reachable(fine, FakeEvaluator(fine).base())
+    with pytest.raises(BudgetError, match=r"smaller --channel-round than 8"):
+        Budget.parse("macs<=6%").check_reachable(coarse, FakeEvaluator(coarse).base())
