@@ -31,7 +31,7 @@ from squeezer.spaces.lowrank_shapes import kept_channels
 
 __all__ = ["Knob", "KNOBS", "Site", "SpaceConfig", "param_key", "split_key", "settle", "settle_params",
            "kept_channels", "PRUNE", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
-           "CHANNELS", "FORM", "BITS", "storage_bits"]
+           "CHANNELS", "FORM", "BITS", "storage_bits", "quantizer_bits"]
 
 PRUNE = "prune"
 W_BITS = "w_bits"
@@ -41,6 +41,8 @@ BLOCK = "block"
 
 FLOAT_BITS = 32
 STORAGE_BITS = (4, 8)  # the integer widths an ONNX file stores weights in (INT4, INT8); see policies/onnx_pack.py
+SCALE_BITS = FLOAT_BITS  # a quantizer's scale, stored as float32
+ZERO_POINT_BITS = 8  # a quantizer's zero point, stored as int8 (weights) or uint8 (activations)
 KEEP = blocks.KEEP
 DWSEP = blocks.DWSEP
 
@@ -194,6 +196,22 @@ def storage_bits(w_bits: int) -> int:
     """The bits a weight of `w_bits` takes in the exported file: ONNX has no 2-, 3-, 5-, 6- or 7-bit tensors, so
     those are stored in the next integer container, and the size metric counts what is stored, not the grid."""
     return next((b for b in STORAGE_BITS if w_bits <= b), FLOAT_BITS)
+
+
+def quantizer_bits(*, out_channels: int, w_bits: int, a_bits: int, int8_output: bool | None = None) -> int:
+    """The bits a quantized Conv/Linear stores beside its weights in the exported QDQ file, so the size metric counts
+    what the file holds: a scale and a zero point per output channel of an integer weight, and for each activation
+    quantizer (its input; its int8 output, which `int8_output` says and by default is there when weights and input
+    are both quantized) a scale and a zero point, plus the clip range (two floats) of an input below 8 bits.
+    A float bias stays float: the caller counts it at FLOAT_BITS, not at the weight's width."""
+    bits = 0
+    if w_bits < FLOAT_BITS:
+        bits += out_channels * (SCALE_BITS + ZERO_POINT_BITS)
+    if a_bits < FLOAT_BITS:
+        bits += SCALE_BITS + ZERO_POINT_BITS + (2 * FLOAT_BITS if a_bits < 8 else 0)
+    if int8_output if int8_output is not None else (w_bits < FLOAT_BITS and a_bits < FLOAT_BITS):
+        bits += SCALE_BITS + ZERO_POINT_BITS
+    return bits
 
 
 def _bits_level(bits: Any) -> float:

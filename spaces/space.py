@@ -18,7 +18,7 @@ from torch import nn
 
 from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
 from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key,
-                                    storage_bits)
+                                    quantizer_bits, storage_bits)
 from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
@@ -156,20 +156,34 @@ class SearchSpace:
 
     # ---- cost prediction ----------------------------------------------------------------------------------------
     def predict(self, layers: Mapping[str, Any]) -> Cost:
-        """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone."""
+        """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone.
+
+        Size counts what the exported file stores, as `evaluators/cost.py` measures it: weights at their integer
+        container, a float bias at 32 bits, each quantizer's scales and zero points (`quantizer_bits`). A unit in a
+        factored or swapped form is priced as one quantized layer of its output channels (its inner layers' scales
+        are left out), as its BatchNorms are with the model's other parameters."""
         macs = params = 0
         size_bits = bops = 0.0
-        for name, (m, p) in self.unit_costs(layers).items():
+        for name, (cin, cout) in self.unit_channels(layers).items():
+            unit = self.units[name]
+            m, p = self.layer_cost(unit, cin, cout, layers.get(name))
             wb, ab = _knob(layers, name, W_BITS), _knob(layers, name, A_BITS)
+            bias = cout if unit.layer.has_bias else 0
             macs += m
             params += p
-            size_bits += p * storage_bits(wb)
+            size_bits += (p - bias) * storage_bits(wb) + bias * FLOAT_BITS
+            size_bits += quantizer_bits(out_channels=cout, w_bits=wb, a_bits=ab)
             bops += m * wb * ab
         size_bits += self.other_params * FLOAT_BITS
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
 
     def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
         """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too."""
+        return {name: self.layer_cost(self.units[name], cin, cout, layers.get(name))
+                for name, (cin, cout) in self.unit_channels(layers).items()}
+
+    def unit_channels(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+        """Unit -> (input, output) channels left after the pruning in `layers`."""
         removed = {}  # group -> the fraction of its channels the policy prunes, as (removed, channels)
         for g, group in self.groups.items():
             ratio = _knob(layers, g, PRUNE)
@@ -180,7 +194,7 @@ class SearchSpace:
             info = unit.layer
             cout = info.out_channels - _cut(unit.out_parts, removed)
             cin = cout if info.kind == "dwconv" else info.in_channels - _cut(unit.in_parts, removed)
-            out[name] = self.layer_cost(unit, cin, cout, layers.get(name))
+            out[name] = (cin, cout)
         return out
 
     def layer_cost(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, int]:
