@@ -7,6 +7,7 @@ folder's lock, so no other search is midway through creating it.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from squeezer.search.errors import SearchError
 from squeezer.search.run_lock import short
 
-__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "sqlite_damage"]
+__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "journal_damage", "sqlite_damage"]
 
 OWN_FILES = {"sqlite": "study.db", "journal": "study.log"}
 
@@ -47,6 +48,24 @@ def sqlite_damage(path: Path, *, full: bool) -> str | None:
     return None
 
 
+def journal_damage(path: Path) -> str | None:
+    """What is wrong with the journal file at `path` (each line one JSON operation of Optuna's), or None.
+
+    Optuna skips a last line that is cut short and fails on a broken line before others; a search appending to a
+    cut line would break it for good, so any line that is not a whole operation is damage."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return f"line {number} is cut short"
+            try:
+                operation = json.loads(line)
+            except ValueError:
+                return f"line {number} is not JSON"
+            if not isinstance(operation, dict) or not isinstance(operation.get("op_code"), int):
+                return f"line {number} is not an Optuna journal operation"
+    return None
+
+
 def check_study_files(out: Path, storage: Any) -> None:
     """Refuse to search in `out` when its own study is corrupt, or missing while the policy files it wrote remain
     (a search would start over and overwrite them). Storages outside the folder (URLs, objects) are not checked."""
@@ -55,7 +74,7 @@ def check_study_files(out: Path, storage: Any) -> None:
         return
     path = out / OWN_FILES[kind]
     if path.is_file():
-        damage = sqlite_damage(path, full=True) if kind == "sqlite" else None
+        damage = sqlite_damage(path, full=True) if kind == "sqlite" else journal_damage(path)
         if damage is not None:
             raise corrupt_error(path, damage, reading=False)
         return
