@@ -14,8 +14,10 @@ from typing import Any
 
 from squeezer.search.errors import SearchError
 from squeezer.search.run_lock import short
+from squeezer.search.storage import STORAGE_FILE
 
-__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "journal_damage", "sqlite_damage"]
+__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "holds_trials", "journal_damage",
+           "sqlite_damage"]
 
 OWN_FILES = {"sqlite": "study.db", "journal": "study.log"}
 
@@ -64,6 +66,17 @@ def journal_damage(path: Path) -> str | None:
             if not isinstance(operation, dict) or not isinstance(operation.get("op_code"), int):
                 return f"line {number} is not an Optuna journal operation"
     return None
+
+
+def holds_trials(out: Path, storage: Any) -> bool:
+    """Whether the run folder `out` may hold trials of a study: its own study file or policy files are there, or
+    its study lives elsewhere (a storage URL or object, or a shared storage it recorded), which it cannot tell.
+    A folder holding settings alone (a search stopped before its first trial) has nothing to lose."""
+    kind = "sqlite" if storage is None else storage
+    if not isinstance(kind, str) or kind not in OWN_FILES or (out / STORAGE_FILE).is_file():
+        return True
+    return any((out / name).is_file() for name in OWN_FILES.values()) or (
+        (out / "policies").is_dir() and any((out / "policies").iterdir()))
 
 
 def check_study_files(out: Path, storage: Any) -> None:
