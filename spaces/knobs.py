@@ -11,7 +11,8 @@ How to add a knob:
    aggressive), which orders its choices for repair, the uniform baselines and the DDPG agent.
 2. In the same entry: which units get it (`applies`, `offer`), its `role` (CHANNELS, FORM or BITS: how the latency
    table times it, which DDPG action moves it), the budget metrics it `lowers`, the knobs it `excludes` on the same
-   unit and, for a FORM knob, `cost`: the (MACs, params) of a layer in its form.
+   unit and, for a FORM knob, `cost`: the (MACs, params) of a layer in its form, and `rows`: the output channels of
+   each layer it builds (what the size counts quantizer scales for; without it, the form is one layer).
 3. Write its applier in policies/: `(model, policy, ctx) -> model`, reading `choice.<name>` of each unit.
 4. Register the applier under the knob's name in `APPLIERS` (policies/apply.py), before the appliers that must see
    its result (quantize runs last).
@@ -116,6 +117,8 @@ class Knob:
     lowers: frozenset[str] = _EVERY_METRIC  # the budget metrics compressing it can lower
     excludes: tuple[str, ...] = ()  # knobs of the same unit it sends back to neutral when set (the swap wins)
     cost: Callable[[LayerInfo, int, int, Any, SpaceConfig], tuple[int, int]] | None = None  # FORM: (MACs, params)
+    # FORM: the output channels of each layer the form builds (the quantizers the size counts); None: one layer
+    rows: Callable[[LayerInfo, int, int, Any, SpaceConfig], tuple[int, ...]] | None = None
 
     def choices(self, site: Site, grid: tuple) -> tuple:
         """The unit's choices, neutral first then mild to aggressive (the order every searcher walks)."""
@@ -156,6 +159,10 @@ def _rank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, config: Space
     return shapes.lowrank_cost(info, cin, cout, ratio, config.round_to, config.decomposition)
 
 
+def _rank_rows(info: LayerInfo, cin: int, cout: int, ratio: float, config: SpaceConfig) -> tuple[int, ...]:
+    return shapes.lowrank_rows(info, cin, cout, ratio, config.round_to, config.decomposition)
+
+
 def _smaller_ranks(site: Site, grid: tuple) -> tuple:
     """Ratios whose factor layers hold fewer parameters than the layer: a larger rank would grow it."""
     info = site.layer
@@ -170,6 +177,10 @@ def _spatial_conv(site: Site) -> bool:
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
     return blocks.block_cost(info, cin, cout, block, config.round_to)
+
+
+def _block_rows(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, ...]:
+    return blocks.block_rows(info, cin, cout, block, config.round_to)
 
 
 def _smaller_blocks(site: Site, grid: tuple) -> tuple:
@@ -230,9 +241,9 @@ KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
          lowers=frozenset({"size", "bops"})),
     Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, role=BITS, lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
-         offer=_smaller_ranks, cost=_rank_cost),
+         offer=_smaller_ranks, cost=_rank_cost, rows=_rank_rows),
     Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,
-         offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost),
+         offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost, rows=_block_rows),
 )}
 
 

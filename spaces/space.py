@@ -159,9 +159,8 @@ class SearchSpace:
         """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone.
 
         Size counts what the exported file stores, as `evaluators/cost.py` measures it: weights at their integer
-        container, a float bias at 32 bits, each quantizer's scales and zero points (`quantizer_bits`). A unit in a
-        factored or swapped form is priced as one quantized layer of its output channels (its inner layers' scales
-        are left out), as its BatchNorms are with the model's other parameters."""
+        container, a float bias at 32 bits, each quantized layer's scales and zero points (`quantizer_bits`), a
+        factored or swapped unit's for each layer of its form."""
         macs = params = 0
         size_bits = bops = 0.0
         for name, (cin, cout) in self.unit_channels(layers).items():
@@ -172,7 +171,8 @@ class SearchSpace:
             macs += m
             params += p
             size_bits += (p - bias) * storage_bits(wb) + bias * FLOAT_BITS
-            size_bits += quantizer_bits(out_channels=cout, w_bits=wb, a_bits=ab)
+            size_bits += sum(quantizer_bits(out_channels=rows, w_bits=wb, a_bits=ab)
+                             for rows in self.layer_rows(unit, cin, cout, layers.get(name)))
             bops += m * wb * ab
         size_bits += self.other_params * FLOAT_BITS
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
@@ -209,6 +209,16 @@ class SearchSpace:
         groups = cin if info.kind == "dwconv" else info.groups
         kh, kw = info.kernel
         return info.positions * cout * (cin // groups) * kh * kw, dense_params(info, cin, cout)
+
+    def layer_rows(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, ...]:
+        """The output channels of each layer implementing the unit in the form `choice` gives it (one layer, `cout`,
+        in its own form or a form whose knob declares no `rows`)."""
+        if choice is not None:
+            for knob in self._reshapers:
+                value = getattr(choice, knob.name)
+                if value != knob.neutral:
+                    return knob.rows(unit.layer, cin, cout, value, self.config) if knob.rows else (cout,)
+        return (cout,)
 
     def baseline(self) -> Cost:
         return self.predict({})
