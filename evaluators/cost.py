@@ -15,7 +15,8 @@ from torch import nn
 
 from squeezer.evaluators.attention_macs import JIT_HANDLES
 from squeezer.policies.policy import Policy
-from squeezer.spaces.knobs import FLOAT_BITS, storage_bits
+from squeezer.policies.quantize import QuantizedLayer
+from squeezer.spaces.knobs import FLOAT_BITS, quantizer_bits, storage_bits
 from squeezer.spaces.space import SearchSpace
 
 __all__ = ["measure_cost", "count_macs"]
@@ -81,8 +82,9 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
 
     A unit's MACs are everything traced under its module name (a decomposed unit is an nn.Sequential there, a
     quantized one a QuantizedLayer wrapping the original), weighted by its w_bits x a_bits for BOPs; MACs outside
-    every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at the bits its w_bits is stored in (the
-    exported file's integer container, `storage_bits`), all else at 32 bits.
+    every unit count at 32 x 32. Size counts what the exported file stores: the weights of a unit's Conv/Linear at the
+    bits its w_bits is stored in (the file's integer container, `storage_bits`), a bias at 32 bits, each quantized
+    layer's scales and zero points (`quantizer_bits`, the same rule `SearchSpace.predict` prices), all else at 32.
     """
     example_inputs = example_inputs[:1].to(next(model.parameters()).device)
     total, per_module = count(model, example_inputs)
@@ -113,7 +115,10 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
             for p in module.parameters(recurse=False):
                 if id(p) not in seen:
                     seen.add(id(p))
-                    size_bits += p.numel() * storage_bits(w_bits)
+                    size_bits += p.numel() * (storage_bits(w_bits) if p is module.weight else FLOAT_BITS)
+        elif isinstance(module, QuantizedLayer):
+            size_bits += quantizer_bits(out_channels=module.layer.weight.shape[0], w_bits=module.w_bits,
+                                        a_bits=module.a_bits, int8_output=module.quantize_output)
     params = 0
     for p in model.parameters():
         params += p.numel()

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial
 from squeezer.evaluators.measurement import Measurement
 from squeezer.search.budget import Budget, BudgetError, cost_fraction
 from squeezer.search.records import TrialRecord, promoted_key
-from squeezer.search.study_check import corrupt_error, sqlite_damage
+from squeezer.search.study_check import corrupt_error, journal_damage, sqlite_damage
 from squeezer.search.storage import read_storage_file
 
 __all__ = ["StudyResult", "front_rows", "front_row", "hypervolume"]
@@ -111,7 +111,7 @@ class StudyResult:
     def load(cls, storage_or_dir: str | Path | BaseStorage, *, study_name: str | None = None) -> "StudyResult":
         """From a run folder (its study.db), a storage URL, or a storage object."""
         storage: Any = storage_or_dir
-        db = None  # the run folder's SQLite file, when that is what is read
+        db = log = None  # the run folder's SQLite or journal file, when that is what is read
         try:
             if isinstance(storage_or_dir, Path) or (isinstance(storage_or_dir, str) and "://" not in storage_or_dir):
                 folder = Path(storage_or_dir)
@@ -129,7 +129,8 @@ class StudyResult:
                     from optuna.storages import JournalStorage
                     from optuna.storages.journal import JournalFileBackend
 
-                    storage = JournalStorage(JournalFileBackend(str((folder / "study.log").resolve())))
+                    log = folder / "study.log"
+                    storage = JournalStorage(JournalFileBackend(str(log.resolve())))
                 else:
                     raise FileNotFoundError(f"{folder} holds no study.log or study.db: pass a search output folder")
             names = optuna.get_all_study_names(storage)
@@ -145,6 +146,9 @@ class StudyResult:
             if db is not None and any(c.__name__ == "DatabaseError" for c in type(exc).__mro__) and \
                     "locked" not in reason:
                 raise corrupt_error(db, reason, reading=True) from None
+            damage = journal_damage(log) if log is not None else None  # replaying a broken journal fails anywhere
+            if damage is not None:
+                raise corrupt_error(log, damage, reading=True) from None
             raise
 
     def completed(self) -> list[TrialRecord]:

@@ -7,14 +7,17 @@ folder's lock, so no other search is midway through creating it.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from squeezer.search.errors import SearchError
 from squeezer.search.run_lock import short
+from squeezer.search.storage import STORAGE_FILE
 
-__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "sqlite_damage"]
+__all__ = ["StudyDamagedError", "check_study_files", "corrupt_error", "holds_trials", "journal_damage",
+           "sqlite_damage"]
 
 OWN_FILES = {"sqlite": "study.db", "journal": "study.log"}
 
@@ -47,6 +50,35 @@ def sqlite_damage(path: Path, *, full: bool) -> str | None:
     return None
 
 
+def journal_damage(path: Path) -> str | None:
+    """What is wrong with the journal file at `path` (each line one JSON operation of Optuna's), or None.
+
+    Optuna skips a last line that is cut short and fails on a broken line before others; a search appending to a
+    cut line would break it for good, so any line that is not a whole operation is damage."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return f"line {number} is cut short"
+            try:
+                operation = json.loads(line)
+            except ValueError:
+                return f"line {number} is not JSON"
+            if not isinstance(operation, dict) or not isinstance(operation.get("op_code"), int):
+                return f"line {number} is not an Optuna journal operation"
+    return None
+
+
+def holds_trials(out: Path, storage: Any) -> bool:
+    """Whether the run folder `out` may hold trials of a study: its own study file or policy files are there, or
+    its study lives elsewhere (a storage URL or object, or a shared storage it recorded), which it cannot tell.
+    A folder holding settings alone (a search stopped before its first trial) has nothing to lose."""
+    kind = "sqlite" if storage is None else storage
+    if not isinstance(kind, str) or kind not in OWN_FILES or (out / STORAGE_FILE).is_file():
+        return True
+    return any((out / name).is_file() for name in OWN_FILES.values()) or (
+        (out / "policies").is_dir() and any((out / "policies").iterdir()))
+
+
 def check_study_files(out: Path, storage: Any) -> None:
     """Refuse to search in `out` when its own study is corrupt, or missing while the policy files it wrote remain
     (a search would start over and overwrite them). Storages outside the folder (URLs, objects) are not checked."""
@@ -55,7 +87,7 @@ def check_study_files(out: Path, storage: Any) -> None:
         return
     path = out / OWN_FILES[kind]
     if path.is_file():
-        damage = sqlite_damage(path, full=True) if kind == "sqlite" else None
+        damage = sqlite_damage(path, full=True) if kind == "sqlite" else journal_damage(path)
         if damage is not None:
             raise corrupt_error(path, damage, reading=False)
         return

@@ -15,7 +15,7 @@ from squeezer.spaces.graph import LayerInfo
 from squeezer.spaces.lowrank_shapes import dwsep_cost, kept_channels
 
 __all__ = ["KEEP", "DWSEP", "INVRES", "FIRE", "SHUFFLE", "SPATIAL", "BOTTLENECK", "FAMILIES", "BlockChoice",
-           "parse_block", "block_value", "fits", "block_cost", "block_level", "widths", "DEFAULT_GRID"]
+           "parse_block", "block_value", "fits", "block_cost", "block_rows", "block_level", "widths", "DEFAULT_GRID"]
 
 KEEP = "keep"
 DWSEP = "dwsep"
@@ -138,6 +138,23 @@ def block_cost(info: LayerInfo, cin: int, cout: int, value: str, round_to: int) 
         macs = in_pos * cin * width + out_pos * width * width * k + out_pos * width * cout
         params = cin * width + width * width * k + width * cout
     return macs, params + bias
+
+
+def block_rows(info: LayerInfo, cin: int, cout: int, value: str, round_to: int) -> tuple[int, ...]:
+    """The output channels of each convolution of the block, in order: what its quantizers hold scales for."""
+    choice = parse_block(value)
+    if choice is None or choice.family == KEEP:
+        raise ValueError(f"no block layers for {value!r}")
+    if choice.family == DWSEP:
+        return cin, cout
+    width = widths(choice, cin, cout, round_to)
+    if choice.family == FIRE:
+        return width, cout // 2, cout - cout // 2
+    if choice.family == SHUFFLE:
+        return cin, cin, cout
+    if choice.family == SPATIAL:
+        return width, cout
+    return width, width, cout  # INVRES (expanded width), BOTTLENECK
 
 
 # A 64 -> 64 3x3 convolution at 8 x 8: the yardstick a choice's level is read on, so the level depends on the value

@@ -11,7 +11,8 @@ How to add a knob:
    aggressive), which orders its choices for repair, the uniform baselines and the DDPG agent.
 2. In the same entry: which units get it (`applies`, `offer`), its `role` (CHANNELS, FORM or BITS: how the latency
    table times it, which DDPG action moves it), the budget metrics it `lowers`, the knobs it `excludes` on the same
-   unit and, for a FORM knob, `cost`: the (MACs, params) of a layer in its form.
+   unit and, for a FORM knob, `cost`: the (MACs, params) of a layer in its form, and `rows`: the output channels of
+   each layer it builds (what the size counts quantizer scales for; without it, the form is one layer).
 3. Write its applier in policies/: `(model, policy, ctx) -> model`, reading `choice.<name>` of each unit.
 4. Register the applier under the knob's name in `APPLIERS` (policies/apply.py), before the appliers that must see
    its result (quantize runs last).
@@ -32,7 +33,7 @@ from squeezer.spaces.lowrank_shapes import kept_channels
 
 __all__ = ["Knob", "KNOBS", "Site", "SpaceConfig", "param_key", "split_key", "settle", "settle_params",
            "kept_channels", "PRUNE", "HEADS", "W_BITS", "A_BITS", "RANK", "BLOCK", "FLOAT_BITS", "KEEP", "DWSEP",
-           "CHANNELS", "FORM", "BITS", "storage_bits", "CHANNEL_ROUND"]
+           "CHANNELS", "FORM", "BITS", "storage_bits", "quantizer_bits", "CHANNEL_ROUND"]
 
 PRUNE = "prune"
 HEADS = "heads"
@@ -43,6 +44,8 @@ BLOCK = "block"
 
 FLOAT_BITS = 32
 STORAGE_BITS = (4, 8)  # the integer widths an ONNX file stores weights in (INT4, INT8); see policies/onnx_pack.py
+SCALE_BITS = FLOAT_BITS  # a quantizer's scale, stored as float32
+ZERO_POINT_BITS = 8  # a quantizer's zero point, stored as int8 (weights) or uint8 (activations)
 KEEP = blocks.KEEP
 DWSEP = blocks.DWSEP
 
@@ -120,6 +123,8 @@ class Knob:
     lowers: frozenset[str] = _EVERY_METRIC  # the budget metrics compressing it can lower
     excludes: tuple[str, ...] = ()  # knobs of the same unit it sends back to neutral when set (the swap wins)
     cost: Callable[[LayerInfo, int, int, Any, SpaceConfig], tuple[int, int]] | None = None  # FORM: (MACs, params)
+    # FORM: the output channels of each layer the form builds (the quantizers the size counts); None: one layer
+    rows: Callable[[LayerInfo, int, int, Any, SpaceConfig], tuple[int, ...]] | None = None
 
     def choices(self, site: Site, grid: tuple) -> tuple:
         """The unit's choices, neutral first then mild to aggressive (the order every searcher walks)."""
@@ -180,6 +185,10 @@ def _rank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, config: Space
     return shapes.lowrank_cost(info, cin, cout, ratio, config.round_to, config.decomposition)
 
 
+def _rank_rows(info: LayerInfo, cin: int, cout: int, ratio: float, config: SpaceConfig) -> tuple[int, ...]:
+    return shapes.lowrank_rows(info, cin, cout, ratio, config.round_to, config.decomposition)
+
+
 def _smaller_ranks(site: Site, grid: tuple) -> tuple:
     """Ratios whose factor layers hold fewer parameters than the layer: a larger rank would grow it."""
     info = site.layer
@@ -194,6 +203,10 @@ def _spatial_conv(site: Site) -> bool:
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
     return blocks.block_cost(info, cin, cout, block, config.round_to)
+
+
+def _block_rows(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, ...]:
+    return blocks.block_rows(info, cin, cout, block, config.round_to)
 
 
 def _smaller_blocks(site: Site, grid: tuple) -> tuple:
@@ -222,6 +235,22 @@ def storage_bits(w_bits: int) -> int:
     return next((b for b in STORAGE_BITS if w_bits <= b), FLOAT_BITS)
 
 
+def quantizer_bits(*, out_channels: int, w_bits: int, a_bits: int, int8_output: bool | None = None) -> int:
+    """The bits a quantized Conv/Linear stores beside its weights in the exported QDQ file, so the size metric counts
+    what the file holds: a scale and a zero point per output channel of an integer weight, and for each activation
+    quantizer (its input; its int8 output, which `int8_output` says and by default is there when weights and input
+    are both quantized) a scale and a zero point, plus the clip range (two floats) of an input below 8 bits.
+    A float bias stays float: the caller counts it at FLOAT_BITS, not at the weight's width."""
+    bits = 0
+    if w_bits < FLOAT_BITS:
+        bits += out_channels * (SCALE_BITS + ZERO_POINT_BITS)
+    if a_bits < FLOAT_BITS:
+        bits += SCALE_BITS + ZERO_POINT_BITS + (2 * FLOAT_BITS if a_bits < 8 else 0)
+    if int8_output if int8_output is not None else (w_bits < FLOAT_BITS and a_bits < FLOAT_BITS):
+        bits += SCALE_BITS + ZERO_POINT_BITS
+    return bits
+
+
 def _bits_level(bits: Any) -> float:
     return 1.0 - min(float(bits), FLOAT_BITS) / FLOAT_BITS
 
@@ -241,9 +270,9 @@ KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, applies=_has_weights, role=BITS,
          lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
-         offer=_smaller_ranks, cost=_rank_cost),
+         offer=_smaller_ranks, cost=_rank_cost, rows=_rank_rows),
     Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,
-         offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost),
+         offer=_smaller_blocks, excludes=(RANK,), cost=_block_cost, rows=_block_rows),
 )}
 
 

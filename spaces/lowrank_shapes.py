@@ -68,6 +68,16 @@ def lowrank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, round_to: i
     return macs, cin * r_in + r_in * r_out * kh * kw + r_out * cout + bias
 
 
+def lowrank_rows(info: LayerInfo, cin: int, cout: int, ratio: float, round_to: int, method: str) -> tuple[int, ...]:
+    """The output channels of each layer of the factorised form, in order: what its quantizers hold scales for."""
+    if is_svd(info):
+        return svd_rank(cin, cout, ratio, round_to), cout
+    if method == "cp":
+        r = cp_rank(cin, cout, ratio, round_to)
+        return r, r, r, cout
+    return (*tucker_ranks(cin, cout, ratio, round_to), cout)
+
+
 def dwsep_cost(info: LayerInfo, cin: int, cout: int) -> tuple[int, int]:
     """Depthwise k x k then pointwise 1 x 1 (the BatchNorm between them is counted with the other params)."""
     kh, kw = info.kernel

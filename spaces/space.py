@@ -19,7 +19,7 @@ from torch import nn
 from squeezer.spaces import attention
 from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
 from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, HEADS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig,
-                                    param_key, storage_bits)
+                                    param_key, quantizer_bits, storage_bits)
 from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
@@ -161,14 +161,23 @@ class SearchSpace:
 
     # ---- cost prediction ----------------------------------------------------------------------------------------
     def predict(self, layers: Mapping[str, Any]) -> Cost:
-        """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone."""
+        """Cost after applying `layers` (unit -> object with an attribute per knob), from shapes alone.
+
+        Size counts what the exported file stores, as `evaluators/cost.py` measures it: weights at their integer
+        container, a float bias at 32 bits, each quantized layer's scales and zero points (`quantizer_bits`), a
+        factored or swapped unit's for each layer of its form."""
         macs = params = 0
         size_bits = bops = 0.0
-        for name, (m, p) in self.unit_costs(layers).items():
+        for name, (cin, cout) in self.unit_channels(layers).items():
+            unit = self.units[name]
+            m, p = self.layer_cost(unit, cin, cout, layers.get(name))
             wb, ab = _knob(layers, name, W_BITS), _knob(layers, name, A_BITS)
+            bias = cout if unit.layer.has_bias else 0
             macs += m
             params += p
-            size_bits += p * storage_bits(wb)
+            size_bits += (p - bias) * storage_bits(wb) + bias * FLOAT_BITS
+            size_bits += sum(quantizer_bits(out_channels=rows, w_bits=wb, a_bits=ab)
+                             for rows in self.layer_rows(unit, cin, cout, layers.get(name)))
             bops += m * wb * ab
         size_bits += self.other_params * FLOAT_BITS
         return Cost(macs=macs, params=params, size_bytes=size_bits / 8, bops=bops)
@@ -176,6 +185,11 @@ class SearchSpace:
     def unit_costs(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
         """Unit -> (MACs per sample, params) after applying `layers`: pruning a group shrinks its consumers too, and
         removing heads the attention's projections."""
+        return {name: self.layer_cost(self.units[name], cin, cout, layers.get(name))
+                for name, (cin, cout) in self.unit_channels(layers).items()}
+
+    def unit_channels(self, layers: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+        """Unit -> (input, output) channels left after the pruning and head removal in `layers`."""
         removed = {}  # group -> the fraction of its channels the policy prunes, as (removed, channels)
         for g, group in self.groups.items():
             ratio = _knob(layers, g, PRUNE)
@@ -191,7 +205,7 @@ class SearchSpace:
             out_cut, in_cut = heads.get(name, (0, 0))
             cout = info.out_channels - _cut(unit.out_parts, removed) - out_cut
             cin = cout if info.kind == "dwconv" else info.in_channels - _cut(unit.in_parts, removed) - in_cut
-            out[name] = self.layer_cost(unit, cin, cout, layers.get(name))
+            out[name] = (cin, cout)
         return out
 
     def layer_cost(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, int]:
@@ -208,6 +222,16 @@ class SearchSpace:
         groups = cin if info.kind == "dwconv" else info.groups
         kh, kw = info.kernel
         return info.positions * cout * (cin // groups) * kh * kw, dense_params(info, cin, cout)
+
+    def layer_rows(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, ...]:
+        """The output channels of each layer implementing the unit in the form `choice` gives it (one layer, `cout`,
+        in its own form or a form whose knob declares no `rows`)."""
+        if choice is not None:
+            for knob in self._reshapers:
+                value = getattr(choice, knob.name)
+                if value != knob.neutral:
+                    return knob.rows(unit.layer, cin, cout, value, self.config) if knob.rows else (cout,)
+        return (cout,)
 
     def baseline(self) -> Cost:
         return self.predict({})

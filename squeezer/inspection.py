@@ -9,9 +9,11 @@ from squeezer.datasets import load_data
 from squeezer.evaluators.measurement import Measurement
 from squeezer.models import resolve_model
 from squeezer.plots import write_front_files, write_report
+from squeezer.run_folder import RUN_FILE
 from squeezer.search.latency_margin import prediction_error
 from squeezer.search.pareto import StudyResult
 from squeezer.search.records import TrialRecord
+from squeezer.search.study_check import holds_trials
 from squeezer.search_job import closest_to_budget
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
@@ -63,6 +65,9 @@ def load_result(run: str | Path) -> Any:
     folder = Path(run)
     if not folder.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist: pass the --out folder of a `squeezer search`")
+    if (folder / RUN_FILE).is_file() and not holds_trials(folder, None):
+        raise FileNotFoundError(f"run folder {str(run)!r} holds no trial yet (its search stopped before the first): "
+                                "run the search again to start it")
     return StudyResult.load(folder)
 
 

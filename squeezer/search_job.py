@@ -33,7 +33,7 @@ from squeezer.search.records import TrialRecord
 from squeezer.search.run_lock import holding_folder
 from squeezer.search.storage import banner, study_name, write_storage_file
 from squeezer.search.study import dashboard_command, preload_storage, run_search
-from squeezer.search.study_check import check_study_files
+from squeezer.search.study_check import check_study_files, holds_trials
 from squeezer.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,19 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     """The search itself, with the run folder's lock held."""
     parsed = config.parsed_budget
     given = model if isinstance(model, torch.nn.Module) else None  # searched as given: its file here is a pickle
+    # A folder holding the settings of a search stopped before its first trial starts afresh: no trial to lose.
+    started = holds_trials(out, config.storage)
+    if not started and (out / RUN_FILE).is_file():
+        log.info("%s holds no trial of the search recorded there: starting afresh", out)
     model, data = saved_inputs(model, data, out)
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
-    data_config, split = _data_settings(out, data, data_config or DataConfig())
+    data_config, split = _data_settings(out, data, data_config or DataConfig()) if started else (
+        data_config or DataConfig(), None)
     # a pretrained torchvision model's own transforms, for an image folder given no preprocessing
     implied = weights_preprocessing(model, str(weights)) if isinstance(model, str) and weights else None
     bundle = load_data(data, config=data_config, split=split, implied=implied)
     base_path = out / BASE_FILE
-    resuming = base_path.is_file()  # the exact model searched: the same weights, whatever `model` builds now
+    resuming = started and base_path.is_file()  # the exact model searched: its weights, whatever `model` builds now
     source = str(base_path) if resuming else (model if given is None else given)
     net, recipe = resolve_source(source, bundle, weights=None if resuming else weights, trust_pickle=trust_pickle)
     before = read_run(out) if (out / RUN_FILE).is_file() else None
@@ -173,7 +178,8 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     run = RunConfig(model=abs_ref(model), data=abs_ref(data), fingerprint=space_.fingerprint, weights=recorded,
                     search=config, eval=settings, data_config=replace(data_config, preprocess=bundle.preprocess),
                     data_split=bundle.file_split)
-    check_run(out, run)
+    if started:
+        check_run(out, run)
     start = time.perf_counter()
     # The base a search compares with is recovered as every candidate is (e.g. BatchNorm re-estimated on the
     # seed's batches), so it differs a little from the model file's own accuracy; both are shown.

@@ -11,5 +11,14 @@ def layer_params(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
+def rows_match(model: nn.Module, space, policy) -> bool:
+    """Each unit's layers have the output channels the space predicts for its form (the quantizers the size
+    counts), in order."""
+    channels = space.unit_channels(policy.layers)
+    return all(
+        [m.weight.shape[0] for m in model.get_submodule(unit).modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        == list(space.layer_rows(space.units[unit], *channels[unit], choice)) for unit, choice in policy.layers.items())
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())

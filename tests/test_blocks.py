@@ -21,7 +21,7 @@ from squeezer.spaces.block_shapes import DEFAULT_GRID
 from squeezer.spaces.knobs import SpaceConfig
 from squeezer.spaces.space import SearchSpace
 
-from model_checks import layer_params, relative_error
+from model_checks import layer_params, relative_error, rows_match
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -41,6 +41,7 @@ def test_dwsep_matches_prediction_and_exports(request, digits, name) -> None:
     swapped = apply_policy(model, policy, calibration, space=space)
     predicted = space.predict(policy.layers)
     assert (count_macs(swapped, x)[0], layer_params(swapped)) == (predicted.macs, predicted.params)
+    assert rows_match(swapped, space, policy)
     for unit in policy.layers:
         original, block = model.get_submodule(unit), swapped.get_submodule(unit)
         depthwise, bn, pointwise = block
@@ -161,6 +162,7 @@ def test_family_matches_prediction_and_exports(resnet, digits, value) -> None:
     swapped = apply_policy(resnet, policy, calibration, space=space)
     predicted = space.predict(policy.layers)
     assert (count_macs(swapped, x[:1])[0], layer_params(swapped)) == (predicted.macs, predicted.params)
+    assert rows_match(swapped, space, policy)
     for unit in policy.layers:
         assert not isinstance(swapped.get_submodule(unit), nn.Conv2d)
         with torch.no_grad():

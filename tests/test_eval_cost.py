@@ -47,7 +47,10 @@ def test_quantized_bops_and_size_follow_bits(resnet, digits) -> None:
     predicted = space.predict(policy.layers)
     assert cost["macs"] == predicted.macs
     assert cost["bops"] == pytest.approx(predicted.bops)
-    assert cost["size_mb"] == pytest.approx(predicted.size_bytes / 1e6, rel=0.02)
+    assert cost["size_mb"] == predicted.size_bytes / 1e6  # the same rule prices scales, zero points and biases
+    factored = Policy.uniform(space, rank=0.5, w_bits=4, a_bits=4)  # every layer of each form has its quantizers
+    model = apply_policy(resnet, factored, digits.calibration(1), space=space)
+    assert measure_cost(model, x, factored, space)["size_mb"] == space.predict(factored.layers).size_bytes / 1e6
 
 
 def test_pruned_macs_match_prediction(resnet, digits) -> None:

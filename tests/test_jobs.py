@@ -478,6 +478,25 @@ def test_a_run_folder_written_before_the_configs_resumes_and_applies(run: Path, 
                              recovery=RecoveryConfig(bn_batches=5), pool=ONE)
 
 
+def test_a_folder_stopped_before_its_first_trial_starts_afresh(capsys, run: Path, tmp_path: Path) -> None:
+    """A search killed before its first trial leaves its settings (run.json, perhaps base.pt) and no study: the
+    folder has no trial to lose, so a search there (with those settings or others) starts afresh, and the readers
+    say that nothing is recorded yet."""
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    info = json.loads((run / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**info, "budget": "macs<=40%", "trials": 9}))
+    (folder / "base.pt").write_bytes(b"not read: the base of a search that recorded nothing")
+    code, _, err = cli(capsys, "front", str(folder))
+    one_line_error(code, err, "holds no trial yet", "run the search again")
+    summary = jobs.search_policies(model=str(run.parent / "base.pt"), data="digits", budget="macs<=60%",
+                                   out=folder, trials=1, search=SearchConfig(knobs=("prune",)), latency="none",
+                                   recovery=QUICK_RECOVERY, pool=ONE)
+    assert summary.completed == 1 and summary.budget == "macs<=60%"
+    assert json.loads((folder / "run.json").read_text())["budget"] == "macs<=60%"  # this search's settings
+    assert torch.load(folder / "base.pt", weights_only=True)  # the model searched, saved in place of the leftover
+
+
 @pytest.fixture(scope="module")
 def hybrid_search(run: Path, tmp_path_factory) -> SimpleNamespace:
     """A one-worker search that times every other candidate and predicts the rest (--latency hybrid), repairs into

@@ -15,7 +15,7 @@ from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
 from squeezer.spaces.space import SearchSpace
 
-from model_checks import layer_params, relative_error
+from model_checks import layer_params, relative_error, rows_match
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -41,6 +41,7 @@ def test_uniform_rank_matches_prediction_and_exports(request, name, decompositio
     factored = apply_policy(model, policy, example_inputs=x, space=space)
     predicted = space.predict(policy.layers)
     assert (count_macs(factored, x)[0], layer_params(factored)) == (predicted.macs, predicted.params)
+    assert rows_match(factored, space, policy)
     assert predicted.macs < space.baseline().macs
     for unit in policy.layers:
         assert isinstance(factored.get_submodule(unit), nn.Sequential)

@@ -188,16 +188,19 @@ def test_same_policy_gives_same_model(resnet, digits) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("knobs", [dict(w_bits=8), dict(w_bits=8, a_bits=8), dict(w_bits=4), dict(w_bits=6, a_bits=8)])
+@pytest.mark.parametrize("knobs", [dict(w_bits=8, a_bits=8), dict(w_bits=6, a_bits=8), dict(w_bits=4),
+                                   dict(w_bits=4, a_bits=8), dict(w_bits=2, a_bits=4)])
 def test_onnx_file_size_matches_reported_size(trained_resnet, digits, knobs) -> None:
-    """Weights leave as integers (INT4 for widths <= 4), so the file is the size the search reports."""
+    """Weights leave as integers (INT4 for widths <= 4) and the size counts every scale, zero point and float bias
+    the file stores beside them, so the file is the size the search reports, and the space predicts it exactly."""
     x = digits.example_inputs(1)
     space = SearchSpace.from_model(trained_resnet, x)
     policy = Policy.uniform(space, **knobs)
     model = apply_policy(trained_resnet, policy, digits.calibration(2), space=space)
     exported = export_onnx(model, x)
-    reported = measure_cost(model, x, policy, space)["size_mb"] * 1e6
-    assert abs(len(exported) / reported - 1) <= 0.05
+    size_mb = measure_cost(model, x, policy, space)["size_mb"]
+    assert abs(len(exported) / (size_mb * 1e6) - 1) <= 0.05
+    assert space.predict(policy.layers).size_bytes / 1e6 == size_mb
     assert len(exported) < len(export_onnx(trained_resnet, x))
     xv = digits.val.x
     with torch.no_grad():

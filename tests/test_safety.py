@@ -117,9 +117,14 @@ def test_search_refuses_a_malicious_checkpoint(capsys, malicious, tmp_path) -> N
 
 
 def test_resuming_refuses_a_malicious_base(capsys, malicious, tmp_path) -> None:
+    import contextlib
+    import sqlite3
+
     path, marker = malicious
     (tmp_path / "r").mkdir()
     path.rename(tmp_path / "r" / "base.pt")
+    with contextlib.closing(sqlite3.connect(tmp_path / "r" / "study.db")) as db:  # a study: the folder resumes
+        db.execute("CREATE TABLE studies (study_id INTEGER)")
     code, err = cli(capsys, "search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(tmp_path / "r"),
                     "--latency", "none", "--workers", "1")
     one_line(code, err, "base.pt", "--trust-pickle")
@@ -130,6 +135,24 @@ def test_apply_refuses_a_malicious_checkpoint(capsys, malicious, policy_file, tm
     path, marker = malicious
     code, err = cli(capsys, "apply", "--policy", str(policy_file), "--model", str(path), "--out",
                     str(tmp_path / "small.pt"))
+    one_line(code, err, "--trust-pickle")
+    assert not marker.exists() and not (tmp_path / "small.pt").exists()
+
+
+def test_applying_from_a_run_folder_refuses_its_malicious_base(capsys, malicious, policy_file, tmp_path) -> None:
+    import optuna
+
+    from squeezer.run_folder import write_run
+    from squeezer.search.config import RunConfig
+
+    path, marker = malicious
+    run = tmp_path / "r"
+    run.mkdir()
+    optuna.create_study(storage=f"sqlite:///{run / 'study.db'}", study_name="squeezer")
+    write_run(run, RunConfig(model="resnet20", data="digits", fingerprint="0"))
+    path.rename(run / "base.pt")
+    capsys.readouterr()
+    code, err = cli(capsys, "apply", str(run), "--policy", str(policy_file), "--out", str(tmp_path / "small.pt"))
     one_line(code, err, "--trust-pickle")
     assert not marker.exists() and not (tmp_path / "small.pt").exists()
 
@@ -359,6 +382,20 @@ def test_the_lock_refuses_a_directory_that_is_a_link_or_not_ours(tmp_path) -> No
     os.chown(theirs, 12345, 12345)
     with pytest.raises(FileExistsError, match="owned by user 12345"):
         MachineLock(tmp_path / "theirs")
+
+
+def test_the_run_folders_lock_refuses_a_planted_link(tmp_path) -> None:
+    from squeezer.search.errors import SearchError
+    from squeezer.search.run_lock import holding_folder
+
+    target = tmp_path / "someone_elses_file"
+    target.write_text("theirs")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "search.lock").symlink_to(target)
+    with pytest.raises(SearchError, match="search.lock' is a link: remove it"):
+        with holding_folder(tmp_path / "run"):
+            pass
+    assert target.read_text() == "theirs"
 
 
 # ---- the fuzz's hardest cases, every run (hypothesis draws them only now and then) ---------------------------------

@@ -193,3 +193,34 @@ def test_a_deleted_study_is_refused_rather_than_started_over(finished: Path, cap
                  "none", "--workers", "1"])
     _one_line(code, capsys.readouterr().err, "holds 4 trial policy files but no study.db", "another --out")
     assert _contents(finished) == before
+
+
+def test_a_damaged_journal_is_named_corrupt(tmp_path: Path, capsys) -> None:
+    """A journal study (--storage journal) cut short or garbled in the middle is named corrupt, with the way out,
+    before a search appends to it; a reader says so too where Optuna's replay fails."""
+    import shutil
+
+    from squeezer.cli import main
+    from squeezer.search.study_check import StudyDamagedError
+
+    fake_search(str(tmp_path / "whole"), trials=2, workers=1, storage="journal")
+    lines = (tmp_path / "whole" / "study.log").read_bytes().splitlines(keepends=True)
+    damaged = {  # the last operation half written (a full disk, a copy stopped midway); a broken line midway
+        f"line {len(lines)} is cut short": b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2],
+        "line 4 is not JSON": b"".join(lines[:3]) + b'{"op_code": 5, "worker' + b"".join(lines[3:])}
+    for reason, text in damaged.items():
+        out = Path(shutil.copytree(tmp_path / "whole", tmp_path / reason.split()[-1]))
+        (out / "study.log").write_bytes(text)
+        before = _contents(out)
+        code = main(["search", "--model", "resnet20", "--budget", "macs<=50%", "--out", str(out), "--latency",
+                     "none", "--workers", "1", "--storage", "journal"])
+        _one_line(code, capsys.readouterr().err, "study.log' is corrupt", f"({reason})", "keep the policy files",
+                  "another --out")
+        with pytest.raises(StudyDamagedError, match="is corrupt"):
+            fake_search(str(out), trials=4, workers=1, storage="journal")
+        assert _contents(out) == before
+        code = main(["front", str(out)])
+        if "cut" in reason:  # Optuna reads every whole operation: the front of what was recorded
+            assert code == 0
+        else:
+            _one_line(code, capsys.readouterr().err, f"is corrupt ({reason})", "--policy FILE")
