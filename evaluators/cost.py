@@ -7,6 +7,7 @@ catches an applier that removed less (or more) than the space promised, so the s
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any, Callable
 
@@ -32,9 +33,20 @@ def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
     analysis.set_op_handle("aten::_convolution", h.conv_flop_jit, "aten::linear", h.linear_flop_jit,
                            "aten::addmm", h.addmm_flop_jit, "aten::matmul", h.matmul_flop_jit,
                            "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit,
-                           "aten::einsum", h.einsum_flop_jit)
+                           "aten::einsum", h.einsum_flop_jit, "aten::lstm", _recurrent_flop_jit,
+                           "aten::gru", _recurrent_flop_jit, "aten::rnn_tanh", _recurrent_flop_jit,
+                           "aten::rnn_relu", _recurrent_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis
+
+
+def _recurrent_flop_jit(inputs: list, outputs: list) -> int:
+    """MACs of a traced RNN/LSTM/GRU (fvcore counts none): each weight matrix once per step of every sequence, i.e.
+    the positions of its input (all but the feature dimension) times the elements of its 2-d weights."""
+    x = inputs[0].type().sizes()
+    weights = [v.type().sizes() for v in inputs[2].node().inputs()]
+    matrices = sum(w[0] * w[1] for w in weights if w is not None and len(w) == 2)
+    return (math.prod(x) // x[-1]) * matrices if x else 0
 
 
 def _quiet(fn: Any) -> Any:

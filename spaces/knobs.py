@@ -147,7 +147,7 @@ def _distinct_widths(site: Site, grid: tuple) -> tuple:
 
 
 def _factorable(site: Site) -> bool:
-    return site.layer.kind in ("conv", "linear")
+    return site.layer.kind == "linear" or (site.layer.kind == "conv" and site.layer.spatial_dims == 2)
 
 
 def _rank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, config: SpaceConfig) -> tuple[int, int]:
@@ -163,7 +163,12 @@ def _smaller_ranks(site: Site, grid: tuple) -> tuple:
 
 
 def _spatial_conv(site: Site) -> bool:
-    return site.layer.kind == "conv" and max(site.layer.kernel) > 1
+    return site.layer.kind == "conv" and site.layer.spatial_dims == 2 and max(site.layer.kernel) > 1
+
+
+def _quantizable(site: Site) -> bool:
+    """Layers the quantizer wraps: convolutions (not transposed) and Linear layers."""
+    return site.layer.kind in ("conv", "dwconv", "gconv", "linear")
 
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
@@ -208,9 +213,10 @@ def _rank_level(rank: Any) -> float:
 KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
     Knob(PRUNE, 0.0, (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75), float, level=float, applies=_leads_its_group,
          offer=_distinct_widths, role=CHANNELS),
-    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, role=BITS,
-         lowers=frozenset({"size", "bops"})),
-    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, role=BITS, lowers=frozenset({"bops"})),
+    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, applies=_quantizable,
+         role=BITS, lowers=frozenset({"size", "bops"})),
+    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, applies=_quantizable, role=BITS,
+         lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
          offer=_smaller_ranks, cost=_rank_cost),
     Knob(BLOCK, KEEP, blocks.DEFAULT_GRID, str, level=blocks.block_level, applies=_spatial_conv,

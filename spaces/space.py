@@ -16,10 +16,11 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
+from squeezer.spaces.export_check import check_exportable
+from squeezer.spaces.graph import CONV_KINDS, ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
 from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig, param_key,
                                     storage_bits)
-from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
+from squeezer.spaces.lowrank_shapes import dense_macs, dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
 
@@ -87,8 +88,11 @@ class SearchSpace:
         example_inputs = example_inputs[:1]
         model = model.eval()
         layers = trace_layers(model, example_inputs)
+        check_exportable(model, example_inputs)
         pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
-        groups = channel_groups(model, example_inputs, layers) if pruned else []
+        most = max((*config.grid(PRUNE), 0.0), key=float)
+        groups = channel_groups(model, example_inputs, layers,
+                                smallest=lambda c: kept_channels(c, most, config.round_to)) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
         out_parts: dict[str, list[tuple[str, int]]] = {}
         in_parts: dict[str, list[tuple[str, int]]] = {}
@@ -192,9 +196,7 @@ class SearchSpace:
                 value = getattr(choice, knob.name)
                 if value != knob.neutral:
                     return knob.cost(info, cin, cout, value, self.config)
-        groups = cin if info.kind == "dwconv" else info.groups
-        kh, kw = info.kernel
-        return info.positions * cout * (cin // groups) * kh * kw, dense_params(info, cin, cout)
+        return dense_macs(info, cin, cout), dense_params(info, cin, cout)
 
     def baseline(self) -> Cost:
         return self.predict({})
@@ -210,7 +212,7 @@ class SearchSpace:
             rows.append({
                 "unit": name, "kind": info.kind,
                 "shape": f"{info.in_channels}->{info.out_channels}"
-                         + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind != "linear" else ""),
+                         + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind in CONV_KINDS else ""),
                 "macs": macs, "params": params,
                 "group": (group.name + (f" ({len(group.producers)} layers)" if len(group.producers) > 1 else ""))
                 if group else "-",
