@@ -91,8 +91,8 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
 
     A unit's MACs are everything traced under its module name (a decomposed unit is an nn.Sequential there, a
     quantized one a QuantizedLayer wrapping the original), weighted by its w_bits x a_bits for BOPs; MACs outside
-    every unit count at 32 x 32. Size counts Conv/Linear parameters of a unit at the bits its w_bits is stored in (the
-    exported file's integer container, `storage_bits`), all else at 32 bits.
+    every unit count at 32 x 32. Size counts the convolution/Linear parameters of a unit at the bits its w_bits is
+    stored in (the exported file's integer container, `storage_bits`), all else at 32 bits.
     """
     example_inputs = example_inputs[:1].to(next(model.parameters()).device)
     total, per_module = count(model, example_inputs)
@@ -109,7 +109,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
     seen: set[int] = set()
     size_bits = 0.0
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):  # the layers quantization wraps
             unit = _unit_of(name, units)
             w_bits = bits.get(unit, (FLOAT_BITS, FLOAT_BITS))[0] if unit else FLOAT_BITS
             for p in module.parameters(recurse=False):
