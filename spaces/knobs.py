@@ -147,7 +147,7 @@ def _distinct_widths(site: Site, grid: tuple) -> tuple:
 
 
 def _factorable(site: Site) -> bool:
-    return site.layer.kind == "linear" or (site.layer.kind == "conv" and site.layer.spatial_dims == 2)
+    return site.layer.kind in ("linear", "embedding") or (site.layer.kind == "conv" and site.layer.spatial_dims == 2)
 
 
 def _rank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, config: SpaceConfig) -> tuple[int, int]:

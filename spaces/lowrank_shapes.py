@@ -81,7 +81,8 @@ def lowrank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, round_to: i
     out_pos = _out_pos(info)
     if is_svd(info):
         r = svd_rank(cin, cout, ratio, round_to)
-        return out_pos * (cin * r + r * cout), cin * r + r * cout + bias
+        first = 0 if info.kind == "embedding" else out_pos * cin * r  # a narrower table is looked up, not multiplied
+        return first + out_pos * r * cout, cin * r + r * cout + bias
     if method == "cp":
         r = cp_rank(cin, cout, ratio, round_to)
         mid_pos = info.out_hw[0] * info.in_hw[1]  # after the vertical (kh x 1) conv, before the horizontal one

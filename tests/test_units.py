@@ -2,6 +2,7 @@
 inputs, bounded dependency analysis and export of adaptive poolings: each on a tiny model."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -95,7 +96,21 @@ def test_recurrent_and_embedding_cost_is_their_weights_per_step() -> None:
     weights = 2 * 4 * 24 * (16 + 24) + 2 * 4 * 24 * (48 + 24)
     assert space.layer_cost(rnn, 16, 24) == (7 * weights, weights + 2 * 2 * 2 * 4 * 24)
     assert space.layer_cost(space.units["embed"], 50, 16) == (0, 50 * 16)
-    assert not space.units["embed"].knobs and not rnn.knobs  # no applier for them: no knob offered
+    assert set(space.units["embed"].knobs) == {"rank"} and not rnn.knobs  # only knobs with an applier for them
+
+
+def test_a_low_rank_embedding_is_a_narrower_table_and_a_linear() -> None:
+    model, x = TokenNet(nn.LSTM).eval(), torch.randint(0, 50, (2, 7))
+    space = SearchSpace.from_model(model, x)
+    rank = space.choices("embed", "rank")[-1]
+    policy = Policy.from_params({"embed/rank": rank}, space)
+    applied = apply_policy(model, policy, example_inputs=x, space=space)
+    rows, up = applied.embed
+    assert isinstance(rows, nn.Embedding) and isinstance(up, nn.Linear) and rows.embedding_dim == up.in_features < 16
+    assert space.predict(policy.layers).macs == space.baseline().macs + 7 * up.in_features * 16
+    full = copy.deepcopy(model)
+    full.embed.weight.data = (rows.weight @ up.weight.T).detach()  # the factors multiply back to the table used
+    assert torch.allclose(full(x), applied(x), atol=1e-5)
 
 
 def test_token_ids_pass_through_quantization() -> None:
