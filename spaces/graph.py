@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from squeezer.spaces.dependency import AnalysisTooLarge, build_graph, layer_cuts, pruning_group, replay_cuts
+from squeezer.spaces.dependency import (AnalysisTooLarge, build_graph, layer_cuts, out_channel_fn, pruning_group,
+                                        replay_cuts)
 
 log = logging.getLogger(__name__)
 
@@ -258,22 +259,40 @@ def _runnable(model: nn.Module, example_inputs: torch.Tensor, groups: list[Chann
               smallest: Callable[[int], int]) -> list[ChannelGroup]:
     """The groups, with each one whose smallest option breaks a forward pass (or changes an output's shape) on a
     copy made unprunable. All are cut at once first (one forward); only if that fails is each tried alone."""
-    plans = {g.name: (cuts[g.name], range(g.channels - smallest(g.channels)))
-             for g in groups if g.prunable and cuts.get(g.name) is not None and smallest(g.channels) < g.channels}
-    if not plans:
+    cut = [g for g in groups if g.prunable and smallest(g.channels) < g.channels]
+    plans = {g.name: (cuts[g.name], range(g.channels - smallest(g.channels))) for g in cut if cuts.get(g.name)}
+    loose = {g.name: g.channels - smallest(g.channels) for g in cut if cuts.get(g.name) is None}
+    if not plans and not loose:
         return groups
     with torch.no_grad():
         want = [t.shape for t in _tensors(model.eval()(example_inputs))]
-    broken = {}
-    if _breaks(model, example_inputs, list(plans.values()), want):
-        broken = {name: plan for name, plan in plans.items() if _breaks(model, example_inputs, [plan], want)}
-        rest = [plan for name, plan in plans.items() if name not in broken]
-        if rest and _breaks(model, example_inputs, rest, want):  # only together: none of them is safe
-            broken = plans
+    # Groups that cannot be replayed (an item on a bare parameter) are cut as the applier cuts them: in turn, on a
+    # graph of the copy; if that breaks, all of them are refused (one graph, not one per group).
+    broken: dict[str, Any] = dict.fromkeys(loose) if loose and _graph_cut_breaks(model, example_inputs, loose, want) \
+        else {}
+    if plans and _breaks(model, example_inputs, list(plans.values()), want):
+        alone = {name: plan for name, plan in plans.items() if _breaks(model, example_inputs, [plan], want)}
+        rest = [plan for name, plan in plans.items() if name not in alone]
+        broken.update(plans if rest and _breaks(model, example_inputs, rest, want) else alone)  # together: none safe
     for name in broken:
         log.warning("channel group %s is not prunable: its smallest option breaks the forward pass", name)
     note = "its smallest option breaks the forward pass"
     return [replace(g, prunable=False, note=note) if g.name in broken else g for g in groups]
+
+
+def _graph_cut_breaks(model: nn.Module, example_inputs: torch.Tensor, loose: dict[str, int], want: list) -> bool:
+    """Whether a copy of `model` with each of `loose` (group -> channels to remove) pruned in turn on its own
+    dependency graph fails on `example_inputs` or changes an output's shape."""
+    copy = deepcopy(model)
+    try:
+        graph = build_graph(copy, example_inputs)
+        for name, n in loose.items():
+            leader = copy.get_submodule(name)
+            graph.get_pruning_group(leader, out_channel_fn(leader), idxs=list(range(n))).prune()
+        with torch.no_grad():
+            return [t.shape for t in _tensors(copy(example_inputs))] != want
+    except Exception:  # noqa: BLE001  (any failure of the cut or the forward is what is being checked)
+        return True
 
 
 def _breaks(model: nn.Module, example_inputs: torch.Tensor, plans: list, want: list) -> bool:
