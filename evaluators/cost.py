@@ -7,6 +7,7 @@ catches an applier that removed less (or more) than the space promised, so the s
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any, Callable
 
@@ -35,9 +36,20 @@ def _analysis(model: nn.Module, example_inputs: torch.Tensor) -> Any:
     analysis.set_op_handle("aten::_convolution", h.conv_flop_jit, "aten::linear", h.linear_flop_jit,
                            "aten::addmm", h.addmm_flop_jit, "aten::matmul", h.matmul_flop_jit,
                            "aten::mm", h.matmul_flop_jit, "aten::bmm", h.bmm_flop_jit,
-                           "aten::einsum", h.einsum_flop_jit, **JIT_HANDLES)
+                           "aten::einsum", h.einsum_flop_jit, "aten::lstm", _recurrent_flop_jit,
+                           "aten::gru", _recurrent_flop_jit, "aten::rnn_tanh", _recurrent_flop_jit,
+                           "aten::rnn_relu", _recurrent_flop_jit, **JIT_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis
+
+
+def _recurrent_flop_jit(inputs: list, outputs: list) -> int:
+    """MACs of a traced RNN/LSTM/GRU (fvcore counts none): each weight matrix once per step of every sequence, i.e.
+    the positions of its input (all but the feature dimension) times the elements of its 2-d weights."""
+    x = inputs[0].type().sizes()
+    weights = [v.type().sizes() for v in inputs[2].node().inputs()]
+    matrices = sum(w[0] * w[1] for w in weights if w is not None and len(w) == 2)
+    return (math.prod(x) // x[-1]) * matrices if x else 0
 
 
 def _quiet(fn: Any) -> Any:
@@ -109,7 +121,7 @@ def measure_cost(model: nn.Module, example_inputs: torch.Tensor, policy: Policy,
     seen: set[int] = set()
     size_bits = 0.0
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):  # the layers quantization wraps
             unit = _unit_of(name, units)
             w_bits = bits.get(unit, (FLOAT_BITS, FLOAT_BITS))[0] if unit else FLOAT_BITS
             for p in module.parameters(recurse=False):

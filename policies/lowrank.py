@@ -60,6 +60,8 @@ def decompose(module: nn.Module, info: LayerInfo, ratio: float, round_to: int, m
     """
     if isinstance(module, nn.Linear):
         return _svd_linear(module, ratio, round_to)
+    if isinstance(module, nn.Embedding):
+        return _svd_embedding(module, ratio, round_to)
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         raise TypeError(f"cannot decompose {type(module).__name__} (groups={getattr(module, 'groups', '-')}): "
                         "only Linear and ungrouped Conv2d layers have a rank knob")
@@ -95,6 +97,19 @@ def _svd_linear(layer: nn.Linear, ratio: float, round_to: int) -> nn.Sequential:
     _load(a, first)
     _load(b, second, layer.bias)
     return nn.Sequential(a, b).to(w.device)
+
+
+def _svd_embedding(table: nn.Embedding, ratio: float, round_to: int) -> nn.Sequential:
+    """A narrower table looked up as before, then a Linear back to the embedding width (table = rows @ weight.T)."""
+    w = table.weight.detach()
+    r = shapes.svd_rank(table.embedding_dim, table.num_embeddings, ratio, round_to)
+    first, second = _svd_factors(w.T, r)  # second @ first ~ table.T: (dim x r) @ (r x rows)
+    rows = nn.Embedding(table.num_embeddings, r, padding_idx=table.padding_idx, max_norm=table.max_norm,
+                        norm_type=table.norm_type, scale_grad_by_freq=table.scale_grad_by_freq, sparse=table.sparse)
+    b = nn.Linear(r, table.embedding_dim, bias=False)
+    _load(rows, first.T)
+    _load(b, second)
+    return nn.Sequential(rows, b).to(w.device)
 
 
 def _svd_conv1x1(conv: nn.Conv2d, ratio: float, round_to: int) -> nn.Sequential:

@@ -17,7 +17,7 @@ copy gets its own graph and the groups are pruned in turn, as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch_pruning as tp
@@ -26,27 +26,14 @@ from torch import nn
 from squeezer.policies.clone import clone_module
 from squeezer.policies.context import ApplyContext
 from squeezer.policies.policy import Policy
+from squeezer.spaces.dependency import (LayerCut, build_graph, layer_cuts, out_channel_fn, pruning_group,
+                                        replay_cuts)
 
 IMPORTANCE = {
     "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
     "bn": lambda: tp.importance.BNScaleImportance(),
 }
-
-# Torch-Pruning's stand-ins for tensor ops in its graph: pruning them only updates the graph's own bookkeeping.
-_GRAPH_ONLY_OPS = tuple(getattr(tp.ops, name) for name in ("_ConcatOp", "_ElementWiseOp", "_ExpandOp", "_OutputOp",
-                                                           "_ReshapeOp", "_SliceOp", "_SplitOp", "_UnbindOp")
-                        if hasattr(tp.ops, name))
-
-
-@dataclass(frozen=True)
-class LayerCut:
-    """One layer's part in a group: which of its indices each of the group's channels is."""
-
-    module: str  # the layer's name in the model
-    handler: Callable[[nn.Module, list[int]], Any]  # Torch-Pruning's pruning function for it
-    dim: int  # the pruning dimension Torch-Pruning sets on that function's pruner before calling it
-    indices: dict[int, tuple[int, ...]]  # group channel -> this layer's indices
 
 
 @dataclass(frozen=True)
@@ -58,29 +45,6 @@ class GroupPlan:
     layers: list[LayerCut] | None
 
 
-def _out_channel_fn(leader: nn.Module) -> object:
-    return tp.prune_linear_out_channels if isinstance(leader, nn.Linear) else tp.prune_conv_out_channels
-
-
-def _layer_cuts(group: Any, names: dict[nn.Module, str]) -> list[LayerCut] | None:
-    """The group's items as LayerCuts, or None where one of them cannot be replayed on another copy."""
-    layers = []
-    for item in group.items:
-        dep, roots = item.dep, getattr(item, "root_idxs", None)
-        target = dep.target.module
-        if isinstance(target, _GRAPH_ONLY_OPS):
-            continue
-        if (isinstance(target, torch.Tensor) or target not in names or roots is None or None in roots
-                or not hasattr(dep.handler, "__self__")):
-            return None
-        indices: dict[int, list[int]] = {}
-        for index, root in zip(item.idxs, roots):
-            indices.setdefault(int(root), []).append(int(index))
-        layers.append(LayerCut(names[target], dep.handler, dep.target.pruning_dim,
-                               {root: tuple(found) for root, found in indices.items()}))
-    return layers
-
-
 def group_plans(ctx: ApplyContext, names: Iterable[str]) -> dict[str, GroupPlan]:
     """Each group's plan, worked out on the untouched model (memoised in `ctx.memo`)."""
     if ctx.importance not in IMPORTANCE:
@@ -89,37 +53,20 @@ def group_plans(ctx: ApplyContext, names: Iterable[str]) -> dict[str, GroupPlan]
     missing = [name for name in names if name not in plans]
     if missing:
         reference = clone_module(ctx.reference).eval()  # the graph's tracing must not touch the caller's model
-        graph = tp.DependencyGraph().build_dependency(reference, example_inputs=ctx.example_inputs[:1],
-                                                      verbose=False)
+        graph = build_graph(reference, ctx.example_inputs)
         module_names = {module: name for name, module in reference.named_modules()}
         importance = IMPORTANCE[ctx.importance]()
         for name in missing:
             leader = reference.get_submodule(name)
             channels = ctx.space.groups[name].channels
-            full = graph.get_pruning_group(leader, _out_channel_fn(leader), idxs=list(range(channels)))
+            full = pruning_group(graph, leader, range(channels))
             scores = importance(full)
             if scores is None:  # e.g. BN-scale importance on a group with no BatchNorm: fall back to magnitude
                 scores = IMPORTANCE["l2"]()(full)
             # Stable order (ties broken by index) so applying a policy twice removes the same channels.
             order = sorted(range(channels), key=lambda i: (float(scores[i]), i))
-            plans[name] = GroupPlan(order, _layer_cuts(full, module_names))
+            plans[name] = GroupPlan(order, layer_cuts(full, module_names))
     return plans
-
-
-def _replay(model: nn.Module, plans: dict[str, GroupPlan], cuts: dict[str, int]) -> None:
-    """Cut every affected layer of `model` once, with the indices of every group that reaches it."""
-    removed: dict[tuple[str, Any], tuple[int, set[int]]] = {}
-    for name, n_prune in cuts.items():
-        plan = plans[name]
-        gone = plan.order[:n_prune]
-        for layer in plan.layers or ():
-            _, indices = removed.setdefault((layer.module, layer.handler), (layer.dim, set()))
-            for channel in gone:
-                indices.update(layer.indices.get(channel, ()))
-    for (module, handler), (dim, indices) in removed.items():
-        if indices:
-            handler.__self__.pruning_dim = dim  # as Torch-Pruning's Dependency does before calling its handler
-            handler(model.get_submodule(module), sorted(indices))
 
 
 def apply_prune(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Module:
@@ -131,12 +78,12 @@ def apply_prune(model: nn.Module, policy: Policy, ctx: ApplyContext) -> nn.Modul
         return model
     plans = group_plans(ctx, cuts)
     if all(plans[name].layers is not None for name in cuts):
-        _replay(model, plans, cuts)
+        replay_cuts(model, [(plans[name].layers, plans[name].order[:n]) for name, n in cuts.items()])
         return model
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_inputs[:1], verbose=False)
     for name, n_prune in cuts.items():
         leader = model.get_submodule(name)
-        graph.get_pruning_group(leader, _out_channel_fn(leader), idxs=sorted(plans[name].order[:n_prune])).prune()
+        graph.get_pruning_group(leader, out_channel_fn(leader), idxs=sorted(plans[name].order[:n_prune])).prune()
     return model
 
 

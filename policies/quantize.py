@@ -40,6 +40,8 @@ __all__ = ["QuantizedLayer", "apply_quantize", "fold_batchnorm", "weight_scale",
 WEIGHT8 = "reduce"  # how 8-bit weights are stored: "reduce" (int8, 7-bit grid) or "uint8" (full grid); see above
 
 OUTPUT_BITS = 8
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WRAPPED = (*_CONVS, nn.Linear)
 SAMPLE_SIZE = 1 << 16  # activation values kept per layer to search a clipping range for widths below 8 bits
 TIE_NUDGE = 2.0 ** -14  # relative widening of input scales; see QuantizedLayer.set_input_range
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(15))  # 1.0 .. 0.3 of the observed range
@@ -81,10 +83,10 @@ class QuantizedLayer(nn.Module):
     int8 runtime would fold it.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, w_bits: int, a_bits: int) -> None:
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, w_bits: int, a_bits: int) -> None:
         super().__init__()
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"QuantizedLayer wraps Conv2d or Linear, got {type(layer).__name__}")
+        if not isinstance(layer, _WRAPPED):
+            raise TypeError(f"QuantizedLayer wraps Conv1d/2d/3d or Linear, got {type(layer).__name__}")
         self.layer = layer
         self.w_bits, self.a_bits = int(w_bits), int(a_bits)
         self.bn: nn.BatchNorm2d | None = None
@@ -139,7 +141,7 @@ class QuantizedLayer(nn.Module):
             weight = torch.fake_quantize_per_channel_affine(weight, scale, self.w_zero, 0, *self.w_range)
         if bias is not None and self.quantize_output and not self.observing:
             bias = self._int32_bias(bias, scale)
-        if isinstance(self.layer, nn.Conv2d):
+        if isinstance(self.layer, _CONVS):
             y = self.layer._conv_forward(x, weight, bias)
         else:
             y = F.linear(x, weight, bias)
@@ -234,11 +236,11 @@ def _implementing_layers(model: nn.Module, name: str) -> Iterator[tuple[str, nn.
     """The layer at `name`, or the layers of the module that replaced it (rank or block swap), however nested (a Fire
     block's expand holds two)."""
     module = model.get_submodule(name)
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if isinstance(module, _WRAPPED):
         yield name, module
     elif isinstance(module, nn.Sequential):
         for path, sub in module.named_modules():
-            if isinstance(sub, (nn.Conv2d, nn.Linear)):
+            if isinstance(sub, _WRAPPED):
                 yield f"{name}.{path}", sub
 
 
@@ -268,7 +270,8 @@ def _successors(model: nn.Module, layers: set[nn.Module], x: torch.Tensor) -> di
     handles = [m.register_forward_hook(hook) for m in watched]
     try:
         with torch.enable_grad():
-            output = model.eval()(x.detach().clone().requires_grad_(True))
+            x = x.detach().clone()
+            output = model.eval()(x.requires_grad_(True) if x.is_floating_point() else x)  # token ids carry no grad
     finally:
         for h in handles:
             h.remove()

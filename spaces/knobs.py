@@ -161,11 +161,6 @@ def _is_attention(site: Site) -> bool:
     return site.layer.kind == ATTENTION
 
 
-def _has_weights(site: Site) -> bool:
-    """Bit widths are for layers with weights: an attention's matmuls multiply activations only."""
-    return site.layer.kind != ATTENTION
-
-
 def _distinct_heads(site: Site, grid: tuple) -> tuple:
     """Ratios that keep distinct head counts, the smallest ratio of each (at least one head stays)."""
     seen, options = set(), []
@@ -178,7 +173,7 @@ def _distinct_heads(site: Site, grid: tuple) -> tuple:
 
 
 def _factorable(site: Site) -> bool:
-    return site.layer.kind in ("conv", "linear")
+    return site.layer.kind in ("linear", "embedding") or (site.layer.kind == "conv" and site.layer.spatial_dims == 2)
 
 
 def _rank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, config: SpaceConfig) -> tuple[int, int]:
@@ -198,7 +193,13 @@ def _smaller_ranks(site: Site, grid: tuple) -> tuple:
 
 
 def _spatial_conv(site: Site) -> bool:
-    return site.layer.kind == "conv" and max(site.layer.kernel) > 1
+    return site.layer.kind == "conv" and site.layer.spatial_dims == 2 and max(site.layer.kernel) > 1
+
+
+def _quantizable(site: Site) -> bool:
+    """Layers the quantizer wraps: convolutions (not transposed) and Linear layers (not an attention's matmuls,
+    which multiply activations only)."""
+    return site.layer.kind in ("conv", "dwconv", "gconv", "linear")
 
 
 def _block_cost(info: LayerInfo, cin: int, cout: int, block: str, config: SpaceConfig) -> tuple[int, int]:
@@ -265,9 +266,9 @@ KNOBS: dict[str, Knob] = {knob.name: knob for knob in (
          offer=_distinct_widths, role=CHANNELS),
     Knob(HEADS, 0.0, (0.0, 0.25, 0.5, 0.75), float, level=float, applies=_is_attention, offer=_distinct_heads,
          role=CHANNELS),
-    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, applies=_has_weights, role=BITS,
-         lowers=frozenset({"size", "bops"})),
-    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, applies=_has_weights, role=BITS,
+    Knob(W_BITS, FLOAT_BITS, (2, 3, 4, 5, 6, 8, FLOAT_BITS), int, level=_bits_level, applies=_quantizable,
+         role=BITS, lowers=frozenset({"size", "bops"})),
+    Knob(A_BITS, FLOAT_BITS, (4, 8, FLOAT_BITS), int, level=_bits_level, applies=_quantizable, role=BITS,
          lowers=frozenset({"bops"})),
     Knob(RANK, 1.0, (1.0, 0.75, 0.5, 0.25, 0.125), float, level=_rank_level, applies=_factorable,
          offer=_smaller_ranks, cost=_rank_cost, rows=_rank_rows),

@@ -19,9 +19,33 @@ def kept_channels(channels: int, ratio: float, round_to: int) -> int:
 
 def dense_params(info: LayerInfo, cin: int, cout: int) -> int:
     """Parameters of the layer in its own form at the given channels."""
+    if info.kind == "recurrent":
+        gates, layers, directions = info.recurrent
+        return _recurrent_weights(info, cin, cout) + (layers * directions * 2 * gates * cout if info.has_bias else 0)
     groups = cin if info.kind == "dwconv" else info.groups
     kh, kw = info.kernel
     return cout * (cin // groups) * kh * kw + (cout if info.has_bias else 0)
+
+
+def dense_macs(info: LayerInfo, cin: int, cout: int) -> int:
+    """MACs per sample of the layer in its own form at the given channels (an embedding only looks rows up; a
+    transposed convolution runs its kernel once per input position)."""
+    if info.kind == "embedding":
+        return 0
+    if info.kind == "recurrent":
+        return info.positions * _recurrent_weights(info, cin, cout)
+    groups = cin if info.kind == "dwconv" else info.groups
+    kh, kw = info.kernel
+    positions = _in_pos(info) if info.kind == "tconv" else info.positions
+    return positions * cout * (cin // groups) * kh * kw
+
+
+def _recurrent_weights(info: LayerInfo, cin: int, hidden: int) -> int:
+    """Weights of a stacked (bi)directional RNN/LSTM/GRU, each used once per step: every layer after the first
+    reads the previous one's hidden states of every direction."""
+    gates, layers, directions = info.recurrent
+    inputs = cin + (layers - 1) * directions * hidden
+    return directions * gates * hidden * (inputs + layers * hidden)
 
 
 def svd_rank(cin: int, cout: int, ratio: float, round_to: int) -> int:
@@ -57,7 +81,8 @@ def lowrank_cost(info: LayerInfo, cin: int, cout: int, ratio: float, round_to: i
     out_pos = _out_pos(info)
     if is_svd(info):
         r = svd_rank(cin, cout, ratio, round_to)
-        return out_pos * (cin * r + r * cout), cin * r + r * cout + bias
+        first = 0 if info.kind == "embedding" else out_pos * cin * r  # a narrower table is looked up, not multiplied
+        return first + out_pos * r * cout, cin * r + r * cout + bias
     if method == "cp":
         r = cp_rank(cin, cout, ratio, round_to)
         mid_pos = info.out_hw[0] * info.in_hw[1]  # after the vertical (kh x 1) conv, before the horizontal one

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from squeezer.spaces import attention
-from squeezer.spaces.graph import ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
+from squeezer.spaces.export_check import check_exportable
+from squeezer.spaces.graph import CONV_KINDS, ChannelGroup, LayerInfo, SpaceError, channel_groups, trace_layers
 from squeezer.spaces.knobs import (A_BITS, CHANNELS, FLOAT_BITS, HEADS, KNOBS, PRUNE, W_BITS, Site, SpaceConfig,
                                     param_key, quantizer_bits, storage_bits)
-from squeezer.spaces.lowrank_shapes import dense_params, kept_channels
+from squeezer.spaces.lowrank_shapes import dense_macs, dense_params, kept_channels
 
 __all__ = ["SearchSpace", "Unit", "Cost", "SpaceError"]
 
@@ -89,9 +90,12 @@ class SearchSpace:
         model = attention.checked_rewrite(model.eval(), example_inputs)
         layers = attention.with_attention(trace_layers(model, example_inputs),
                                           attention.attention_layers(model, example_inputs))
+        check_exportable(model, example_inputs)
         pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
+        most = max((*config.grid(PRUNE), 0.0), key=float)
         groups = attention.protect_attention(
-            channel_groups(model, example_inputs, [i for i in layers if i.kind != attention.ATTENTION]), layers
+            channel_groups(model, example_inputs, [i for i in layers if i.kind != attention.ATTENTION],
+                           smallest=lambda c: kept_channels(c, most, config.round_to)), layers
         ) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
         out_parts: dict[str, list[tuple[str, int]]] = {}
@@ -219,9 +223,7 @@ class SearchSpace:
                 value = getattr(choice, knob.name)
                 if value != knob.neutral:
                     return knob.cost(info, cin, cout, value, self.config)
-        groups = cin if info.kind == "dwconv" else info.groups
-        kh, kw = info.kernel
-        return info.positions * cout * (cin // groups) * kh * kw, dense_params(info, cin, cout)
+        return dense_macs(info, cin, cout), dense_params(info, cin, cout)
 
     def layer_rows(self, unit: Unit, cin: int, cout: int, choice: Any = None) -> tuple[int, ...]:
         """The output channels of each layer implementing the unit in the form `choice` gives it (one layer, `cout`,
@@ -248,7 +250,7 @@ class SearchSpace:
                 "unit": name, "kind": info.kind,
                 "shape": f"{info.groups} heads x {info.out_channels // info.groups}"
                 if info.kind == attention.ATTENTION else f"{info.in_channels}->{info.out_channels}"
-                + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind != "linear" else ""),
+                + (f" k{info.kernel[0]}x{info.kernel[1]}" if info.kind in CONV_KINDS else ""),
                 "macs": macs, "params": params,
                 "group": (group.name + (f" ({len(group.producers)} layers)" if len(group.producers) > 1 else ""))
                 if group else "-",

@@ -17,6 +17,7 @@ from squeezer.evaluators.cost import count_macs
 from squeezer.policies.apply import apply_policy
 from squeezer.policies.export import export_onnx
 from squeezer.policies.policy import Policy
+from squeezer.spaces.graph import UNIT_MODULES
 from squeezer.spaces.knobs import split_key
 from squeezer.spaces.space import SearchSpace
 
@@ -78,7 +79,7 @@ def unit_params(model: nn.Module, space: SearchSpace) -> int:
     for name, module in model.named_modules():
         parts = name.split(".")
         if any(".".join(parts[:i]) in units for i in range(1, len(parts) + 1)) and isinstance(
-                module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                module, UNIT_MODULES):
             total += sum(p.numel() for p in module.parameters(recurse=False))
     return total
 

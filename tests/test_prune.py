@@ -162,7 +162,7 @@ def test_replaying_the_plans_cuts_as_a_graph_of_the_copy_does(name, request, mon
     memo: dict = {}
     replayed = apply_policy(model, policy, example_inputs=x, space=space, memo=memo)
     assert all(plan.layers is not None for plan in memo["prune plans l2"].values())
-    monkeypatch.setattr(prune, "_layer_cuts", lambda *args: None)  # every group pruned on a graph of the copy
+    monkeypatch.setattr(prune, "layer_cuts", lambda *args: None)  # every group pruned on a graph of the copy
     in_turn = apply_policy(model, policy, example_inputs=x, space=space)
     a, b = replayed.state_dict(), in_turn.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
