@@ -100,6 +100,7 @@ def search(args: argparse.Namespace, data, base: torch.nn.Module) -> None:
     """The two grids searched alike: same budget, evaluations, recovery, seeds."""
     x = data.example_inputs(1)
     grids = {"every family": DEFAULT_GRID, "keep/dwsep only": (KEEP, DWSEP)}
+    grids = {name: grid for name, grid in grids.items() if name.split()[0] in args.grids}
     recovery = RecoveryConfig(mode="kd", finetune_steps=args.finetune, distill_steps=args.search_distill)
     print(f"block knob only, budget {args.budget}, {args.trials} evaluations per search, repaired into the budget; "
           f"recovery: {args.search_distill} distill steps per block, then KD {args.finetune} steps")
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--search-distill", type=int, default=20, help="distill steps per block in the search")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--grids", nargs="+", choices=["every", "keep/dwsep"], default=["every", "keep/dwsep"],
+                    help="which of the two searches to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data("mnist")
