@@ -194,11 +194,13 @@ def trace_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[LayerIn
 
 
 def channel_groups(model: nn.Module, example_inputs: torch.Tensor, layers: list[LayerInfo],
-                   smallest: Callable[[int], int] | None = None) -> list[ChannelGroup]:
+                   smallest: Callable[[int], int] | None = None,
+                   refine: Callable[[list[ChannelGroup]], list[ChannelGroup]] | None = None) -> list[ChannelGroup]:
     """Coupled output-channel groups of the traced layers, through Torch-Pruning's dependency graph.
 
-    `smallest`: channels -> the fewest a group may keep; each prunable group cut to it must leave a model that still
-    runs on `example_inputs` (checked on a copy), else it is not prunable."""
+    `refine` (e.g. the attention's rule) may make groups unprunable before the check; `smallest`: channels -> the
+    fewest a group may keep; each prunable group cut to it must leave a model that still runs on `example_inputs`
+    (checked on a copy), else it is not prunable."""
     names = {module: name for name, module in model.named_modules()}
     order = {info.name: i for i, info in enumerate(layers)}
     by_name = {info.name: info for info in layers}
@@ -252,6 +254,7 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, layers: list[
         groups.append(ChannelGroup(ordered[0], info.out_channels, ordered, inputs, prunable, note,
                                    tuple((p, len(out_idx.get(p, ())) or info.out_channels) for p in ordered),
                                    tuple((c, len(in_idx.get(c, ()))) for c in inputs)))
+    groups = groups if refine is None else refine(groups)
     return groups if smallest is None else _runnable(model, example_inputs, groups, cuts, smallest)
 
 

@@ -93,10 +93,9 @@ class SearchSpace:
         check_exportable(model, example_inputs)
         pruned = any(KNOBS[k].role == CHANNELS for k in config.knobs)
         most = max((*config.grid(PRUNE), 0.0), key=float)
-        groups = attention.protect_attention(
-            channel_groups(model, example_inputs, [i for i in layers if i.kind != attention.ATTENTION],
-                           smallest=lambda c: kept_channels(c, most, config.round_to)), layers
-        ) if pruned else []
+        groups = channel_groups(model, example_inputs, [i for i in layers if i.kind != attention.ATTENTION],
+                                smallest=lambda c: kept_channels(c, most, config.round_to),
+                                refine=lambda found: attention.protect_attention(found, layers)) if pruned else []
         by_group_out = {p: g for g in groups for p in g.producers}
         out_parts: dict[str, list[tuple[str, int]]] = {}
         in_parts: dict[str, list[tuple[str, int]]] = {}
