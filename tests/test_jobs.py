@@ -561,3 +561,27 @@ def test_the_side_by_side_says_plainly_what_compression_bought(tmp_path, capsys)
                                                    onnx_bytes=1000, latency_ms=0.3))
     render.side_by_side(slow)
     assert not slow.faster and "buys size only" in capsys.readouterr().out
+
+
+def test_apply_fine_tunes_with_hints_on_a_folder_of_unlabelled_images(capsys, run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from squeezer.models import load_checkpoint
+
+    folder = tmp_path / "images"  # a flat folder: no class folders, no labels
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    trial = json.loads((run / "front.json").read_text())["rows"][0]["number"]
+    code, out, err = cli(capsys, "apply", str(run), "--trial", str(trial), "--out", str(tmp_path / "s.pt"), "--json",
+                         "--recovery-data", str(folder), "--finetune-steps", "2", "--hint-weight", "10",
+                         "--at-weight", "50")
+    assert code == 0, err
+    applied = json.loads(out)
+    assert applied["finetuned"] and 0 < applied["test_accuracy"] <= 1  # scored on the labelled digits
+    model, _ = load_checkpoint(tmp_path / "s.pt")
+    assert set(torch.load(tmp_path / "s.pt", weights_only=True)["state_dict"]) == set(model.state_dict())
+    assert not any("adapter" in k for k in model.state_dict())  # the hint adapters were dropped after recovery
+    code, out, err = cli(capsys, "apply", str(run), "--trial", str(trial), "--out", str(tmp_path / "t.pt"),
+                         "--at-weight", "50")  # the run recovered by BatchNorm only: nothing would train
+    one_line_error(code, err, "add --finetune-steps N")
