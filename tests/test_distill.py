@@ -154,7 +154,7 @@ def test_the_cli_passes_the_distillation_options_and_refuses_them_without_traini
 
     given: dict[str, Any] = {}
 
-    def search_policies(**kwargs: Any) -> None:
+    def search_policies(*args: Any, **kwargs: Any) -> None:
         given.update(kwargs)
         raise KeyboardInterrupt  # stop before rendering: only the arguments matter here
 
@@ -165,6 +165,11 @@ def test_the_cli_passes_the_distillation_options_and_refuses_them_without_traini
     r = given["recovery"]
     assert (r.hint_weight, r.at_weight, r.hint_layers, r.unlabelled) == (10.0, 50.0, ("layer2", "layer3"), True)
     assert given["data_config"].recovery_data == str(Path("images").absolute())
+    given.clear()
+    monkeypatch.setattr(squeezer, "apply", search_policies)
+    main(["apply", "runs/x", "--trial", "1", "--out", "s.pt", "--hint-weight", "10", "--hint-layers", "layer3"])
+    assert (given["hint_weight"], given["at_weight"], given["hint_layers"], given["unlabelled"]) == (
+        10.0, None, ("layer3",), None)  # None: as the run recovered
     monkeypatch.undo()
     capsys.readouterr()
     code = main(["search", "--model", "resnet20", "--budget", "macs<=50%", "--out", "x", "--hint-weight", "1"])
