@@ -3,10 +3,14 @@
 Pruning or quantizing shifts every activation after the changed layer, so BatchNorm running statistics recorded on
 the original model are wrong; re-estimating them (a few forward passes, no gradients) recovers most of the lost
 accuracy at ~1% of a fine-tune's cost, which is why "bn" is the default. "finetune" and "kd" spend a few SGD steps
-(plain, or distilled from the uncompressed model) for a closer estimate of what a full fine-tune would reach.
+(plain, or distilled from the uncompressed model) for a closer estimate of what a full fine-tune would reach;
+either may also match the uncompressed model's intermediate features (FitNets hints, attention transfer), and with
+`unlabelled` neither reads a label: the uncompressed model labels the images.
 All batches and seeds are fixed, so evaluating one policy twice gives identical numbers.
 """
 from __future__ import annotations
+
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -57,24 +61,30 @@ def recalibrate_bn(model: nn.Module, data: Batches, *, batches: int = 20, batch_
 
 
 def recover(model: nn.Module, config: RecoveryConfig, data: DataBundle, *, teacher: nn.Module | None = None,
-            seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+            seed: int = 0, device: str | torch.device = "cpu", steps: int | None = None,
+            on_step: Callable[[int, float], None] | None = None,
+            on_terms: Callable[[int, Mapping[str, float]], None] | None = None) -> nn.Module:
     """Recover accuracy on the train split as `config` says (none, bn, finetune, kd); returns the model in eval
-    mode."""
+    mode. `teacher` is the unchanged model (kd, feature matching, unlabelled fine-tunes); `steps` replaces the
+    config's fine-tune steps; `on_step` and `on_terms` are `fit`'s."""
     mode = config.mode
     model.to(device)
     if mode == "none":
         return model.eval()
-    if mode == "bn":
+    if mode == "bn":  # reads images only, never labels
         return recalibrate_bn(model, data.train, batches=config.bn_batches, batch_size=config.batch_size, seed=seed,
                               device=device)
-    if mode == "kd" and teacher is None:
-        raise ValueError("recovery 'kd' needs the uncompressed model as teacher")
-    fit_config = FitConfig(steps=config.finetune_steps, batch_size=config.batch_size, lr=config.finetune_lr,
-                           seed=seed, kd_weight=config.kd_weight if mode == "kd" else 0.0,
-                           kd_temperature=config.kd_temperature)
+    if config.uses_teacher and teacher is None:
+        raise ValueError(f"recovery {mode!r} with these settings needs the uncompressed model as teacher")
+    fit_config = FitConfig(steps=config.finetune_steps if steps is None else steps, batch_size=config.batch_size,
+                           lr=config.finetune_lr, seed=seed, kd_weight=config.kd_weight if mode == "kd" else 0.0,
+                           kd_temperature=config.kd_temperature, hint_weight=config.hint_weight,
+                           at_weight=config.at_weight, hint_layers=config.hint_layers,
+                           unlabelled=config.unlabelled)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return fit(model, data.train, fit_config, teacher=teacher if mode == "kd" else None, device=device)
+        return fit(model, data.train, fit_config, teacher=teacher if config.uses_teacher else None, device=device,
+                   on_step=on_step, on_terms=on_terms)
 
 
 def score(model: nn.Module, data: DataBundle, *, batch_size: int = 256,

@@ -10,6 +10,7 @@ workload's business: `squeezer.datasets`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
@@ -104,13 +105,16 @@ class DataConfig:
     """How a data reference is read: `preprocess` (None: in-memory sources as they are, an image folder at a size
     chosen from its images, with statistics computed from them), `val_samples` (the search scores on this fixed,
     seeded subset of the validation split; None: all of it), `loader_workers` (DataLoader processes reading a
-    streamed split) and `classes` (the model's output order by class-folder name: a folder holding a subset of them
-    is scored against the right outputs)."""
+    streamed split), `classes` (the model's output order by class-folder name: a folder holding a subset of them
+    is scored against the right outputs) and `recovery_data` (a folder of images, flat or in sub-folders whose names
+    are ignored, that replaces the training split for recovery and calibration: images without labels, read as the
+    data's own images are; the data still gives the labelled validation and test splits)."""
 
     preprocess: Preprocess | None = None
     val_samples: int | None = None
     loader_workers: int = 0
     classes: tuple[str, ...] | None = None
+    recovery_data: str | None = None
 
     def __post_init__(self) -> None:
         if self.val_samples is not None and self.val_samples < 1:
@@ -119,6 +123,8 @@ class DataConfig:
             raise ValueError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(self.classes))
+        if self.recovery_data is not None:  # recorded as an absolute path: workers and `apply` run elsewhere
+            object.__setattr__(self, "recovery_data", str(Path(self.recovery_data).expanduser().absolute()))
 
     def resumed(self, recorded: DataConfig) -> DataConfig:
         """These settings where given, the recorded run's elsewhere: a re-run with no data flags resumes as it was,
@@ -128,12 +134,14 @@ class DataConfig:
             pre = was
         return replace(self, preprocess=pre,
                        val_samples=self.val_samples if self.val_samples is not None else recorded.val_samples,
-                       classes=self.classes if self.classes is not None else recorded.classes)
+                       classes=self.classes if self.classes is not None else recorded.classes,
+                       recovery_data=self.recovery_data if self.recovery_data is not None else recorded.recovery_data)
 
     def scoring(self) -> dict[str, Any]:
         """What a trial's numbers depend on (not how many processes read the files)."""
         return {"preprocess": self.preprocess.to_json() if self.preprocess else None,
-                "val_samples": self.val_samples, "classes": list(self.classes) if self.classes else None}
+                "val_samples": self.val_samples, "classes": list(self.classes) if self.classes else None,
+                "recovery_data": self.recovery_data}
 
     def to_json(self) -> dict[str, Any]:
         return {**self.scoring(), "loader_workers": self.loader_workers}
@@ -143,7 +151,8 @@ class DataConfig:
         pre = data.get("preprocess")
         return cls(preprocess=Preprocess.from_json(pre) if pre else None, val_samples=data.get("val_samples"),
                    loader_workers=int(data.get("loader_workers", 0)),
-                   classes=tuple(data["classes"]) if data.get("classes") else None)
+                   classes=tuple(data["classes"]) if data.get("classes") else None,
+                   recovery_data=data.get("recovery_data"))
 
 
 @dataclass(frozen=True)

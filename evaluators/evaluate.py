@@ -208,7 +208,7 @@ class Evaluator:
         with self.lock.compute(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
             model = self._apply(policy)
-            teacher = self.base_model if s.recovery.mode == "kd" else None
+            teacher = self.base_model if s.recovery.uses_teacher else None
             return recover(model, s.recovery, self.data, teacher=teacher, seed=s.seed, device=self.device)
 
     def _evaluate(self, policy: Policy, start: float) -> Outcome:

@@ -28,7 +28,13 @@ def _at_least(owner: object, names: tuple[str, ...], low: int) -> None:
 class RecoveryConfig:
     """How a candidate recovers before it is scored: `mode` none, bn (BatchNorm statistics re-estimated on
     `bn_batches` training batches), finetune or kd (`finetune_steps` steps at `finetune_lr`, kd distilled from the
-    unchanged model with `kd_weight` and `kd_temperature`); `distill_steps` align low-rank factors while applying."""
+    unchanged model with `kd_weight` and `kd_temperature`); `distill_steps` align low-rank factors while applying.
+
+    A fine-tune (finetune, kd, and `squeezer apply --finetune-steps`) may also match intermediate features of the
+    unchanged model: `hint_weight` weighs the FitNets hint loss and `at_weight` attention transfer, on the modules
+    `hint_layers` names (names or fnmatch patterns; empty: each stage's end), see `evaluators/feature_match.py`.
+    `unlabelled`: recovery never reads labels, the unchanged model labels the images (its soft outputs for the
+    distillation term, its top class for the cross-entropy term), so it can run on a folder of images alone."""
 
     mode: str = "bn"
     bn_batches: int = 20
@@ -38,8 +44,13 @@ class RecoveryConfig:
     kd_temperature: float = 4.0
     batch_size: int = 64
     distill_steps: int = 0
+    hint_weight: float = 0.0
+    at_weight: float = 0.0
+    hint_layers: tuple[str, ...] = ()
+    unlabelled: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "hint_layers", tuple(self.hint_layers))  # a list, read back from JSON
         if self.mode not in RECOVERY:
             raise ValueError(f"unknown recovery mode {self.mode!r}: choose from {', '.join(RECOVERY)}")
         _at_least(self, ("bn_batches", "finetune_steps", "batch_size"), 1)
@@ -49,6 +60,19 @@ class RecoveryConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"kd_weight mixes distillation into the loss: give 0 to 1, got {self.kd_weight}")
+        for name in ("hint_weight", "at_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} weighs a feature loss: give 0 (off) or more, got {getattr(self, name)}")
+
+    @property
+    def matches_features(self) -> bool:
+        """True when a fine-tune adds a FitNets hint or attention-transfer loss."""
+        return self.hint_weight > 0 or self.at_weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when recovery reads the unchanged model: distillation, feature matching, or its labels."""
+        return self.mode == "kd" or (self.mode == "finetune" and (self.unlabelled or self.matches_features))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +104,9 @@ _FLAT = {"recovery": ("recovery", "mode"), **{f.name: ("recovery", f.name) for f
          "latency": ("latency", "mode"), "measure_every": ("latency", "measure_every"),
          **{f"latency_{f.name}": ("latency", f.name) for f in fields(LatencyConfig)
             if f.name not in ("mode", "measure_every")}}
+# settings added after outcomes were first cached under `flat()`'s names: left out of it at these defaults, so
+# those outcomes keep their keys
+_LATER = {"hint_weight": 0.0, "at_weight": 0.0, "hint_layers": (), "unlabelled": False}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,8 +126,10 @@ class EvalSettings:
             raise ValueError(f"unknown device {self.device!r}: choose from {', '.join(DEVICES)}")
 
     def flat(self) -> dict[str, Any]:
-        """Every setting under its one-level name (recovery, bn_batches, latency, latency_batch, ..., seed)."""
+        """Every setting under its one-level name (recovery, bn_batches, latency, latency_batch, ..., seed); the
+        later ones (`_LATER`) only where they differ from their defaults."""
         out = {name: getattr(getattr(self, section), key) for name, (section, key) in _FLAT.items()}
+        out = {k: v for k, v in out.items() if k not in _LATER or v != _LATER[k]}
         return {**out, "device": self.device, "seed": self.seed}
 
     @classmethod
@@ -136,11 +165,12 @@ class EvalSettings:
 
         Only those of the chosen recovery count (the distillation temperature does not change a BN-recalibrated
         score), and not how carefully latency is timed (runs, repetitions) nor where accuracy runs (device)."""
-        by_mode = {"none": (), "bn": ("bn_batches", "batch_size"),
-                   "finetune": ("finetune_steps", "finetune_lr", "batch_size"),
-                   "kd": ("finetune_steps", "finetune_lr", "batch_size", "kd_weight", "kd_temperature")}
-        flat = self.flat()
+        fits = ("finetune_steps", "finetune_lr", "batch_size", "hint_weight", "at_weight", "hint_layers",
+                "unlabelled")
+        by_mode = {"none": (), "bn": ("bn_batches", "batch_size"), "finetune": fits,
+                   "kd": (*fits, "kd_weight", "kd_temperature")}
+        flat = {**_LATER, **self.flat()}
         keys = ("recovery", "distill_steps", "latency", *by_mode[self.recovery.mode])
         if self.latency.mode != "none":
             keys += ("latency_batch", "latency_threads")
-        return {k: flat[k] for k in keys}
+        return {k: flat[k] for k in keys if k not in _LATER or flat[k] != _LATER[k]}

@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from squeezer.datasets import load_data
+from squeezer.datasets import load_data, recovery_on
 from squeezer.devices import check_device
 from squeezer.evaluators.data import DataConfig
 from squeezer.evaluators.evaluate import EvalSettings, Evaluator
-from squeezer.evaluators.finetune import FitConfig, evaluate, fit
+from squeezer.evaluators.accuracy import recover
+from squeezer.evaluators.finetune import evaluate
 from squeezer.evaluators.measurement import Measurement
 from squeezer.inspection import load_result
 from squeezer.models import compressed_recipe, resolve_source, save_checkpoint, weights_preprocessing
@@ -60,7 +61,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
           model: str | None = None, data: str | None = None, out: str | Path, onnx: str | Path | None = None,
           finetune_steps: int = 0, device: str = "cpu", latency: bool | None = None, progress: bool = False,
           weights: str | Path | None = None, trust_pickle: bool = False, model_check: bool = True,
-          data_config: DataConfig | None = None) -> ApplySummary:
+          data_config: DataConfig | None = None, hint_weight: float | None = None, at_weight: float | None = None,
+          hint_layers: tuple[str, ...] | None = None, unlabelled: bool | None = None) -> ApplySummary:
     """Apply a found policy to a fresh copy of the model, recover it as the search did, re-measure and save it;
     returns the summary, whose `model` is the compressed module.
 
@@ -70,7 +72,8 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     policy must name the model it was made for (its fingerprint) unless `model_check` is off; a pickled model file
     loads only with `trust_pickle`. The run's data is read as the search read it (preprocessing, file division,
     validation samples; `data_config` overrides what it sets), and test accuracy is reported on the whole test
-    split."""
+    split. `hint_weight`, `at_weight`, `hint_layers` and `unlabelled` replace the run's (`RecoveryConfig`; None:
+    as the run recovered) for its recovery and the `finetune_steps` fine-tune, distilled as the run's kd is."""
     check_device(device)
     if finetune_steps < 0:
         raise ValueError(f"finetune_steps must be 0 or more, got {finetune_steps}")
@@ -103,8 +106,14 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
     data = data or "digits"
     if latency is None:
         latency = settings.latency.mode != "none"
-    settings = replace(settings, device=device,
+    given = {k: v for k, v in (("hint_weight", hint_weight), ("at_weight", at_weight), ("hint_layers", hint_layers),
+                                ("unlabelled", unlabelled)) if v is not None}
+    settings = replace(settings, device=device, recovery=recovery_on(replace(settings.recovery, **given), data_config),
                        latency=replace(settings.latency, mode="measure" if latency else "none"))
+    fits = finetune_steps > 0 or settings.recovery.mode in ("finetune", "kd")
+    if settings.recovery.matches_features and not fits:
+        raise ValueError(f"hint and attention-transfer weights train the compressed model, which recovery "
+                         f"{settings.recovery.mode!r} does not: add --finetune-steps N")
     implied = weights_preprocessing(model, str(weights)) if weights is not None else None
     bundle = load_data(data, config=data_config, split=split, implied=implied)
     net, recipe = resolve_source(model, bundle, weights=weights, trust_pickle=trust_pickle)
@@ -118,17 +127,17 @@ def apply(run: str | Path | None = None, *, trial: int | None = None, policy: st
         chosen = replace(chosen, fingerprint="")
     chosen.validate(evaluator.space, require_fingerprint=model_check)
     compressed = evaluator.compress(chosen)
-    if finetune_steps > 0:
-        r = settings.recovery
-        config = FitConfig(steps=finetune_steps, batch_size=r.batch_size, lr=r.finetune_lr, seed=settings.seed,
-                           kd_weight=r.kd_weight, kd_temperature=r.kd_temperature)  # distilled as the run's kd is
+    if finetune_steps > 0:  # distilled as the run's kd is: its weights, temperature and feature losses
+        tune = replace(settings.recovery, mode="kd")
+        teacher, seed = evaluator.base_model, settings.seed
         if progress:
             bar, update = progress_bar(finetune_steps, "fine-tuning")
             with bar:
-                compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device,
-                                 on_step=update).eval()
+                compressed = recover(compressed, tune, bundle, teacher=teacher, seed=seed, device=device,
+                                     steps=finetune_steps, on_step=update)
         else:
-            compressed = fit(compressed, bundle.train, config, teacher=evaluator.base_model, device=device).eval()
+            compressed = recover(compressed, tune, bundle, teacher=teacher, seed=seed, device=device,
+                                 steps=finetune_steps)
     measured = evaluator.measure(compressed, chosen, latency=latency)
     if not isinstance(measured, Measurement):
         raise RuntimeError(f"the compressed model could not be measured: {measured.reason}")

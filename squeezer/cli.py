@@ -146,6 +146,10 @@ def _data_options(p: argparse.ArgumentParser, *, scoring: bool = True) -> None:
         g.add_argument("--val-samples", type=_positive_int, default=None, metavar="N",
                        help="score candidates on a fixed, seeded N-image subset of the validation split "
                             "(default: all of it)")
+        g.add_argument("--recovery-data", default=None, metavar="FOLDER",
+                       help="recover (BatchNorm batches, fine-tunes) and calibrate on this folder of images without "
+                            "labels, flat or in sub-folders, instead of --data's training split; implies "
+                            "--unlabelled. --data still gives the labelled validation and test images")
 
 
 def _data_config(args: argparse.Namespace) -> Any:
@@ -163,7 +167,32 @@ def _data_config(args: argparse.Namespace) -> Any:
         pre = replace(pre or Preprocess(), **given, augment=not args.no_augment)
     return DataConfig(preprocess=pre, val_samples=getattr(args, "val_samples", None),
                       loader_workers=args.loader_workers,
-                      classes=read_classes(args.classes) if args.classes else None)
+                      classes=read_classes(args.classes) if args.classes else None,
+                      recovery_data=getattr(args, "recovery_data", None))
+
+
+def _distill_options(p: argparse.ArgumentParser, *, of_run: bool) -> None:
+    """Distillation beyond logits, for the fine-tunes of recovery (`of_run`: apply's, None meaning the run's)."""
+    runs = " (default: the run's, else 0)" if of_run else ""
+    p.add_argument("--hint-weight", type=_non_negative_float, default=None if of_run else 0.0, metavar="W",
+                   help="weight of the FitNets hint loss: the unchanged model's features at --hint-layers, matched "
+                        f"through 1x1 adapters where pruning narrowed them (0: off; 10 is a start){runs}")
+    p.add_argument("--at-weight", type=_non_negative_float, default=None if of_run else 0.0, metavar="W",
+                   help="weight of attention transfer: the spatial attention maps of the unchanged model's features "
+                        f"at --hint-layers (0: off; the paper's 500, less on tiny images){runs}")
+    p.add_argument("--hint-layers", default=None, metavar="NAMES",
+                   help="comma-separated module names or patterns whose outputs are matched, e.g. 'layer2,layer3' "
+                        "(default: each stage's end)")
+    p.add_argument("--unlabelled", action="store_true", default=None if of_run else False,
+                   help="recovery never reads labels: the unchanged model labels the training images (its "
+                        "soft outputs and top class)")
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -247,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax temperature of the distillation loss (--recovery kd)")
     p.add_argument("--kd-weight", type=_unit_float, default=0.5, metavar="W",
                    help="share of the distillation loss beside cross-entropy, 0 to 1 (--recovery kd)")
+    _distill_options(p, of_run=False)
     p.add_argument("--latency", choices=["measure", "predict", "hybrid", "none"], default="measure",
                    help="measure: time each candidate in onnxruntime; predict: sum per-unit deltas from a lookup "
                         "table timed once before the search; hybrid: predict, and time every 5th candidate")
@@ -282,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to save the compressed model: its state_dict and recipe, read by squeezer.load(FILE)")
     p.add_argument("--onnx", default=None, help="also export it to this ONNX file")
     p.add_argument("--finetune-steps", type=_count, default=0, metavar="N",
-                   help="fine-tune after applying, distilled as the run's --recovery kd is (its --kd-weight and "
-                        "--kd-temperature)")
+                   help="fine-tune after applying, distilled as the run's --recovery kd is (its --kd-weight, "
+                        "--kd-temperature and the feature losses below)")
+    _distill_options(p, of_run=True)
     p.add_argument("--json", action="store_true",
                    help="print what was saved and measured as JSON on stdout (and nothing else)")
     p.add_argument("--no-model-check", dest="model_check", action="store_false",
@@ -344,7 +375,8 @@ def _run(args: argparse.Namespace) -> int:
                               study=args.study)
         recovery = RecoveryConfig(mode=args.recovery, bn_batches=args.bn_batches, finetune_steps=args.finetune_steps,
                                   finetune_lr=args.finetune_lr, kd_temperature=args.kd_temperature,
-                                  kd_weight=args.kd_weight)
+                                  kd_weight=args.kd_weight, hint_weight=args.hint_weight, at_weight=args.at_weight,
+                                  hint_layers=_split(args.hint_layers) or (), unlabelled=args.unlabelled)
         latency = LatencyConfig(mode=args.latency, threads=args.latency_threads, batch=args.latency_batch,
                                 table_reps=args.latency_table_reps)
         pool = PoolConfig(workers=getattr(args, "workers", None), backend=args.pool, ray_address=args.ray_address,
@@ -363,7 +395,9 @@ def _run(args: argparse.Namespace) -> int:
                                  out=args.out, onnx=args.onnx, finetune_steps=args.finetune_steps,
                                  device=args.device, weights=args.weights, trust_pickle=args.trust_pickle,
                                  model_check=args.model_check, progress=not args.json,
-                                 data_config=_data_config(args))
+                                 data_config=_data_config(args), hint_weight=args.hint_weight,
+                                 at_weight=args.at_weight, hint_layers=_split(args.hint_layers),
+                                 unlabelled=args.unlabelled)
         render.print_json(render.apply_json(applied)) if args.json else render.apply(applied)
     elif args.command == "report":
         render.report(squeezer.report(args.run, trial=args.trial))

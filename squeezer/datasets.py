@@ -7,6 +7,8 @@ and/or test/ holding such sub-folders (a lone val/ is the test split, as ImageNe
 tensors (`save_data`: an (images, labels) pair, or such pairs under 'train', 'val', 'test'; how the Python API takes
 in-memory data). The small sources are held in memory at their own size and channels; image folders are streamed
 from disk (`squeezer.image_folders`) with the preprocessing given, or a size chosen from their images.
+A folder of images without labels (`DataConfig.recovery_data`) may replace the training split: recovery and
+calibration read it, never its labels, while the labelled data still gives the validation and test splits.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from squeezer.evaluators.data import DataBundle, DataConfig, DataError, FileSplit, Split
 from squeezer.evaluators.preprocess import Preprocess
+from squeezer.evaluators.settings import RecoveryConfig
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +270,7 @@ def load_data(ref: str = "digits", *, config: DataConfig = DataConfig(), split: 
     memory, image folders streamed from disk as `config` says (`split`: an image folder's division as a run
     recorded it). `implied`: the preprocessing an image folder gets when `config` sets none, e.g. a pretrained
     model's own transforms (`squeezer.models.weights_preprocessing`)."""
-    from squeezer.image_folders import folder_bundle
+    from squeezer.image_folders import folder_bundle, unlabelled_split
 
     bundle = _in_memory(ref, seed, val_frac, test_frac)
     if bundle is not None:
@@ -283,4 +286,13 @@ def load_data(ref: str = "digits", *, config: DataConfig = DataConfig(), split: 
         if config.preprocess is None and implied is not None:
             config = replace(config, preprocess=implied)
         bundle = folder_bundle(path, config, seed=seed, val_frac=val_frac, test_frac=test_frac, recorded=split)
+    if config.recovery_data is not None:  # recovery reads these images instead, and no labels
+        bundle = replace(bundle, train=unlabelled_split(config.recovery_data, bundle,
+                                                        loader_workers=config.loader_workers))
     return _val_subset(bundle, config.val_samples, seed)
+
+
+def recovery_on(recovery: RecoveryConfig, config: DataConfig) -> RecoveryConfig:
+    """The recovery settings for data read as `config` says: images given for recovery carry no labels, so
+    recovery on them is unlabelled (the unchanged model labels them)."""
+    return replace(recovery, unlabelled=True) if config.recovery_data is not None else recovery

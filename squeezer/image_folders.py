@@ -18,7 +18,7 @@ from squeezer.evaluators.data import DataBundle, DataConfig, DataError, FileSpli
 from squeezer.evaluators.preprocess import Preprocess
 from squeezer.evaluators.streams import GRAY_MODES, StreamSplit
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLIT_FOLDERS", "folder_bundle", "read_classes"]
+__all__ = ["IMAGE_EXTENSIONS", "NO_LABEL", "SPLIT_FOLDERS", "folder_bundle", "read_classes", "unlabelled_split"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ LARGEST_CHOSEN = 224  # a mixed-size folder with no size given is cropped to its
 SAMPLE = 64  # images whose headers choose the size and mode
 STATS_SAMPLE = 256  # images whose pixels give the statistics when none are given
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+NO_LABEL = -1  # the label of an image without one: an index no loss accepts, should anything read it
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -211,3 +212,31 @@ def folder_bundle(root: Path, config: DataConfig, *, seed: int, val_frac: float,
     splits = {k: stream(parts[k], pre, shape) for k in ("train", "val", "test")}
     return DataBundle(root.name, splits["train"], splits["val"], splits["test"], len(names), pre.mean or (),
                       pre.std or (), preprocess=pre, file_split=split, class_names=tuple(names))
+
+
+def unlabelled_split(root: str | Path, bundle: DataBundle, *, loader_workers: int = 0) -> StreamSplit:
+    """Every image under `root` (flat, or in sub-folders whose names are ignored) as a split without labels, read as
+    `bundle`'s images are: an image folder's preprocessing, or for in-memory data its size and statistics. It
+    replaces the training split for recovery, which never reads its labels (`RecoveryConfig.unlabelled`)."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DataError(f"recovery data {str(root)!r} is not a folder: give a folder of images (labels not needed)")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(folder)
+        files += [(rel / f).as_posix() for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not files:
+        raise DataError(f"recovery data {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...): put "
+                        "the images to recover on there")
+    shape = tuple(bundle.train.sample_shape)
+    pre = bundle.preprocess
+    if pre is None:
+        if shape[1] != shape[2]:
+            raise DataError(f"recovery data needs square images to match {bundle.name!r} ({shape[1]}x{shape[2]}): "
+                            "save the labelled data as an image folder, whose preprocessing the images then get")
+        pre = Preprocess(size=shape[1], mean=bundle.mean or None, std=bundle.std or None, augment=False)
+    mode = getattr(bundle.train, "mode", "L" if shape[0] == 1 else "RGB")
+    return StreamSplit(str(folder), tuple(files), (NO_LABEL,) * len(files), pre, mode=mode, shape=shape,
+                       loader_workers=loader_workers)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from optuna.trial import TrialState
 
-from squeezer.datasets import load_data
+from squeezer.datasets import load_data, recovery_on
 from squeezer.devices import check_device
 from squeezer.evaluators.accuracy import score
 from squeezer.evaluators.data import DataConfig, FileSplit
@@ -124,7 +124,8 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     architecture `model` names, or a torchvision model's pretrained weights by name (from the local hub cache),
     recorded in the run; a pickled model file (and the run's base.pt made from one) loads only with
     `trust_pickle`. `data_config` says how the data is read (preprocessing, the validation samples scored, loader
-    processes, the model's class order); a resumed run reads it as recorded unless told otherwise.
+    processes, the model's class order, a folder of unlabelled images to recover on: recovery is then unlabelled);
+    a resumed run reads it as recorded unless told otherwise.
     """
     config = replace(search or SearchConfig(), **{k: v for k, v in (("budget", budget), ("trials", trials))
                                                   if v is not None})
@@ -136,6 +137,9 @@ def search_policies(*, model: Any, data: Any = "digits", out: str | Path, budget
     settings = EvalSettings(recovery=RecoveryConfig(mode=recovery) if isinstance(recovery, str) else recovery,
                             latency=LatencyConfig(mode=latency) if isinstance(latency, str) else latency,
                             device=device, seed=config.seed)
+    if settings.recovery.matches_features and settings.recovery.mode not in ("finetune", "kd"):
+        raise ValueError(f"hint and attention-transfer weights train the compressed model, which recovery "
+                         f"{settings.recovery.mode!r} does not: use --recovery kd or finetune")
     if "latency" in parsed.metrics and settings.latency.mode == "none":
         raise ValueError("the budget limits latency but --latency none measures none: use --latency measure")
     out = Path(out)
@@ -160,6 +164,7 @@ def _search(*, model: Any, data: Any, out: Path, config: SearchConfig, settings:
     preload_storage(config.storage)  # the storage's imports overlap loading data, model and evaluators
     data_config, split = _data_settings(out, data, data_config or DataConfig()) if started else (
         data_config or DataConfig(), None)
+    settings = replace(settings, recovery=recovery_on(settings.recovery, data_config))
     # a pretrained torchvision model's own transforms, for an image folder given no preprocessing
     implied = weights_preprocessing(model, str(weights)) if isinstance(model, str) and weights else None
     bundle = load_data(data, config=data_config, split=split, implied=implied)

@@ -558,3 +558,25 @@ def test_the_side_by_side_says_plainly_what_compression_bought(tmp_path, capsys)
                                                    onnx_bytes=1000, latency_ms=0.3))
     render.side_by_side(slow)
     assert not slow.faster and "buys size only" in capsys.readouterr().out
+
+
+def test_apply_fine_tunes_with_hints_on_a_folder_of_unlabelled_images(capsys, run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from squeezer.evaluators.data import DataConfig
+    from squeezer.models import load_checkpoint
+
+    folder = tmp_path / "images"  # a flat folder: no class folders, no labels
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    trial = json.loads((run / "front.json").read_text())["rows"][0]["number"]
+    summary = jobs.apply(run, trial=trial, out=tmp_path / "s.pt", latency=False, finetune_steps=2,
+                         data_config=DataConfig(recovery_data=str(folder)), hint_weight=10.0, at_weight=50.0)
+    assert summary.finetuned and 0 < summary.test_accuracy <= 1  # scored on the labelled digits
+    model, _ = load_checkpoint(tmp_path / "s.pt")
+    assert set(torch.load(tmp_path / "s.pt", weights_only=True)["state_dict"]) == set(model.state_dict())
+    assert not any("adapter" in k for k in model.state_dict())  # the hint adapters were dropped after recovery
+    code, out, err = cli(capsys, "apply", str(run), "--trial", str(trial), "--out", str(tmp_path / "t.pt"),
+                         "--at-weight", "50")  # the run recovered by BatchNorm only: nothing would train
+    one_line_error(code, err, "add --finetune-steps N")
